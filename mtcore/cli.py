@@ -1,0 +1,178 @@
+"""The ``mtcore`` command line: train, freeze, test, show, list-plugins.
+
+Every user error becomes one line on stderr (``error: <key or file>: <what was expected>``) and a
+non-zero exit; warnings are printed as ``warning: ...`` lines.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mtcore.errors import MtcoreError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Multi-task training of deep potential models.")
+console = Console()
+errors = Console(stderr=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    errors.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
+def _run(func, *args, **kwargs):
+    """Run a command body: MtcoreError → one line and exit 1; warnings → one line each."""
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        return func(*args, **kwargs)
+    except MtcoreError as exc:
+        errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        errors.print("[red]interrupted[/red]")
+        raise typer.Exit(130) from None
+    finally:
+        warnings.showwarning = previous
+
+
+@app.command()
+def train(
+    input_file: Optional[Path] = typer.Argument(None, help="input JSON (DeePMD-kit v2 keys); optional with --restart"),
+    restart: Optional[Path] = typer.Option(None, "--restart", "-r", help="continue this checkpoint's run"),
+    init_model: Optional[Path] = typer.Option(None, "--init-model", "-i", help="start a new run from a checkpoint's weights"),
+    head: Optional[str] = typer.Option(None, "--head", help="with --init-model: the checkpoint head to start from"),
+    device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu)"),
+) -> None:
+    """Train a model (single- or multi-task, detected from the input)."""
+
+    def body():
+        from mtcore.config import load_config
+        from mtcore.train.checkpoint import load_checkpoint
+        from mtcore.train.trainer import Trainer
+
+        if restart is not None and init_model is not None:
+            raise MtcoreError("--restart and --init-model exclude each other")
+        if head is not None and init_model is None:
+            raise MtcoreError("--head only applies with --init-model")
+        if restart is None and input_file is None:
+            raise MtcoreError("give an input file (or --restart CHECKPOINT)")
+        restart_state = load_checkpoint(restart) if restart is not None else None
+        config = None
+        if restart_state is not None:
+            if input_file is not None:
+                console.print(f"--restart uses the configuration stored in {restart_state['path']}; {input_file} is not read")
+        else:
+            config = load_config(input_file)
+        init_state = load_checkpoint(init_model) if init_model is not None else None
+        trainer = Trainer(config, Path("."), console, restart=restart_state, init_model=init_state, init_head=head, device=device)
+        trainer.run()
+
+    _run(body)
+
+
+@app.command()
+def freeze(
+    checkpoint: Path = typer.Option(Path("."), "--checkpoint", "-c", help="checkpoint file, or folder with a 'checkpoint' index"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="output file (default frozen_model.pth)"),
+    head: Optional[str] = typer.Option(None, "--head", help="multi-task: 'all' (default, one file per head) or one head"),
+    united: bool = typer.Option(False, "--united", help="multi-task: every head in one file"),
+) -> None:
+    """Write self-contained TorchScript model file(s)."""
+
+    def body():
+        from mtcore.freeze import freeze as do_freeze
+        from mtcore.train.checkpoint import load_checkpoint
+
+        state = load_checkpoint(checkpoint)
+        for path in do_freeze(state, output, head, united):
+            console.print(f"wrote {path}")
+
+    _run(body)
+
+
+@app.command("test")
+def test_cmd(
+    model: Path = typer.Option(Path("frozen_model.pth"), "--model", "-m", help="frozen model file"),
+    system: List[str] = typer.Option(["."], "--system", "-s", help="system folder(s), or a folder searched for systems"),
+    numb_test: int = typer.Option(0, "--numb-test", "-n", help="frames per system (0: all)"),
+    head: Optional[str] = typer.Option(None, "--head", help="head of a united model"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Errors (MAE, RMSE) of a frozen model on labelled data."""
+
+    def body():
+        from mtcore.evaluate import run_test
+
+        results, combined = run_test(model, system, numb_test, head)
+        if as_json:
+            payload = {
+                "systems": [
+                    {"system": r.system, "nframes": r.nframes,
+                     "errors": {k: {"mae": v.mae, "rmse": v.rmse} for k, v in r.stats.items()}}
+                    for r in results
+                ],
+                "combined": {k: {"mae": v.mae, "rmse": v.rmse} for k, v in combined.items()},
+            }
+            sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+            return
+        table = Table(title=f"{model}: {sum(r.nframes for r in results)} frames in {len(results)} system(s)")
+        table.add_column("quantity")
+        table.add_column("MAE", justify="right")
+        table.add_column("RMSE", justify="right")
+        for title, stat in combined.items():
+            table.add_row(title, f"{stat.mae:.4e}", f"{stat.rmse:.4e}")
+        console.print(table)
+
+    _run(body)
+
+
+@app.command("list-plugins")
+def list_plugins() -> None:
+    """Registered descriptors, fitting nets, losses and data loaders."""
+
+    def body():
+        from mtcore.plugins import get_registry
+
+        table = Table(title="mtcore plugins")
+        for column in ("kind", "name", "aliases", "package", "version"):
+            table.add_column(column)
+        for entry in get_registry().entries():
+            table.add_row(entry.kind, entry.name, ", ".join(entry.aliases), entry.source.distribution, entry.source.version)
+        console.print(table)
+
+    _run(body)
+
+
+@app.command()
+def show(path: Path = typer.Argument(..., help="checkpoint or frozen model")) -> None:
+    """The heads of a model or checkpoint: name, fitting type, type_map, descriptor, shared layers."""
+
+    def body():
+        from mtcore.show import describe
+
+        info = describe(path)
+        table = Table(title=f"{path} ({info['kind']})")
+        for column in ("head", "fitting", "output", "type_map", "descriptor", "shared layers"):
+            table.add_column(column)
+        for head in info["heads"]:
+            table.add_row(head["name"], head["fitting_type"], head["output"], " ".join(info["type_map"]),
+                          info["descriptor"], ", ".join(head["shared_layers"]) or "-")
+        console.print(table)
+
+    _run(body)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,347 @@
+"""Reading an input file: mode detection, normalisation, the per-head view the trainer uses.
+
+Single-task inputs (``model/fitting_net``, ``loss``, ``training/training_data``) and multi-task
+inputs (``model/fitting_net_dict``, ``loss_dict``, ``training/data_dict``, optional
+``training/fitting_weight`` and ``learning_rate_dict``) both become a :class:`RunConfig` with
+named heads; a single-task run has one head called ``default``. The normalised document (with
+data paths made absolute) is what checkpoints store and what ``--restart`` uses.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from mtcore.errors import MtcoreError
+from mtcore.plugins import Registry, get_registry
+from mtcore.schema import (
+    check,
+    data_dict_entry_argument,
+    fitting_argument,
+    input_argument,
+    learning_rate_argument,
+    loss_argument,
+)
+
+SINGLE_HEAD = "default"
+
+
+@dataclass
+class HeadConfig:
+    """Everything about one head, normalised."""
+
+    name: str
+    fitting: dict
+    loss: dict
+    learning_rate: dict
+    training_data: Optional[dict]
+    validation_data: Optional[dict]
+    weight: float  # sampling probability; 0 = not trained
+
+    @property
+    def trained(self) -> bool:
+        return self.weight > 0
+
+
+@dataclass
+class RunConfig:
+    multi_task: bool
+    document: dict  # the normalised input (absolute data paths); stored in checkpoints
+    heads: dict[str, HeadConfig] = field(default_factory=dict)
+
+    @property
+    def model(self) -> dict:
+        return self.document["model"]
+
+    @property
+    def training(self) -> dict:
+        return self.document["training"]
+
+    @property
+    def type_map(self) -> Optional[list[str]]:
+        return self.model.get("type_map")
+
+    def trained_heads(self) -> list[str]:
+        return [name for name, head in self.heads.items() if head.trained]
+
+
+def read_input(path: Path) -> dict:
+    """Load a JSON (or YAML, if PyYAML is installed) input file; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MtcoreError(f"{path}: input file not found")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml  # type: ignore
+        except ImportError:
+            raise MtcoreError(f"{path}: reading YAML needs PyYAML (pip install pyyaml), or use JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise MtcoreError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MtcoreError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(data, dict):
+        raise MtcoreError(f"{path}: the input must be a JSON object with model, training, ... sections")
+    return data
+
+
+def _present(doc: dict, *keys: str) -> bool:
+    node: Any = doc
+    for key in keys:
+        if not isinstance(node, dict) or node.get(key) is None:
+            return False
+        node = node[key]
+    return True
+
+
+def detect_mode(doc: dict) -> bool:
+    """True for multi-task. Mixing the two families is an error naming the offending keys."""
+    single = {
+        "model/fitting_net": _present(doc, "model", "fitting_net"),
+        "loss": _present(doc, "loss"),
+        "training/training_data": _present(doc, "training", "training_data"),
+        "training/validation_data": _present(doc, "training", "validation_data"),
+    }
+    multi = {
+        "model/fitting_net_dict": _present(doc, "model", "fitting_net_dict"),
+        "loss_dict": _present(doc, "loss_dict"),
+        "learning_rate_dict": _present(doc, "learning_rate_dict"),
+        "training/data_dict": _present(doc, "training", "data_dict"),
+        "training/fitting_weight": _present(doc, "training", "fitting_weight"),
+    }
+    used_single = [k for k, v in single.items() if v]
+    used_multi = [k for k, v in multi.items() if v]
+    if used_single and used_multi:
+        raise MtcoreError(
+            "single-task keys (" + ", ".join(used_single) + ") and multi-task keys (" + ", ".join(used_multi)
+            + ") cannot be mixed in one input"
+        )
+    if used_multi:
+        for needed in ("model/fitting_net_dict", "training/data_dict"):
+            if not multi[needed]:
+                raise MtcoreError(f"multi-task input: {needed} is missing (it is required with " + ", ".join(used_multi) + ")")
+        return True
+    for needed in ("model/fitting_net", "training/training_data"):
+        if not single[needed]:
+            raise MtcoreError(
+                f"{needed} is missing: give model/fitting_net and training/training_data (single-task) "
+                "or model/fitting_net_dict and training/data_dict (multi-task)"
+            )
+    return False
+
+
+def _absolute_systems(section: Optional[dict], base_dir: Path) -> Optional[dict]:
+    if section is None:
+        return None
+    out = dict(section)
+    systems = out["systems"]
+    if isinstance(systems, str):
+        out["systems"] = str((base_dir / systems).resolve()) if not Path(systems).is_absolute() else systems
+    else:
+        resolved = []
+        for s in systems:
+            if not isinstance(s, str):
+                raise MtcoreError(f"systems: expected folder paths (strings), got {s!r}")
+            resolved.append(str((base_dir / s).resolve()) if not Path(s).is_absolute() else s)
+        out["systems"] = resolved
+    return out
+
+
+def _normalise_weights(
+    heads: list[str], with_data: list[str], weights: Optional[dict]
+) -> dict[str, float]:
+    """Head → sampling probability (v2 rules): missing/invalid/non-positive weight → 0, warned."""
+    if weights is None:
+        raw = {h: (1.0 if h in with_data else 0.0) for h in heads}
+    else:
+        raw = {}
+        for h in heads:
+            value = weights.get(h)
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            if h in with_data and not valid:
+                warnings.warn(
+                    f"fitting net '{h}' has zero or invalid weight ({value!r}) in training/fitting_weight "
+                    "and will not be trained",
+                    stacklevel=3,
+                )
+            raw[h] = float(value) if valid and h in with_data else 0.0
+    total = sum(raw.values())
+    if total <= 0:
+        raise MtcoreError("training/fitting_weight: no head has a positive weight and training data; nothing to train")
+    return {h: v / total for h, v in raw.items()}
+
+
+def _unknown_keys(section: str, keys, heads: list[str]) -> None:
+    extra = [k for k in keys if k not in heads]
+    if extra:
+        raise MtcoreError(
+            f"{section}: key(s) {', '.join(repr(k) for k in extra)} are not heads; heads in "
+            f"model/fitting_net_dict: {', '.join(heads)}"
+        )
+
+
+def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None) -> RunConfig:
+    """Validate and normalise an input document (as loaded from JSON) into a RunConfig."""
+    registry = registry or get_registry()
+    doc = copy.deepcopy(doc)
+    multi = detect_mode(doc)
+    if not multi:
+        checked = check(input_argument(registry), doc)
+        training = checked["training"]
+        training["training_data"] = _absolute_systems(training["training_data"], base_dir)
+        training["validation_data"] = _absolute_systems(training.get("validation_data"), base_dir)
+        fitting = checked["model"]["fitting_net"]
+        loss = checked.get("loss") or _default_loss(registry, fitting, "loss")
+        checked["loss"] = loss
+        checked["learning_rate"] = check(learning_rate_argument(), checked.get("learning_rate") or {}, "learning_rate")
+        head = HeadConfig(
+            SINGLE_HEAD,
+            fitting,
+            loss,
+            checked["learning_rate"],
+            training["training_data"],
+            training["validation_data"],
+            1.0,
+        )
+        return RunConfig(False, checked, {SINGLE_HEAD: head})
+
+    model = doc.get("model") if isinstance(doc.get("model"), dict) else {}
+    training_raw = doc.get("training") if isinstance(doc.get("training"), dict) else {}
+    fitting_dict = model.pop("fitting_net_dict")
+    data_dict = training_raw.pop("data_dict")
+    weights = training_raw.pop("fitting_weight", None)
+    loss_dict = doc.pop("loss_dict", None) or {}
+    lr_dict = doc.pop("learning_rate_dict", None)
+    for name, value in (("model/fitting_net_dict", fitting_dict), ("training/data_dict", data_dict),
+                        ("loss_dict", loss_dict), ("learning_rate_dict", lr_dict), ("training/fitting_weight", weights)):
+        if value is not None and not isinstance(value, dict):
+            raise MtcoreError(f"{name}: expected a dict keyed by head name, got {type(value).__name__}")
+    if not fitting_dict:
+        raise MtcoreError("model/fitting_net_dict: empty; give at least one head")
+    heads = list(fitting_dict)
+    _unknown_keys("training/data_dict", data_dict, heads)
+    _unknown_keys("loss_dict", loss_dict, heads)
+    if lr_dict is not None:
+        _unknown_keys("learning_rate_dict", lr_dict, heads)
+    if weights is not None:
+        _unknown_keys("training/fitting_weight", weights, heads)
+    if not model.get("type_map"):
+        raise MtcoreError("model/type_map: required in multi-task mode (heads' data are mapped onto it by element)")
+
+    checked = check(input_argument(registry), doc)
+    fittings = {h: check(fitting_argument(registry, h), fitting_dict[h] or {}, "model/fitting_net_dict/" + h) for h in heads}
+    with_data = []
+    datas: dict[str, dict] = {}
+    for h in heads:
+        if h not in data_dict:
+            warnings.warn(f"fitting net '{h}' has no entry in training/data_dict and will not be trained", stacklevel=2)
+            continue
+        entry = check(data_dict_entry_argument(h), data_dict[h] or {}, "training/data_dict/" + h)
+        if entry.get("training_data") is None:
+            warnings.warn(f"fitting net '{h}' has no training_data in training/data_dict and will not be trained", stacklevel=2)
+        else:
+            with_data.append(h)
+        entry["training_data"] = _absolute_systems(entry.get("training_data"), base_dir)
+        entry["validation_data"] = _absolute_systems(entry.get("validation_data"), base_dir)
+        datas[h] = entry
+    probabilities = _normalise_weights(heads, with_data, weights)
+    losses = {}
+    for h in heads:
+        if h in loss_dict:
+            losses[h] = check(loss_argument(registry, h), loss_dict[h] or {}, "loss_dict/" + h)
+        else:
+            losses[h] = _default_loss(registry, fittings[h], "loss_dict/" + h)
+    shared_lr = check(learning_rate_argument(), checked.get("learning_rate") or {}, "learning_rate")
+    lrs = {}
+    for h in heads:
+        if lr_dict is not None and h in lr_dict:
+            lrs[h] = check(learning_rate_argument(h), lr_dict[h] or {}, "learning_rate_dict/" + h)
+        else:
+            lrs[h] = shared_lr
+    checked["model"]["fitting_net_dict"] = fittings
+    checked["model"].pop("fitting_net", None)
+    checked["loss_dict"] = losses
+    checked.pop("loss", None)
+    checked["learning_rate"] = shared_lr
+    if lr_dict is not None:
+        checked["learning_rate_dict"] = lrs
+    else:
+        checked.pop("learning_rate_dict", None)
+    checked["training"]["data_dict"] = datas
+    checked["training"]["fitting_weight"] = probabilities
+    checked["training"].pop("training_data", None)
+    checked["training"].pop("validation_data", None)
+    head_configs = {
+        h: HeadConfig(
+            h,
+            fittings[h],
+            losses[h],
+            lrs[h],
+            datas.get(h, {}).get("training_data"),
+            datas.get(h, {}).get("validation_data"),
+            probabilities[h],
+        )
+        for h in heads
+    }
+    return RunConfig(True, checked, head_configs)
+
+
+def _default_loss(registry: Registry, fitting: dict, where: str) -> dict:
+    registration = registry.get("fitting_net", fitting.get("type", "ener"))
+    return check(loss_argument(registry, where.rsplit("/", 1)[-1]), dict(registration.default_loss), where)
+
+
+def load_config(path: Path, registry: Optional[Registry] = None) -> RunConfig:
+    """Read and normalise an input file; data paths resolve against the file's folder."""
+    path = Path(path)
+    return normalize(read_input(path), path.resolve().parent, registry)
+
+
+def config_from_document(document: dict, registry: Optional[Registry] = None) -> RunConfig:
+    """Rebuild a RunConfig from a stored normalised document (checkpoints, frozen models)."""
+    doc = copy.deepcopy(document)
+    for key in ("fitting_weight",):
+        if doc.get("training", {}).get(key) is None:
+            doc.get("training", {}).pop(key, None)
+    if doc.get("learning_rate_dict") is None:
+        doc.pop("learning_rate_dict", None)
+    if doc.get("loss_dict") is None:
+        doc.pop("loss_dict", None)
+    if doc.get("model", {}).get("fitting_net_dict") is None:
+        doc.get("model", {}).pop("fitting_net_dict", None)
+    if doc.get("training", {}).get("data_dict") is None:
+        doc.get("training", {}).pop("data_dict", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return normalize(doc, Path("/"), registry)
+
+
+def single_task_document(document: dict, head: str) -> dict:
+    """The single-task form of a multi-task document for one head (what freezing that head stores)."""
+    doc = copy.deepcopy(document)
+    model = doc["model"]
+    if model.get("fitting_net_dict") is None:
+        return doc
+    model["fitting_net"] = model.pop("fitting_net_dict")[head]
+    loss_dict = doc.pop("loss_dict", None) or {}
+    if head in loss_dict:
+        doc["loss"] = loss_dict[head]
+    lr_dict = doc.pop("learning_rate_dict", None) or {}
+    if head in lr_dict:
+        doc["learning_rate"] = lr_dict[head]
+    training = doc["training"]
+    data = (training.pop("data_dict", None) or {}).get(head, {})
+    training["training_data"] = data.get("training_data")
+    training["validation_data"] = data.get("validation_data")
+    training.pop("fitting_weight", None)
+    return doc

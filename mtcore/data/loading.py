@@ -1,0 +1,100 @@
+"""Finding and loading data systems through the registered data-loader plugins."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from mtcore.data.dataset import DataSet
+from mtcore.data.neighbors import NeighborCache, max_neighbor_counts
+from mtcore.data.requirements import DataRequirement
+from mtcore.data.system import SystemData
+from mtcore.errors import MtcoreError
+from mtcore.hookspecs import NeighborStat
+from mtcore.plugins import Registry
+
+
+def _loader_for(path: Path, registry: Registry):
+    for entry in registry.entries("data_loader"):
+        if entry.registration.detect(path):
+            return entry.registration
+    return None
+
+
+def expand_systems(systems: Union[str, list], registry: Registry, where: str) -> list[Path]:
+    """A list of system folders; a single folder string means every system found below it."""
+    if isinstance(systems, str):
+        root = Path(systems)
+        if not root.is_dir():
+            raise MtcoreError(f"{where}/systems: {root}: folder not found")
+        found = []
+        for dirpath, dirnames, _ in os.walk(root):
+            dirnames.sort()
+            if _loader_for(Path(dirpath), registry) is not None:
+                found.append(Path(dirpath))
+        if not found:
+            raise MtcoreError(f"{where}/systems: no data system found below {root}")
+        return found
+    paths = []
+    for s in systems:
+        path = Path(s)
+        if not path.exists():
+            raise MtcoreError(f"{where}/systems: {path}: folder not found")
+        paths.append(path)
+    return paths
+
+
+def load_system(
+    path: Path, type_map: Optional[list[str]], requirements: list[DataRequirement], set_prefix: str, registry: Registry
+) -> SystemData:
+    loader = _loader_for(path, registry)
+    if loader is None:
+        names = ", ".join(registry.names("data_loader")) or "none installed"
+        raise MtcoreError(f"{path}: not a data system any loader recognises (formats: {names}; deepmd/npy needs type.raw)")
+    return loader.load(path, type_map, requirements, set_prefix)
+
+
+def load_dataset(
+    section: dict,
+    type_map: Optional[list[str]],
+    requirements: list[DataRequirement],
+    cache: NeighborCache,
+    registry: Registry,
+    where: str,
+) -> DataSet:
+    paths = expand_systems(section["systems"], registry, where)
+    systems = [load_system(p, type_map, requirements, section.get("set_prefix", "set"), registry) for p in paths]
+    return DataSet(systems, section.get("batch_size", "auto"), section.get("auto_prob", "prob_sys_size"),
+                   section.get("sys_probs"), cache, where)
+
+
+def pooled_neighbor_stat(systems: list[SystemData], ntypes: int) -> NeighborStat:
+    """Neighbour statistics over every frame of ``systems`` (all heads' training data)."""
+    computed: dict[float, tuple[list, int, float]] = {}
+
+    def counts(rcut: float) -> tuple[list, int, float]:
+        if rcut not in computed:
+            per_type = np.zeros(ntypes, dtype=np.int64)
+            total, mind = 0, np.inf
+            for system in systems:
+                for f in range(system.nframes):
+                    box = None if system.boxes is None else system.boxes[f]
+                    per, tot, d = max_neighbor_counts(system.coords[f], box, np.asarray(system.atypes[f]), rcut, ntypes)
+                    per_type = np.maximum(per_type, per)
+                    total, mind = max(total, tot), min(mind, d)
+            if mind < 1e-3:
+                raise MtcoreError(f"atoms overlap (distance {mind:.2e} Å) in the training data")
+            computed[rcut] = ([int(v) for v in per_type], total, float(mind))
+        return computed[rcut]
+
+    def max_count(rcut: float, mixed: bool) -> list:
+        per, total, _ = counts(float(rcut))
+        return [total] if mixed else list(per)
+
+    def min_distance() -> float:
+        return min((c[2] for c in computed.values()), default=float("inf"))
+
+    return NeighborStat(max_count=max_count, min_distance=min_distance, ntypes=ntypes)

@@ -1,0 +1,76 @@
+"""Neighbour lists for training data, built with vesin once per frame and kept.
+
+The atoms of a training frame never move, so a frame's list is computed the first time the
+frame is drawn and reused in every later epoch (within a memory budget). The layout and order
+match :mod:`mtcore.model.neighbor_list`, the plain-torch builder frozen models carry.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import vesin
+
+_EMPTY = (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros((0, 3), np.int16))
+
+
+def frame_neighbor_list(
+    coord: np.ndarray, box: Optional[np.ndarray], atype: np.ndarray, rcut: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(center, neighbor, image, distance) of all pairs within rcut, sorted like the torch builder."""
+    if coord.shape[0] == 0:
+        return (*_EMPTY, np.zeros(0))
+    calc = vesin.NeighborList(cutoff=float(rcut), full_list=True)
+    if box is None:
+        span = np.ptp(coord, axis=0) + 2.0 * rcut + 1.0
+        i, j, shifts, d = calc.compute(coord - coord.min(0), np.diag(span), False, "ijSd")
+        shifts = np.zeros_like(shifts)
+    else:
+        i, j, shifts, d = calc.compute(coord, box, True, "ijSd")
+    keep = d < rcut
+    i, j, shifts, d = i[keep], j[keep], shifts[keep], d[keep]
+    order = np.lexsort((j, d, atype[j], i))
+    if shifts.size and np.abs(shifts).max() > np.iinfo(np.int16).max:
+        raise ValueError("periodic image index does not fit in int16")
+    return (
+        i[order].astype(np.int32),
+        j[order].astype(np.int32),
+        shifts[order].astype(np.int16),
+        d[order],
+    )
+
+
+def max_neighbor_counts(
+    coord: np.ndarray, box: Optional[np.ndarray], atype: np.ndarray, rcut: float, ntypes: int
+) -> tuple[np.ndarray, int, float]:
+    """Per neighbour type: the largest count around any atom; also the largest total, min distance."""
+    i, j, _, d = frame_neighbor_list(coord, box, atype, rcut)
+    natoms = coord.shape[0]
+    per = np.bincount(i.astype(np.int64) * ntypes + atype[j], minlength=natoms * ntypes).reshape(natoms, ntypes)
+    total = per.sum(1)
+    mind = float(d.min()) if d.size else np.inf
+    return per.max(0), int(total.max() if total.size else 0), mind
+
+
+class NeighborCache:
+    """Per-frame neighbour lists, computed on first use and kept up to a memory budget."""
+
+    def __init__(self, rcut: float, budget_bytes: int = 4 << 30):
+        self.rcut = float(rcut)
+        self.budget = budget_bytes
+        self.used = 0
+        self._store: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def get(self, system_id: int, frame: int, coord, box, atype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        key = (system_id, frame)
+        hit = self._store.get(key)
+        if hit is not None:
+            return hit
+        i, j, img, _ = frame_neighbor_list(coord, box, atype, self.rcut)
+        entry = (i, j, img)
+        size = i.nbytes + j.nbytes + img.nbytes
+        if self.used + size <= self.budget:
+            self._store[key] = entry
+            self.used += size
+        return entry

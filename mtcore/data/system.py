@@ -1,0 +1,44 @@
+"""One data system in memory: frames of the same atoms, whatever format it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass
+class SystemData:
+    """All frames of one system, as a loader returns them.
+
+    atypes: ``[nframes, natoms]`` model type indices (a broadcast view when the types do not
+        change between frames; mixed-type data varies per frame).
+    coords: ``[nframes, natoms, 3]`` float64, Å.
+    boxes: ``[nframes, 3, 3]`` float64 (rows are cell vectors), or ``None`` when not periodic.
+    labels: label key → ``[nframes, natoms, ndof]`` (atomic) or ``[nframes, ndof]`` (per frame);
+        only labels whose file exists.
+    set_sizes: frames per set folder, in order (batch counting follows DeePMD-kit).
+    """
+
+    path: str
+    atypes: np.ndarray
+    coords: np.ndarray
+    boxes: Optional[np.ndarray]
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    set_sizes: list[int] = field(default_factory=list)
+
+    @property
+    def nframes(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def natoms(self) -> int:
+        return int(self.coords.shape[1])
+
+    @property
+    def periodic(self) -> bool:
+        return self.boxes is not None
+
+    def has(self, key: str) -> bool:
+        return key in self.labels

@@ -1,0 +1,226 @@
+"""The whole plugin contract of mtcore.
+
+A plugin is a module (or object) with functions marked ``@hookimpl`` and is found through the
+``mtcore`` entry-point group: in the plugin's ``pyproject.toml``::
+
+    [project.entry-points.mtcore]
+    my_descriptor = "my_package.my_descriptor"
+
+mtcore's own descriptors, fitting nets, losses and the ``deepmd/npy`` loader register through this
+very group, so everything they can do a third-party plugin can do too.
+
+Each hook returns a list of *registrations*. A registration carries the component's name, its
+aliases, its dargs argument schema (the core assembles the input schema from all of them, so a
+plugin's keys get validation, defaults, aliases and "did you mean" suggestions for free) and its
+builder. The objects the builders return follow the base classes named below:
+
+* descriptors: :class:`mtcore.model.descriptor.Descriptor`
+* fitting nets: :class:`mtcore.model.fitting.Fitting`
+* losses: :class:`mtcore.model.loss.Loss`
+* data loaders return :class:`mtcore.data.system.SystemData`
+
+Modules built by plugins must be TorchScript-scriptable: ``mtcore freeze`` scripts the model so
+that plain ``torch`` can load it without mtcore installed.
+
+Bump :data:`PLUGIN_API_VERSION` when a hook or a context changes incompatibly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover - imported for annotations only
+    from dargs import Argument, Variant
+
+    from mtcore.data.requirements import DataRequirement
+    from mtcore.data.system import SystemData
+    from mtcore.model.descriptor import Descriptor
+    from mtcore.model.fitting import Fitting
+    from mtcore.model.loss import Loss
+    from mtcore.model.shared_layers import SharedLayerManager
+
+PLUGIN_API_VERSION = 1
+PROJECT_NAME = "mtcore"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+# --------------------------------------------------------------------------------------------
+# Contexts: what the core hands to argument functions and builders
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SchemaContext:
+    """Given to ``arguments`` functions while the core assembles the input schema.
+
+    ``descriptor_variant(exclude)`` returns the dargs ``Variant`` over every registered
+    descriptor except those named in ``exclude``; a composite descriptor (``hybrid``) uses it to
+    validate its members without knowing them.
+    """
+
+    descriptor_variant: Callable[[Sequence[str]], "Variant"]
+
+
+@dataclass
+class NeighborStat:
+    """Neighbour statistics over the training systems of all heads, pooled.
+
+    ``max_count(rcut, mixed)`` returns the largest number of neighbours within ``rcut`` per
+    neighbour type (a list of ``ntypes`` ints), or as one total when ``mixed`` is true.
+    ``min_distance`` is the shortest interatomic distance seen.
+    """
+
+    max_count: Callable[[float, bool], list]
+    min_distance: Callable[[], float]
+    ntypes: int = 0
+
+
+@dataclass
+class DescriptorContext:
+    """Given to a descriptor builder."""
+
+    type_map: list[str]
+    #: Builds another registered descriptor from its (normalised) parameters; for composites.
+    build_descriptor: Callable[[dict], "Descriptor"]
+
+    @property
+    def ntypes(self) -> int:
+        return len(self.type_map)
+
+
+@dataclass
+class FittingContext:
+    """Given to a fitting-net builder: one call per head."""
+
+    head: str
+    type_map: list[str]
+    descriptor: "Descriptor"
+    #: Creates or looks up the layers named by ``layer_name``; see
+    #: :class:`mtcore.model.shared_layers.SharedLayerManager`.
+    layers: "SharedLayerManager"
+
+    @property
+    def ntypes(self) -> int:
+        return len(self.type_map)
+
+
+@dataclass
+class LossContext:
+    """Given to a loss builder: one call per head."""
+
+    head: str
+    fitting: "Fitting"
+    start_lr: float
+
+
+# --------------------------------------------------------------------------------------------
+# Registrations: what the hooks return
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DescriptorRegistration:
+    """A descriptor type, selected by ``model/descriptor/type``.
+
+    ``arguments(ctx)`` returns the dargs arguments of the descriptor's section (without
+    ``type``). ``build(params, ctx)`` receives the normalised section and returns a
+    :class:`~mtcore.model.descriptor.Descriptor`. ``update_sel(params, stat)`` resolves
+    ``sel: "auto"`` (and warns about a too small explicit ``sel``) from the pooled neighbour
+    statistics before the model is built; ``None`` means the descriptor has no ``sel``.
+    """
+
+    name: str
+    arguments: Callable[[SchemaContext], "list[Argument]"]
+    build: Callable[[dict, DescriptorContext], "Descriptor"]
+    aliases: tuple[str, ...] = ()
+    doc: str = ""
+    update_sel: Optional[Callable[[dict, NeighborStat], dict]] = None
+
+
+@dataclass(frozen=True)
+class FittingRegistration:
+    """A fitting-net type (one head), selected by ``type`` in ``fitting_net``.
+
+    ``default_loss`` is the loss section a head of this type gets when the input has none.
+    """
+
+    name: str
+    arguments: Callable[[SchemaContext], "list[Argument]"]
+    build: Callable[[dict, FittingContext], "Fitting"]
+    default_loss: dict = field(default_factory=lambda: {"type": "ener"})
+    aliases: tuple[str, ...] = ()
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class LossRegistration:
+    """A loss type, selected by ``type`` in ``loss`` / ``loss_dict`` entries."""
+
+    name: str
+    arguments: Callable[[SchemaContext], "list[Argument]"]
+    build: Callable[[dict, LossContext], "Loss"]
+    aliases: tuple[str, ...] = ()
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class DataLoaderRegistration:
+    """A data format on disk.
+
+    ``detect(path)`` answers whether ``path`` is a system of this format (the core asks each
+    loader in turn, and uses it to find systems below a folder given as ``systems``).
+    ``load(path, type_map, requirements, set_prefix)`` reads the system: every label named by a
+    requirement if the file exists, an error naming the file if a required one is missing.
+    Loaders only ever read.
+    """
+
+    name: str
+    detect: Callable[[Path], bool]
+    load: Callable[[Path, "Optional[list[str]]", "list[DataRequirement]", str], "SystemData"]
+    aliases: tuple[str, ...] = ()
+    doc: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Hook specifications
+# --------------------------------------------------------------------------------------------
+
+
+@hookspec
+def mtcore_descriptors() -> "list[DescriptorRegistration]":
+    """Return the descriptors this plugin provides.
+
+    Called once when the registry is built. A name (or alias) that another plugin also
+    registers is an error naming both distributions.
+    """
+
+
+@hookspec
+def mtcore_fittings() -> "list[FittingRegistration]":
+    """Return the fitting-net types (heads) this plugin provides."""
+
+
+@hookspec
+def mtcore_losses() -> "list[LossRegistration]":
+    """Return the loss types this plugin provides."""
+
+
+@hookspec
+def mtcore_data_loaders() -> "list[DataLoaderRegistration]":
+    """Return the data formats this plugin can read."""
+
+
+def describe(value: Any) -> str:
+    """A short name for a registration's kind, used in messages and ``list-plugins``."""
+    return {
+        DescriptorRegistration: "descriptor",
+        FittingRegistration: "fitting_net",
+        LossRegistration: "loss",
+        DataLoaderRegistration: "data_loader",
+    }[type(value)]

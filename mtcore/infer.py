@@ -1,0 +1,84 @@
+"""The Python inference API: ``mtcore.infer.load(path).evaluate(coords, box, atypes)``.
+
+Frozen files are TorchScript; this wrapper reads their metadata, maps element names to type
+indices and returns numpy arrays. A united file needs ``head=``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from mtcore.errors import MtcoreError
+from mtcore.freeze import METADATA_FILE
+
+
+class DeepPotential:
+    """A frozen model (one head, or a united model with ``head`` chosen)."""
+
+    def __init__(self, path: Union[str, Path], head: Optional[str] = None, device: str = "cpu"):
+        path = Path(path)
+        if not path.is_file():
+            raise MtcoreError(f"{path}: model file not found")
+        extra = {METADATA_FILE: ""}
+        try:
+            self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        except Exception as exc:  # noqa: BLE001
+            raise MtcoreError(f"{path}: not a frozen mtcore model ({type(exc).__name__})") from None
+        self.metadata = json.loads(extra[METADATA_FILE] or "{}")
+        self.united = self.metadata.get("kind") == "united"
+        if self.united:
+            heads = list(self.metadata["heads"])
+            if head is None:
+                raise MtcoreError(f"{path}: a united model; choose a head with head= (one of {', '.join(heads)})")
+            if head not in heads:
+                raise MtcoreError(f"{path}: no head '{head}'; heads: {', '.join(heads)}")
+            self.head_metadata = self.metadata["heads"][head]
+        else:
+            if head is not None and head != self.metadata.get("head"):
+                raise MtcoreError(f"{path}: holds head '{self.metadata.get('head')}', not '{head}'")
+            self.head_metadata = self.metadata
+        self.head = head or self.metadata.get("head")
+        self.device = device
+
+    @property
+    def type_map(self) -> list[str]:
+        return list(self.metadata["type_map"])
+
+    @property
+    def rcut(self) -> float:
+        return float(self.metadata["rcut"])
+
+    def _types(self, atypes: Sequence) -> torch.Tensor:
+        values = list(np.asarray(atypes).reshape(-1)) if not isinstance(atypes, torch.Tensor) else atypes.tolist()
+        if values and isinstance(values[0], str):
+            try:
+                values = [self.type_map.index(v) for v in values]
+            except ValueError as exc:
+                raise MtcoreError(f"atypes: {exc}; the model's type_map is {self.type_map}") from None
+        array = np.asarray(values, dtype=np.int64)
+        if array.size and (array.min() < 0 or array.max() >= len(self.type_map)):
+            raise MtcoreError(f"atypes: type indices must lie in 0..{len(self.type_map) - 1} ({self.type_map})")
+        return torch.as_tensor(array).reshape(np.shape(atypes) if not isinstance(atypes, list) else (-1,))
+
+    def evaluate(self, coords, box, atypes, virial: bool = True) -> dict[str, np.ndarray]:
+        """coords [N,3] / [B,N,3] / [B,3N] (Å); box None, [3,3], [9], [B,9] or [B,3,3]; atypes [N]
+        (type indices or element names). Returns numpy arrays with a leading frame axis."""
+        coord = torch.as_tensor(np.asarray(coords, dtype=np.float64))
+        types = self._types(atypes)
+        natoms = types.shape[-1]
+        coord = coord.reshape(-1, natoms, 3)
+        cell = None if box is None else torch.as_tensor(np.asarray(box, dtype=np.float64)).reshape(-1, 3, 3)
+        if self.united:
+            out = self.module(coord, types, cell, self.head, virial)
+        else:
+            out = self.module(coord, types, cell, virial)
+        return {k: v.cpu().numpy() for k, v in out.items()}
+
+
+def load(path: Union[str, Path], head: Optional[str] = None, device: str = "cpu") -> DeepPotential:
+    return DeepPotential(path, head=head, device=device)

@@ -1,0 +1,66 @@
+"""Building the multi-head model and the heads' losses from a normalised configuration."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from mtcore.config import RunConfig
+from mtcore.data.requirements import DataRequirement, merge_requirements
+from mtcore.errors import MtcoreError
+from mtcore.hookspecs import DescriptorContext, FittingContext, LossContext, NeighborStat
+from mtcore.model.descriptor import Descriptor
+from mtcore.model.loss import Loss
+from mtcore.model.model import MultiHeadModel
+from mtcore.model.shared_layers import SharedLayerManager
+from mtcore.plugins import Registry, get_registry
+
+
+def build_descriptor(params: dict, type_map: list[str], registry: Registry) -> Descriptor:
+    registration = registry.get("descriptor", params["type"])
+    ctx = DescriptorContext(type_map=type_map, build_descriptor=lambda p: build_descriptor(p, type_map, registry))
+    return registration.build(params, ctx)
+
+
+def update_sel(config: RunConfig, stat: NeighborStat, registry: Optional[Registry] = None) -> None:
+    """Resolve ``sel: "auto"`` in place from pooled neighbour statistics (warns if too small)."""
+    registry = registry or get_registry()
+    params = config.model["descriptor"]
+    registration = registry.get("descriptor", params["type"])
+    if registration.update_sel is not None:
+        config.model["descriptor"] = registration.update_sel(params, stat)
+
+
+def build_model(config: RunConfig, registry: Optional[Registry] = None) -> MultiHeadModel:
+    registry = registry or get_registry()
+    type_map = config.type_map
+    if not type_map:
+        raise MtcoreError("model/type_map: needed to build the model")
+    descriptor = build_descriptor(config.model["descriptor"], type_map, registry)
+    manager = SharedLayerManager()
+    heads = {}
+    for name, head in config.heads.items():
+        registration = registry.get("fitting_net", head.fitting.get("type", "ener"))
+        where = f"model/fitting_net_dict/{name}" if config.multi_task else "model/fitting_net"
+        fitting = registration.build(head.fitting, FittingContext(name, type_map, descriptor, manager))
+        if fitting.needs_rot_mat() and descriptor.get_dim_rot() == 0:
+            raise MtcoreError(
+                f"{where}: a '{registration.name}' head needs a descriptor with a rotation matrix "
+                f"(se_e2_a, se_atten, or a hybrid containing one); '{config.model['descriptor']['type']}' has none"
+            )
+        heads[name] = fitting
+    return MultiHeadModel(descriptor, heads, type_map, manager.module_dict(), manager.users)
+
+
+def build_losses(config: RunConfig, model: MultiHeadModel, registry: Optional[Registry] = None) -> dict[str, Loss]:
+    registry = registry or get_registry()
+    losses = {}
+    for name, head in config.heads.items():
+        registration = registry.get("loss", head.loss.get("type", "ener"))
+        ctx = LossContext(name, model.heads[name], float(head.learning_rate["start_lr"]))
+        losses[name] = registration.build(head.loss, ctx)
+    return losses
+
+
+def head_requirements(model: MultiHeadModel, loss: Loss, head: str) -> list[DataRequirement]:
+    """What this head's data must provide: its loss's labels plus its fitting's statistics labels."""
+    return merge_requirements(list(loss.requirements()) + list(model.heads[head].stat_requirements()))

@@ -1,0 +1,137 @@
+"""Building blocks of smooth-edition (se_*) descriptors: switch, environment rows, statistics.
+
+Notation: pair p = (i, j), r_ij = r_j - r_i, r = |r_ij|. With u = (r - rcut_smth)/(rcut - rcut_smth):
+    sw(r) = 1 (r < rcut_smth);  u³(-6u² + 15u - 10) + 1 (rcut_smth ≤ r < rcut);  0 beyond
+    s(r)  = sw(r)/r;  full row R_p = (s, s·x/r, s·y/r, s·z/r);  radial row R_p = (s)
+Rows are normalised per centre type: R̃ = (R - davg[t_i]) / dstd[t_i]. Empty neighbour slots
+(sel - real neighbours) hold R = 0 before normalisation, i.e. R̃ = -davg/dstd, exactly as in
+DeePMD-kit; :func:`padding_rows` gives that value so descriptors can add the padded slots'
+contribution analytically instead of computing on padding.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+from mtcore.model.neighbor_list import neighbor_rank
+
+
+def smooth_weight(r: torch.Tensor, rcut_smth: float, rcut: float) -> torch.Tensor:
+    """C² switch from 1 at rcut_smth to 0 at rcut."""
+    u = ((r - rcut_smth) / (rcut - rcut_smth)).clamp(0.0, 1.0)
+    return u * u * u * (-6.0 * u * u + 15.0 * u - 10.0) + 1.0
+
+
+def select_pairs(
+    center: torch.Tensor,
+    neighbor: torch.Tensor,
+    atype: torch.Tensor,
+    r: torch.Tensor,
+    rcut: float,
+    sel: torch.Tensor,
+    excluded: torch.Tensor,
+    natoms: int,
+    ntypes: int,
+    mixed: bool,
+) -> torch.Tensor:
+    """Indices of the pairs a descriptor keeps: within rcut, not an excluded type pair, and among
+    the nearest ``sel[t]`` neighbours of type t (``mixed``: the nearest ``sel[0]`` of any type).
+
+    Relies on pairs sorted by (center, neighbour type, distance)."""
+    tj = atype.index_select(0, neighbor)
+    ti = atype.index_select(0, center)
+    keep = (r < rcut) & ~excluded[ti, tj]
+    idx = torch.nonzero(keep).squeeze(1)
+    c, t = center.index_select(0, idx), tj.index_select(0, idx)
+    if mixed:
+        dist = r.index_select(0, idx)
+        # nearest sel[0] regardless of type: rank by distance inside each centre
+        key = c.to(dist.dtype) * (2.0 * rcut + 1.0) + dist
+        order = torch.argsort(key, stable=True)
+        rank_sorted = neighbor_rank(c.index_select(0, order), torch.zeros_like(order), natoms, 1)
+        rank = torch.empty_like(rank_sorted).index_copy_(0, order, rank_sorted)
+        return idx[rank < sel[0]]
+    rank = neighbor_rank(c, t, natoms, ntypes)
+    return idx[rank < sel.index_select(0, t)]
+
+
+def env_rows(rij: torch.Tensor, r: torch.Tensor, rcut_smth: float, rcut: float, radial: bool) -> torch.Tensor:
+    """Un-normalised environment rows [P, 4] (full) or [P, 1] (radial)."""
+    s = (smooth_weight(r, rcut_smth, rcut) / r).unsqueeze(1)
+    if radial:
+        return s
+    return torch.cat([s, s * rij / r.unsqueeze(1)], dim=1)
+
+
+def padding_rows(davg: torch.Tensor, dstd: torch.Tensor) -> torch.Tensor:
+    """The normalised row of an empty slot, per centre type: -davg/dstd, shape [ntypes, ncol]."""
+    return -davg / dstd
+
+
+def padded_positions(center: torch.Tensor, natoms: int) -> Tuple[torch.Tensor, int]:
+    """Slot of each pair in a [natoms, maxnn] layout (pairs sorted by center) and maxnn."""
+    counts = torch.bincount(center, minlength=natoms)
+    maxnn = int(counts.max()) if counts.numel() > 0 and center.numel() > 0 else 1
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(center.numel(), device=center.device) - starts.index_select(0, center)
+    return center * maxnn + slot, maxnn
+
+
+def scatter_padded(values: torch.Tensor, positions: torch.Tensor, natoms: int, maxnn: int) -> torch.Tensor:
+    """Place per-pair rows [P, k] into a zero-filled [natoms, maxnn, k] tensor."""
+    out = torch.zeros(natoms * maxnn, values.shape[1], dtype=values.dtype, device=values.device)
+    out = out.index_put((positions,), values)
+    return out.view(natoms, maxnn, values.shape[1])
+
+
+def group_slices(key: torch.Tensor, ngroups: int) -> Tuple[torch.Tensor, List[int]]:
+    """A stable order that groups pairs by ``key`` and the start offset of each group."""
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=ngroups)
+    ends: List[int] = torch.cumsum(counts, 0).tolist()
+    return order, [0] + ends
+
+
+def accumulate_env_stats(rows: torch.Tensor, center_type: torch.Tensor, ntypes: int) -> torch.Tensor:
+    """Per centre type: [Σ R0, Σ R0², Σ mean(R1..3), Σ mean(R1..3²)] of the real pairs, [ntypes, 4]."""
+    rows = rows.to(torch.float64)
+    parts = [rows[:, 0], rows[:, 0] * rows[:, 0]]
+    if rows.shape[1] > 1:
+        parts += [rows[:, 1:].mean(1), (rows[:, 1:] * rows[:, 1:]).mean(1)]
+    else:
+        parts += [torch.zeros_like(rows[:, 0]), torch.zeros_like(rows[:, 0])]
+    values = torch.stack(parts, dim=1)
+    return torch.zeros(ntypes, 4, dtype=torch.float64).index_add_(0, center_type, values)
+
+
+def finalize_env_stats(
+    sums: torch.Tensor, slot_counts: torch.Tensor, rcut: float, radial: bool, set_davg_zero: bool, protect: float = 1e-2
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """davg, dstd per centre type ([ntypes, 4] or [ntypes, 1]) from accumulated sums.
+
+    ``slot_counts[t]`` counts every slot of type-t centres, empty ones included (their rows are 0),
+    as DeePMD-kit does. A type with no centres gets std = 1/rcut; small stds are floored."""
+    ntypes = sums.shape[0]
+    n = slot_counts.to(torch.float64)
+    safe = torch.where(n > 0, n, torch.ones_like(n))
+    mean_r = sums[:, 0] / safe
+
+    def _std(s2: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        var = (s2 / safe - (s / safe) ** 2).clamp_min(0.0)
+        std = torch.sqrt(var)
+        std = torch.where(std.abs() < protect, torch.full_like(std, protect), std)
+        return torch.where(n > 0, std, torch.full_like(std, 1.0 / rcut))
+
+    std_r = _std(sums[:, 1], sums[:, 0])
+    if radial:
+        davg = mean_r.unsqueeze(1)
+        dstd = std_r.unsqueeze(1)
+    else:
+        std_a = _std(sums[:, 3], sums[:, 2])
+        davg = torch.stack([mean_r] + [torch.zeros(ntypes, dtype=torch.float64)] * 3, dim=1)
+        dstd = torch.stack([std_r, std_a, std_a, std_a], dim=1)
+    if set_davg_zero:
+        davg = torch.zeros_like(davg)
+    return davg, dstd

@@ -1,0 +1,70 @@
+"""The fitting-net (head) interface: what the core expects from a fitting plugin's module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from mtcore.data.requirements import DataRequirement
+
+
+@dataclass(frozen=True)
+class OutputDef:
+    """What a head predicts per atom, and how the core turns it into frame quantities.
+
+    name: the quantity (``energy``, ``dipole``, ``polarizability``).
+    size: values per atom (1, 3, 9).
+    global_key / atomic_key: names of the frame-sum and per-atom predictions; they match the
+        label file stems (``energy`` / ``atom_ener``, ``dipole`` / ``atomic_dipole``).
+    conservative: the quantity is an energy: the core adds ``force`` = -dE/dr and ``virial``.
+    sel_types: atom types that carry the quantity (None: all).
+    """
+
+    name: str
+    size: int
+    global_key: str
+    atomic_key: str
+    conservative: bool = False
+    sel_types: Optional[tuple[int, ...]] = None
+
+
+@dataclass(frozen=True)
+class TestQuantity:
+    """One row group of ``mtcore test``: prediction vs label, optionally also per atom."""
+
+    title: str
+    key: str
+    per_atom: bool = False
+    atomic: bool = False
+    #: only for periodic systems (virials)
+    periodic_only: bool = False
+
+
+class Fitting(nn.Module):
+    """Maps descriptor outputs to a per-atom quantity for one head.
+
+    ``forward(descriptor_outputs, atype)`` returns the atomic output, shape [n, size], zero on
+    atoms whose type is not in ``sel_types``. TorchScript-scriptable.
+    """
+
+    def output_def(self) -> OutputDef:
+        raise NotImplementedError
+
+    def needs_rot_mat(self) -> bool:
+        return False
+
+    def stat_requirements(self) -> list[DataRequirement]:
+        """Labels :meth:`compute_output_stats` reads (loaded for this head's data)."""
+        return []
+
+    def compute_output_stats(self, samples: list) -> None:
+        """Initialise output biases from this head's training frames (a list of StatSample)."""
+
+    def test_quantities(self) -> list[TestQuantity]:
+        return []
+
+    def forward(self, descriptor: Dict[str, torch.Tensor], atype: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,83 @@
+"""The multi-head model: one shared descriptor, one fitting net per head.
+
+A single-task model is this model with one head; there is no second code path.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from mtcore.model.descriptor import Descriptor
+from mtcore.model.fitting import Fitting
+from mtcore.model.geometry import finish_outputs, prepare_geometry
+
+
+class MultiHeadModel(nn.Module):
+    """Descriptor + named heads. ``shared_layers`` owns the layers heads share by ``layer_name``."""
+
+    def __init__(
+        self,
+        descriptor: Descriptor,
+        heads: Dict[str, Fitting],
+        type_map: list[str],
+        shared_layers: Optional[nn.ModuleDict] = None,
+        shared_users: Optional[dict[str, list[str]]] = None,
+    ):
+        super().__init__()
+        self.descriptor = descriptor
+        self.heads = nn.ModuleDict(heads)
+        self.shared_layers = shared_layers if shared_layers is not None else nn.ModuleDict()
+        self.shared_users = dict(shared_users or {})
+        self.type_map = list(type_map)
+
+    @property
+    def rcut(self) -> float:
+        return float(self.descriptor.get_rcut())
+
+    @property
+    def ntypes(self) -> int:
+        return len(self.type_map)
+
+    def head_names(self) -> list[str]:
+        return list(self.heads.keys())
+
+    def forward(
+        self,
+        head: str,
+        coord: torch.Tensor,
+        atype: torch.Tensor,
+        box: Optional[torch.Tensor],
+        center: torch.Tensor,
+        neighbor: torch.Tensor,
+        image: torch.Tensor,
+        want_force: bool = True,
+        want_virial: bool = False,
+        create_graph: bool = False,
+    ) -> Dict[str, torch.Tensor]:
+        """Predictions of ``head`` for B frames of N atoms: coord [B,N,3], atype [B,N], box [B,3,3]."""
+        fitting = self.heads[head]
+        odef = fitting.output_def()
+        nframes, natoms = atype.shape
+        conservative = odef.conservative
+        flat, shift, leaf, strain = prepare_geometry(
+            coord, box, center, image, conservative and (want_force or want_virial), conservative and want_virial
+        )
+        atype_flat = atype.reshape(-1)
+        desc = self.descriptor(flat, atype_flat, center, neighbor, shift)
+        atomic = fitting(desc, atype_flat)
+        return finish_outputs(
+            atomic,
+            nframes,
+            natoms,
+            odef.global_key,
+            odef.atomic_key,
+            conservative,
+            leaf,
+            strain,
+            want_force,
+            want_virial,
+            create_graph,
+        )

@@ -1,0 +1,94 @@
+"""The shared-layer manager: ``layer_name`` in fitting nets, for any fitting plugin.
+
+``layer_name`` is a list with one entry per hidden layer and one for the output layer. Entries
+with the same name, in one head or in several, are the very same :class:`~mtcore.model.mlp.Dense`
+module: one tensor, updated once per step by whichever head trains, stored once in a checkpoint.
+``null`` keeps a layer private. Sharing is per atom type for per-type networks (the type-0 nets of
+two heads share, types never share with each other), as in DeePMD-kit v2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mtcore.errors import MtcoreError
+from mtcore.model.mlp import Dense
+
+
+@dataclass
+class _Owner:
+    head: str
+    index: int
+    shape: tuple[int, int]
+    dtype: torch.dtype
+
+
+@dataclass
+class SharedLayerManager:
+    """Hands out layers; equal names give the same module, shapes are checked."""
+
+    layers: dict[str, Dense] = field(default_factory=dict)
+    owners: dict[str, _Owner] = field(default_factory=dict)
+    users: dict[str, list[str]] = field(default_factory=dict)
+
+    @staticmethod
+    def check_layer_name(layer_name: Optional[list], neuron: list[int], head: str) -> Optional[list]:
+        """Validate a head's ``layer_name`` list (length len(neuron)+1, names or nulls)."""
+        if layer_name is None:
+            return None
+        if not isinstance(layer_name, list):
+            raise MtcoreError(f"fitting net '{head}': layer_name must be a list of names or nulls")
+        if len(layer_name) != len(neuron) + 1:
+            raise MtcoreError(
+                f"fitting net '{head}': layer_name has {len(layer_name)} entries; expected "
+                f"len(neuron)+1 = {len(neuron) + 1} (one per hidden layer, then the output layer)"
+            )
+        for entry in layer_name:
+            if entry is not None and not isinstance(entry, str):
+                raise MtcoreError(f"fitting net '{head}': layer_name entries must be strings or null, got {entry!r}")
+        return layer_name
+
+    def dense(
+        self,
+        head: str,
+        index: int,
+        name: Optional[str],
+        type_suffix: str,
+        n_in: int,
+        n_out: int,
+        activation: str,
+        dtype: torch.dtype,
+        generator: torch.Generator,
+    ) -> Dense:
+        """The layer ``index`` of ``head``: new if ``name`` is None, else shared under ``name``."""
+        if name is None:
+            return Dense(n_in, n_out, activation, dtype, generator)
+        key = f"{name}{type_suffix}"
+        existing = self.layers.get(key)
+        if existing is None:
+            layer = Dense(n_in, n_out, activation, dtype, generator)
+            self.layers[key] = layer
+            self.owners[key] = _Owner(head, index, (n_in, n_out), dtype)
+            self.users[key] = [head]
+            return layer
+        owner = self.owners[key]
+        if owner.shape != (n_in, n_out):
+            raise MtcoreError(
+                f"shared layer '{name}': head '{owner.head}' layer {owner.index} has shape "
+                f"{owner.shape[0]}x{owner.shape[1]} but head '{head}' layer {index} has shape {n_in}x{n_out}"
+            )
+        if owner.dtype != dtype:
+            raise MtcoreError(
+                f"shared layer '{name}': head '{owner.head}' uses {owner.dtype} but head '{head}' uses {dtype}"
+            )
+        if head not in self.users[key]:
+            self.users[key].append(head)
+        return existing
+
+    def module_dict(self) -> nn.ModuleDict:
+        """The shared layers as one ModuleDict (keys with '/' replaced), for the model to own."""
+        return nn.ModuleDict({key.replace("/", "__").replace(".", "_"): layer for key, layer in self.layers.items()})

@@ -1,0 +1,65 @@
+"""``mtcore show``: what a checkpoint or frozen model holds, so nobody guesses a head index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mtcore.errors import MtcoreError
+from mtcore.freeze import METADATA_FILE
+
+
+def _heads_from_document(document: dict) -> dict[str, dict]:
+    model = document["model"]
+    return model.get("fitting_net_dict") or {"default": model["fitting_net"]}
+
+
+def _summary(document: dict, kind: str, outputs: dict[str, str]) -> dict:
+    heads = _heads_from_document(document)
+    descriptor = document["model"]["descriptor"]
+    names_of = {h: [n for n in (f.get("layer_name") or []) if n] for h, f in heads.items()}
+    users: dict[str, list[str]] = {}
+    for h, names in names_of.items():
+        for n in names:
+            users.setdefault(n, []).append(h)
+    return {
+        "kind": kind,
+        "type_map": document["model"].get("type_map") or [],
+        "descriptor": f"{descriptor['type']} (rcut {descriptor.get('rcut')}, sel {descriptor.get('sel')})",
+        "heads": [
+            {
+                "name": h,
+                "fitting_type": f.get("type", "ener"),
+                "output": outputs.get(h, ""),
+                "shared_layers": [f"{n} (with {', '.join(u for u in users[n] if u != h)})" if len(users[n]) > 1 else n
+                                  for n in dict.fromkeys(names_of[h])],
+            }
+            for h, f in heads.items()
+        ],
+    }
+
+
+def describe(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise MtcoreError(f"{path}: file not found")
+    extra = {METADATA_FILE: ""}
+    try:
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        meta = json.loads(extra[METADATA_FILE])
+    except Exception:  # noqa: BLE001 - not TorchScript: try a checkpoint
+        from mtcore.train.checkpoint import load_checkpoint
+
+        state = load_checkpoint(path)
+        kind = f"checkpoint, step {state['step']}, {'multi' if state.get('multi_task') else 'single'}-task"
+        return _summary(state["config"], kind, {})
+    if meta.get("kind") == "united":
+        outputs = {h: m["output"]["name"] for h, m in meta["heads"].items()}
+        return _summary(meta["config"], "frozen, united (all heads)", outputs)
+    summary = _summary(meta["config"], f"frozen, head '{meta['head']}'", {})
+    for head in summary["heads"]:
+        head["name"] = meta["head"]
+        head["output"] = meta["output"]["name"]
+    return summary

@@ -1,0 +1,354 @@
+"""The trainer: one code path for one head or many.
+
+Per step one trained head is drawn with its fitting_weight probability (from the seeded RNG),
+one batch of that head's training data is drawn, and that head's Adam optimiser takes one step
+on that head's loss (the shared descriptor and any shared layers move with it). Each head has its
+own optimiser (its own moment estimates and bias-correction count, as DeePMD-kit v2) and its own
+learning-rate schedule evaluated at the global step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from rich.console import Console
+
+import mtcore
+from mtcore.config import RunConfig, config_from_document
+from mtcore.data.dataset import Batch, DataSet
+from mtcore.data.loading import load_dataset, pooled_neighbor_stat
+from mtcore.data.neighbors import NeighborCache
+from mtcore.errors import MtcoreError
+from mtcore.model.build import build_losses, build_model, head_requirements, update_sel
+from mtcore.model.loss import Loss
+from mtcore.model.model import MultiHeadModel
+from mtcore.plugins import Registry, get_registry
+from mtcore.train.checkpoint import FORMAT, CheckpointManager
+from mtcore.train.display import TrainingDisplay
+from mtcore.train.lcurve import LcurveWriter
+from mtcore.train.lr import ExpDecay
+
+
+def model_inputs(batch: Batch, device: torch.device) -> dict:
+    """Keyword arguments of MultiHeadModel.forward for a batch."""
+    return {
+        "coord": batch.coord.to(device),
+        "atype": batch.atype.to(device),
+        "box": None if batch.box is None else batch.box.to(device),
+        "center": batch.center.to(device),
+        "neighbor": batch.neighbor.to(device),
+        "image": batch.image.to(device),
+    }
+
+
+def labels_on(batch: Batch, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.labels.items()}
+
+
+@dataclass
+class HeadRuntime:
+    """What the trainer holds per head."""
+
+    loss: Loss
+    schedule: ExpDecay
+    train: Optional[DataSet]
+    valid: Optional[DataSet]
+    numb_btch: int
+    optimizer: Optional[torch.optim.Optimizer] = None
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: RunConfig,
+        workdir: Path = Path("."),
+        console: Optional[Console] = None,
+        restart: Optional[dict] = None,
+        init_model: Optional[dict] = None,
+        init_head: Optional[str] = None,
+        registry: Optional[Registry] = None,
+        device: Optional[str] = None,
+    ):
+        self.registry = registry or get_registry()
+        self.console = console or Console()
+        self.workdir = Path(workdir)
+        self.device = torch.device(device or os.environ.get("MTCORE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if restart is not None:
+            config = config_from_document(restart["config"], self.registry)
+        self.config = config
+        training = config.training
+        if training.get("seed") is None:
+            training["seed"] = int(np.random.SeedSequence().entropy % (2**31))
+        self.seed = int(training["seed"])
+        torch.manual_seed(self.seed)
+        self.rng = np.random.default_rng(self.seed)
+        self.numb_steps = int(training["numb_steps"])
+        self.step = 0
+        self.restart = restart
+        fresh = restart is None and init_model is None
+        if not config.type_map:
+            raise MtcoreError('model/type_map: required (the element of each type index, e.g. ["O", "H"])')
+        if fresh:
+            self._resolve_sel()
+        self.model: MultiHeadModel = build_model(config, self.registry)
+        self.cache = NeighborCache(self.model.rcut)
+        losses = build_losses(config, self.model, self.registry)
+        self.heads: dict[str, HeadRuntime] = {}
+        for name, head in config.heads.items():
+            reqs = head_requirements(self.model, losses[name], name)
+            where = f"training/data_dict/{name}" if config.multi_task else "training"
+            train = valid = None
+            if head.trained:
+                train = load_dataset(head.training_data, config.type_map, reqs, self.cache, self.registry, where + "/training_data")
+                if head.validation_data is not None:
+                    valid = load_dataset(head.validation_data, config.type_map, reqs, self.cache, self.registry, where + "/validation_data")
+            self.heads[name] = HeadRuntime(
+                losses[name],
+                ExpDecay.from_config(head.learning_rate, self.numb_steps),
+                train,
+                valid,
+                int(head.validation_data.get("numb_btch", 1)) if head.validation_data else 0,
+            )
+        self.trained = config.trained_heads()
+        self.weights = np.array([config.heads[h].weight for h in self.trained])
+        self.weights = self.weights / self.weights.sum()
+        self.model.to(self.device)
+        if restart is not None:
+            self._load_restart(restart)
+        elif init_model is not None:
+            self._load_init_model(init_model, init_head)
+        else:
+            self._statistics()
+        self._make_optimizers()
+        if restart is not None and "optimizers" in restart:
+            for name, state in restart["optimizers"].items():
+                if self.heads.get(name) and self.heads[name].optimizer is not None:
+                    self.heads[name].optimizer.load_state_dict(state)
+
+    # setup ---------------------------------------------------------------------------------
+    def _resolve_sel(self) -> None:
+        """Pool every trained head's training systems for the neighbour statistics (sel "auto")."""
+        systems, scratch = [], NeighborCache(0.0, budget_bytes=0)
+        for name in self.config.trained_heads():
+            head = self.config.heads[name]
+            where = f"training/data_dict/{name}" if self.config.multi_task else "training"
+            ds = load_dataset(head.training_data, self.config.type_map, [], scratch, self.registry, where + "/training_data")
+            systems.extend(ds.systems)
+        stat = pooled_neighbor_stat(systems, len(self.config.type_map))
+        update_sel(self.config, stat, self.registry)
+
+    def _statistics(self) -> None:
+        """Descriptor statistics from all trained heads' frames; each head's bias from its own."""
+        nbatch = int(self.config.model.get("data_stat_nbatch", 10))
+        stat_rng = np.random.default_rng([self.seed, 1])
+        pooled, per_head = [], {}
+        for name in self.trained:
+            batches = self.heads[name].train.stat_batches(nbatch, stat_rng)
+            per_head[name] = [b.stat_sample() for b in batches]
+            pooled.extend(per_head[name])
+        self.model.descriptor.compute_input_stats(pooled)
+        for name, samples in per_head.items():
+            self.model.heads[name].compute_output_stats(samples)
+
+    def _load_restart(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.step = int(state["step"])
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        for name, sets in state.get("datasets", {}).items():
+            runtime = self.heads.get(name)
+            if runtime is None:
+                continue
+            if runtime.train is not None and sets.get("train"):
+                runtime.train.load_state_dict(sets["train"])
+            if runtime.valid is not None and sets.get("valid"):
+                runtime.valid.load_state_dict(sets["valid"])
+
+    def _load_init_model(self, state: dict, init_head: Optional[str]) -> None:
+        """Start from a checkpoint's weights: the descriptor, and heads matched by name (or the
+        one head chosen with ``init_head``). Heads without a source get fresh statistics."""
+        source = state["model"]
+        source_heads = sorted({k.split(".")[1] for k in source if k.startswith("heads.")})
+        mapping: dict[str, str] = {}
+        if init_head is not None:
+            if init_head not in source_heads:
+                raise MtcoreError(f"--head {init_head}: the checkpoint has heads {', '.join(source_heads)}")
+            if len(self.model.heads) != 1 and init_head not in self.model.heads:
+                raise MtcoreError(f"--head {init_head}: the input has several heads; name them like the checkpoint's instead")
+            target = init_head if init_head in self.model.heads else next(iter(self.model.heads))
+            mapping[target] = init_head
+        else:
+            for name in self.model.heads:
+                if name in source_heads:
+                    mapping[name] = name
+        wanted = {}
+        for key, value in source.items():
+            if key.startswith("descriptor."):
+                wanted[key] = value
+        for target, src in mapping.items():
+            prefix = f"heads.{src}."
+            for key, value in source.items():
+                if key.startswith(prefix):
+                    wanted[f"heads.{target}." + key[len(prefix):]] = value
+        own = self.model.state_dict()
+        for key, value in wanted.items():
+            if key not in own:
+                raise MtcoreError(f"--init-model: '{key}' of the checkpoint has no place in this model (different architecture)")
+            if own[key].shape != value.shape:
+                raise MtcoreError(
+                    f"--init-model: '{key}' has shape {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} here"
+                )
+        self.model.load_state_dict(wanted, strict=False)
+        fresh_heads = [h for h in self.trained if h not in mapping]
+        if fresh_heads:
+            nbatch = int(self.config.model.get("data_stat_nbatch", 10))
+            stat_rng = np.random.default_rng([self.seed, 1])
+            for name in fresh_heads:
+                samples = [b.stat_sample() for b in self.heads[name].train.stat_batches(nbatch, stat_rng)]
+                self.model.heads[name].compute_output_stats(samples)
+        self.init_mapping = mapping
+
+    def _make_optimizers(self) -> None:
+        descriptor_params = [p for p in self.model.descriptor.parameters() if p.requires_grad]
+        for name in self.trained:
+            params = descriptor_params + [p for p in self.model.heads[name].parameters() if p.requires_grad]
+            unique = list({id(p): p for p in params}.values())
+            if not unique:
+                raise MtcoreError(f"head '{name}': nothing is trainable (descriptor and fitting net both frozen)")
+            self.heads[name].optimizer = torch.optim.Adam(unique, lr=self.heads[name].schedule.start_lr)
+
+    # stepping ------------------------------------------------------------------------------
+    def draw_head(self) -> str:
+        if len(self.trained) == 1:
+            return self.trained[0]
+        return self.trained[int(self.rng.choice(len(self.trained), p=self.weights))]
+
+    def _predict(self, head: str, batch: Batch, create_graph: bool) -> dict:
+        loss = self.heads[head].loss
+        want_virial = loss.needs_virial() and batch.find.get("virial", 0.0) > 0
+        return self.model(
+            head,
+            **model_inputs(batch, self.device),
+            want_force=loss.needs_force(),
+            want_virial=want_virial,
+            create_graph=create_graph,
+        )
+
+    def train_step(self, head: str) -> None:
+        runtime = self.heads[head]
+        batch = runtime.train.sample(self.rng)
+        lr = runtime.schedule.value(self.step)
+        for group in runtime.optimizer.param_groups:
+            group["lr"] = lr
+        pred = self._predict(head, batch, create_graph=True)
+        loss, _ = runtime.loss(pred, labels_on(batch, self.device), batch.find, batch.natoms, lr / runtime.schedule.start_lr)
+        loss.backward()
+        runtime.optimizer.step()
+        runtime.optimizer.zero_grad(set_to_none=True)
+
+    def evaluate_batch(self, head: str, batch: Batch) -> tuple[dict, float]:
+        runtime = self.heads[head]
+        lr = runtime.schedule.value(self.step)
+        pred = self._predict(head, batch, create_graph=False)
+        pred = {k: v.detach() for k, v in pred.items()}
+        _, metrics = runtime.loss(pred, labels_on(batch, self.device), batch.find, batch.natoms, lr / runtime.schedule.start_lr, metrics=True)
+        return metrics, runtime.loss.metric_weight(batch.natoms, pred)
+
+    def display_values(self) -> dict[str, tuple[dict, Optional[dict], float]]:
+        """Per trained head: metrics on one fresh training batch and on numb_btch validation batches."""
+        values = {}
+        for head in self.trained:
+            runtime = self.heads[head]
+            trn, _ = self.evaluate_batch(head, runtime.train.sample(self.rng))
+            val = None
+            if runtime.valid is not None:
+                sums: dict[str, float] = {}
+                total = 0.0
+                for _ in range(runtime.numb_btch):
+                    metrics, weight = self.evaluate_batch(head, runtime.valid.sample(self.rng))
+                    total += weight
+                    for key, value in metrics.items():
+                        sums[key] = sums.get(key, 0.0) + value * weight
+                val = {k: v / total for k, v in sums.items()}
+            values[head] = (trn, val, runtime.schedule.value(self.step))
+        return values
+
+    # checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "mtcore_version": mtcore.__version__,
+            "config": self.config.document,
+            "multi_task": self.config.multi_task,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizers": {h: self.heads[h].optimizer.state_dict() for h in self.trained},
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+            "datasets": {
+                h: {
+                    "train": self.heads[h].train.state_dict() if self.heads[h].train else None,
+                    "valid": self.heads[h].valid.state_dict() if self.heads[h].valid else None,
+                }
+                for h in self.trained
+            },
+        }
+
+    # the loop ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Train to numb_steps; returns a summary (steps, seconds per step)."""
+        training = self.config.training
+        disp_freq = max(1, int(training["disp_freq"]))
+        save_freq = int(training["save_freq"])
+        show = bool(training.get("disp_training", True))
+        checkpoints = CheckpointManager(self.workdir, training["save_ckpt"], training.get("max_ckpt_keep", 5))
+        lcurve_path = self.workdir / training["disp_file"]
+        appending = self.restart is not None
+        if not appending:
+            backup = checkpoints.backup_previous_run([lcurve_path])
+            if backup is not None:
+                self.console.print(f"an earlier run's checkpoints and {lcurve_path.name} were moved to {backup}")
+        (self.workdir / "out.json").write_text(json.dumps(self.config.document, indent=2))
+        columns = {
+            h: (self.heads[h].loss.metric_names(), self.heads[h].valid is not None) for h in self.trained
+        }
+        lcurve = LcurveWriter(lcurve_path, columns, self.config.multi_task, append=appending) if show else None
+        timings: list[float] = []
+        last_saved = -1
+        try:
+            with TrainingDisplay(self.console, self.numb_steps, self.step) as display:
+                if show and not appending and self.step == 0:
+                    values = self.display_values()
+                    lcurve.write(self.step, values)
+                    display.metrics(self.step, values)
+                while self.step < self.numb_steps:
+                    start = time.perf_counter()
+                    self.train_step(self.draw_head())
+                    timings.append(time.perf_counter() - start)
+                    self.step += 1
+                    display.advance(self.step, float(np.mean(timings[-20:])))
+                    if show and self.step % disp_freq == 0:
+                        values = self.display_values()
+                        lcurve.write(self.step, values)
+                        display.metrics(self.step, values)
+                    if save_freq > 0 and self.step % save_freq == 0:
+                        checkpoints.save(self.state_dict(), self.step)
+                        last_saved = self.step
+                if last_saved != self.step:
+                    checkpoints.save(self.state_dict(), self.step)
+        finally:
+            if lcurve is not None:
+                lcurve.close()
+        skip = min(len(timings) - 1, 10) if timings else 0
+        per_step = float(np.mean(timings[skip:])) if timings else math.nan
+        if timings:
+            self.console.print(f"finished training: {len(timings)} steps, {per_step * 1000:.1f} ms/step (first {skip} excluded)")
+        return {"steps": len(timings), "seconds_per_step": per_step}

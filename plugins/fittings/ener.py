@@ -1,0 +1,225 @@
+"""ener: per-atom energy head. E = Σ_i [F_{t_i}(D_i) + bias_atom_e[t_i]]; forces and virials by autograd.
+
+One MLP per atom type (or one for all types with the type embedding appended, when the
+descriptor provides one). ``bias_atom_e`` starts from a least-squares fit of the head's own
+training energies against the atom counts per type (min-norm, as DeePMD-kit's ``lstsq``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from dargs import Argument
+from torch import nn
+
+from mtcore.data.requirements import DataRequirement
+from mtcore.errors import MtcoreError
+from mtcore.hookspecs import FittingContext, FittingRegistration, SchemaContext, hookimpl
+from mtcore.model.fitting import Fitting, OutputDef, TestQuantity
+from mtcore.model.mlp import FittingMLP, dtype_of, new_generator
+from mtcore.model.shared_layers import SharedLayerManager
+
+DOC = "Atomic energies summed to the frame energy; forces and virials by differentiation."
+
+
+def least_squares_bias(
+    counts: np.ndarray, values: np.ndarray, rcond: Optional[float], fixed: List[Optional[float]]
+) -> np.ndarray:
+    """Per-type bias b minimising ||counts·b - values|| (min-norm), with some entries fixed.
+
+    counts [nsys, ntypes], values [nsys, k]; fixed[t] not None pins b[t] to that value."""
+    counts = counts.astype(np.float64)
+    values = values.astype(np.float64).copy()
+    free = np.ones(counts.shape[1], dtype=bool)
+    for t, value in enumerate(fixed):
+        if value is not None:
+            values -= counts[:, t : t + 1] * value
+            free[t] = False
+    design = counts.copy()
+    design[:, ~free] = 0.0
+    kwargs = {} if rcond is None else {"rcond": rcond}
+    solution = np.linalg.lstsq(design, values, **kwargs)[0]
+    for t, value in enumerate(fixed):
+        if value is not None:
+            solution[t] = value
+    return solution
+
+
+def system_means(samples: list, key: str, ntypes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per system: atom counts per type and the mean label over its statistics frames."""
+    by_system: Dict[str, list] = {}
+    for s in samples:
+        if s.find.get(key, 0.0) < 0.5:
+            continue
+        counts = torch.bincount(s.atype[: s.natoms], minlength=ntypes).numpy()
+        entry = by_system.setdefault(s.system, [counts, []])
+        entry[1].append(s.labels[key].reshape(s.nframes, -1).numpy())
+    if not by_system:
+        return np.zeros((0, ntypes)), np.zeros((0, 1))
+    counts = np.stack([v[0] for v in by_system.values()])
+    means = np.stack([np.concatenate(v[1]).mean(0) for v in by_system.values()])
+    return counts, means
+
+
+class EnerFitting(Fitting):
+    def __init__(
+        self,
+        ntypes: int,
+        dim_descrpt: int,
+        dim_type_embedding: int,
+        head: str,
+        layers: SharedLayerManager,
+        neuron: Optional[List[int]] = None,
+        activation_function: str = "tanh",
+        precision: str = "default",
+        resnet_dt: bool = True,
+        trainable=True,
+        rcond: Optional[float] = None,
+        seed: Optional[int] = None,
+        atom_ener: Optional[list] = None,
+        layer_name: Optional[list] = None,
+        numb_fparam: int = 0,
+        numb_aparam: int = 0,
+        use_aparam_as_mask: bool = False,
+    ):
+        super().__init__()
+        neuron = list(neuron or [120, 120, 120])
+        if numb_fparam or numb_aparam:
+            raise MtcoreError(
+                f"fitting net '{head}': numb_fparam/numb_aparam > 0 (frame/atomic parameters) are not supported yet"
+            )
+        self.ntypes = ntypes
+        self.rcond = rcond
+        self.dtype = dtype_of(precision)
+        self.dim_type_embedding = dim_type_embedding
+        names = SharedLayerManager.check_layer_name(layer_name, neuron, head)
+        trainable_layers = self._trainable_list(trainable, len(neuron), head)
+        gen = new_generator(seed)
+        n_in = dim_descrpt + dim_type_embedding
+        nets = []
+        for t in range(1 if dim_type_embedding else ntypes):
+            suffix = "" if dim_type_embedding else f"/type_{t}"
+
+            def factory(index, width, n_out, activation, suffix=suffix):
+                name = names[index] if names else None
+                return layers.dense(
+                    head, index, name, suffix, width, n_out, activation or activation_function, self.dtype, gen
+                )
+
+            nets.append(FittingMLP(n_in, neuron, 1, resnet_dt, gen, factory))
+        self.nets = nn.ModuleList(nets)
+        for net in self.nets:
+            for block, flag in zip(net.blocks, trainable_layers):
+                for p in block.parameters():
+                    p.requires_grad_(flag)
+        fixed = list(atom_ener or [])
+        if len(fixed) > ntypes:
+            raise MtcoreError(f"fitting net '{head}': atom_ener has {len(fixed)} entries for {ntypes} types")
+        self.atom_ener: List[Optional[float]] = [None if v is None else float(v) for v in fixed] + [None] * (
+            ntypes - len(fixed)
+        )
+        self.has_atom_ener = any(v is not None for v in self.atom_ener)
+        self.register_buffer("atom_ener_mask", torch.tensor([v is not None for v in self.atom_ener]))
+        self.register_buffer("bias_atom_e", torch.zeros(ntypes, dtype=torch.float64))
+
+    @staticmethod
+    def _trainable_list(trainable, nlayers: int, head: str) -> List[bool]:
+        if isinstance(trainable, bool):
+            return [trainable] * (nlayers + 1)
+        if len(trainable) != nlayers + 1:
+            raise MtcoreError(f"fitting net '{head}': trainable has {len(trainable)} entries; expected len(neuron)+1")
+        return [bool(v) for v in trainable]
+
+    def output_def(self) -> OutputDef:
+        return OutputDef("energy", 1, "energy", "atom_ener", conservative=True)
+
+    def stat_requirements(self) -> list[DataRequirement]:
+        return [DataRequirement("energy", 1)]
+
+    def test_quantities(self) -> list[TestQuantity]:
+        return [
+            TestQuantity("Energy", "energy", per_atom=True),
+            TestQuantity("Force", "force", atomic=True),
+            TestQuantity("Virial", "virial", per_atom=True, periodic_only=True),
+        ]
+
+    @torch.jit.unused
+    def compute_output_stats(self, samples: list) -> None:
+        counts, means = system_means(samples, "energy", self.ntypes)
+        if counts.shape[0] == 0:
+            warnings.warn("no energy labels in the statistics frames: bias_atom_e stays 0", stacklevel=2)
+            bias = np.array([v if v is not None else 0.0 for v in self.atom_ener])
+        else:
+            bias = least_squares_bias(counts, means, self.rcond, self.atom_ener)[:, 0]
+        self.bias_atom_e.copy_(torch.as_tensor(bias, dtype=torch.float64))
+
+    def _net_input(self, descriptor: Dict[str, torch.Tensor]) -> torch.Tensor:
+        x = descriptor["descriptor"].to(self.dtype)
+        if self.dim_type_embedding > 0:
+            x = torch.cat([x, descriptor["type_embedding"].to(self.dtype)], dim=1)
+        return x
+
+    def forward(self, descriptor: Dict[str, torch.Tensor], atype: torch.Tensor) -> torch.Tensor:
+        x = self._net_input(descriptor)
+        if self.dim_type_embedding > 0:
+            net = self.nets[0]
+            out = net(x)
+            if self.has_atom_ener:
+                # the energy of an isolated atom: descriptor part zero, type embedding kept
+                width = x.shape[1] - self.dim_type_embedding
+                isolated = torch.cat([torch.zeros_like(x[:, :width]), x[:, width:]], dim=1)
+                mask = self.atom_ener_mask.index_select(0, atype).to(self.dtype).unsqueeze(1)
+                out = out - net(isolated) * mask
+        else:
+            out = torch.zeros(x.shape[0], 1, dtype=self.dtype, device=x.device)
+            for t, net in enumerate(self.nets):
+                idx = torch.nonzero(atype == t).squeeze(1)
+                if idx.numel() > 0:
+                    y = net(x.index_select(0, idx))
+                    if self.has_atom_ener and bool(self.atom_ener_mask[t]):
+                        y = y - net(torch.zeros(1, x.shape[1], dtype=x.dtype, device=x.device))
+                    out = out.index_put((idx,), y)
+        return out.to(torch.float64) + self.bias_atom_e.index_select(0, atype).unsqueeze(1)
+
+
+def arguments(ctx: SchemaContext) -> list[Argument]:
+    return [
+        Argument("numb_fparam", int, optional=True, default=0, doc="frame parameters per frame (not supported yet)"),
+        Argument("numb_aparam", int, optional=True, default=0, doc="atomic parameters per atom (not supported yet)"),
+        Argument("neuron", list, optional=True, default=[120, 120, 120], alias=["n_neuron"], doc="hidden widths"),
+        Argument("activation_function", str, optional=True, default="tanh"),
+        Argument("precision", str, optional=True, default="default"),
+        Argument("resnet_dt", bool, optional=True, default=True),
+        Argument("trainable", [list, bool], optional=True, default=True, doc="bool, or one bool per layer"),
+        Argument("rcond", [float, None], optional=True, default=None, doc="rcond of the energy-bias least squares"),
+        Argument("seed", [int, None], optional=True, default=None),
+        Argument("atom_ener", list, optional=True, default=[], doc="fixed vacuum energy per type (null: free)"),
+        Argument(
+            "layer_name",
+            [list, None],
+            optional=True,
+            default=None,
+            doc="len(neuron)+1 names or nulls; equal names share one layer across heads",
+        ),
+        Argument("use_aparam_as_mask", bool, optional=True, default=False),
+    ]
+
+
+def build(params: dict, ctx: FittingContext) -> EnerFitting:
+    kwargs = {k: v for k, v in params.items() if k != "type"}
+    return EnerFitting(
+        ntypes=ctx.ntypes,
+        dim_descrpt=ctx.descriptor.get_dim_out(),
+        dim_type_embedding=ctx.descriptor.get_dim_type_embedding(),
+        head=ctx.head,
+        layers=ctx.layers,
+        **kwargs,
+    )
+
+
+@hookimpl
+def mtcore_fittings() -> list[FittingRegistration]:
+    return [FittingRegistration(name="ener", arguments=arguments, build=build, default_loss={"type": "ener"}, doc=DOC)]

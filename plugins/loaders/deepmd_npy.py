@@ -1,0 +1,190 @@
+"""deepmd/npy: DeePMD-kit's system folders (type.raw, type_map.raw, nopbc, set.*/*.npy).
+
+Only ever reads. Atom types are mapped from the system's ``type_map.raw`` onto the model's
+``type_map`` by element name. Mixed-type systems (``real_atom_types.npy`` per set) give per-frame
+types. Atomic tensor labels stored for selected types only (v2) or for every atom (v3) are both
+accepted and returned with one row per atom.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from mtcore.data.requirements import DataRequirement
+from mtcore.data.system import SystemData
+from mtcore.errors import MtcoreError
+from mtcore.hookspecs import DataLoaderRegistration, hookimpl
+
+DOC = "DeePMD-kit's deepmd/npy system folders."
+
+
+def detect(path: Path) -> bool:
+    return (Path(path) / "type.raw").is_file()
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file becomes one clear line
+        raise MtcoreError(f"{path}: cannot be read as a .npy array ({type(exc).__name__}: {exc})") from None
+
+
+def _read_types(system: Path) -> np.ndarray:
+    path = system / "type.raw"
+    try:
+        text = path.read_text()
+        types = np.array([int(v) for v in text.split()], dtype=np.int64)
+    except (OSError, ValueError) as exc:
+        raise MtcoreError(f"{path}: expected whitespace-separated integer atom types ({exc})") from None
+    if types.size == 0:
+        raise MtcoreError(f"{path}: lists no atoms")
+    if types.min() < 0:
+        raise MtcoreError(f"{path}: atom types must be non-negative")
+    return types
+
+
+def _type_mapping(system: Path, ntypes_in_file: int, type_map: Optional[list[str]]) -> np.ndarray:
+    """index in the system's types → index in the model's type_map."""
+    map_file = system / "type_map.raw"
+    if not map_file.is_file():
+        if type_map is not None and ntypes_in_file > len(type_map):
+            raise MtcoreError(
+                f"{system}/type.raw: uses {ntypes_in_file} types but the model's type_map has {len(type_map)} "
+                "(add a type_map.raw to map elements by name)"
+            )
+        return np.arange(ntypes_in_file)
+    names = map_file.read_text().split()
+    if len(names) < ntypes_in_file:
+        raise MtcoreError(f"{map_file}: names {len(names)} types but type.raw uses {ntypes_in_file}")
+    if type_map is None:
+        return np.arange(len(names))
+    mapping = []
+    for name in names:
+        if name not in type_map:
+            raise MtcoreError(f"{map_file}: element '{name}' is not in the model's type_map {type_map}")
+        mapping.append(type_map.index(name))
+    return np.array(mapping, dtype=np.int64)
+
+
+def _label(
+    set_dir: Path, req: DataRequirement, nframes: int, natoms: int, atypes: np.ndarray
+) -> Optional[np.ndarray]:
+    path = set_dir / f"{req.key}.npy"
+    if not path.is_file():
+        return None
+    raw = _read_npy(path).astype(np.float64)
+    if raw.ndim == 1 and nframes == 1 and raw.size != 1:
+        raw = raw.reshape(1, -1)
+    raw = raw.reshape(nframes, -1) if raw.size % max(nframes, 1) == 0 else raw
+    if raw.ndim != 2 or raw.shape[0] != nframes:
+        raise MtcoreError(f"{path}: has shape {raw.shape}; expected {nframes} frames as in coord.npy")
+    width = raw.shape[1]
+    if not req.atomic:
+        if width != req.ndof:
+            raise MtcoreError(f"{path}: has {width} values per frame; expected {req.ndof}")
+        return raw
+    if width == natoms * req.ndof:
+        out = raw.reshape(nframes, natoms, req.ndof)
+        if req.sel_types is not None:
+            selected = np.isin(atypes, req.sel_types)
+            out = out * selected[..., None]
+        return out
+    if req.sel_types is not None:
+        selected = np.isin(atypes, req.sel_types)  # [nframes, natoms]
+        counts = selected.sum(1)
+        if np.all(counts * req.ndof == width):
+            out = np.zeros((nframes, natoms, req.ndof))
+            out[selected] = raw.reshape(-1, req.ndof)
+            return out
+        raise MtcoreError(
+            f"{path}: has {width} values per frame; expected {natoms * req.ndof} (every atom) or "
+            f"{int(counts[0]) * req.ndof} (atoms of types {list(req.sel_types)} only)"
+        )
+    raise MtcoreError(f"{path}: has {width} values per frame; expected {natoms * req.ndof} ({req.ndof} per atom)")
+
+
+def load(path: Path, type_map: Optional[list[str]], requirements: list[DataRequirement], set_prefix: str) -> SystemData:
+    system = Path(path)
+    if not system.is_dir():
+        raise MtcoreError(f"{system}: data system folder not found")
+    if not detect(system):
+        raise MtcoreError(f"{system}: not a deepmd/npy system (no type.raw)")
+    types = _read_types(system)
+    mapping = _type_mapping(system, int(types.max()) + 1, type_map)
+    natoms = types.size
+    set_dirs = sorted(p for p in system.glob(f"{set_prefix}.*") if p.is_dir())
+    if not set_dirs:
+        raise MtcoreError(f"{system}: no {set_prefix}.* folder found")
+    periodic = not (system / "nopbc").exists()
+    coords, boxes, atypes, sizes = [], [], [], []
+    labels: dict[str, list] = {}
+    for set_dir in set_dirs:
+        coord_file = set_dir / "coord.npy"
+        if not coord_file.is_file():
+            raise MtcoreError(f"{coord_file}: not found (every set folder needs coord.npy)")
+        coord = _read_npy(coord_file).astype(np.float64)
+        if coord.ndim == 1:
+            coord = coord.reshape(1, -1)
+        coord = coord.reshape(coord.shape[0], -1)
+        if coord.shape[1] != 3 * natoms:
+            raise MtcoreError(
+                f"{coord_file}: has {coord.shape[1]} values per frame but type.raw lists {natoms} atoms "
+                f"(expected {3 * natoms})"
+            )
+        nframes = coord.shape[0]
+        coords.append(coord.reshape(nframes, natoms, 3))
+        sizes.append(nframes)
+        real_types_file = set_dir / "real_atom_types.npy"
+        if real_types_file.is_file():
+            real = _read_npy(real_types_file).astype(np.int64).reshape(nframes, -1)
+            if real.shape[1] != natoms:
+                raise MtcoreError(f"{real_types_file}: has {real.shape[1]} atoms per frame; expected {natoms}")
+            if real.max() >= len(mapping):
+                raise MtcoreError(f"{real_types_file}: uses type {real.max()} beyond {system}/type_map.raw")
+            frame_types = np.where(real >= 0, mapping[np.clip(real, 0, None)], -1)
+        else:
+            frame_types = np.broadcast_to(mapping[types], (nframes, natoms))
+        atypes.append(frame_types)
+        if periodic:
+            box_file = set_dir / "box.npy"
+            if not box_file.is_file():
+                raise MtcoreError(f"{box_file}: not found (add an empty 'nopbc' file for a non-periodic system)")
+            box = _read_npy(box_file).astype(np.float64).reshape(-1, 9)
+            if box.shape[0] != nframes:
+                raise MtcoreError(f"{box_file}: has {box.shape[0]} frames; coord.npy has {nframes}")
+            if np.any(np.abs(np.linalg.det(box.reshape(-1, 3, 3))) < 1e-8):
+                raise MtcoreError(f"{box_file}: a cell has zero volume")
+            boxes.append(box.reshape(nframes, 3, 3))
+        for req in requirements:
+            value = _label(set_dir, req, nframes, natoms, frame_types)
+            labels.setdefault(req.key, []).append(value)
+    merged: dict[str, np.ndarray] = {}
+    for req in requirements:
+        parts = labels.get(req.key, [])
+        found = [p is not None for p in parts]
+        if all(found) and parts:
+            merged[req.key] = np.concatenate(parts)
+        elif any(found):
+            missing = [str(d.name) for d, f in zip(set_dirs, found) if not f]
+            raise MtcoreError(f"{system}: {req.key}.npy is missing in {', '.join(missing)} but present in other sets")
+        elif req.must:
+            raise MtcoreError(f"{set_dirs[0]}/{req.key}.npy: not found (required)")
+    all_types = np.concatenate([np.asarray(a) for a in atypes])
+    if len(set(map(tuple, all_types))) == 1:
+        all_types = np.broadcast_to(all_types[0], all_types.shape)
+    return SystemData(
+        path=str(system),
+        atypes=all_types,
+        coords=np.concatenate(coords),
+        boxes=np.concatenate(boxes) if periodic else None,
+        labels=merged,
+        set_sizes=sizes,
+    )
+
+
+@hookimpl
+def mtcore_data_loaders() -> list[DataLoaderRegistration]:
+    return [DataLoaderRegistration(name="deepmd/npy", detect=detect, load=load, aliases=("npy",), doc=DOC)]
