@@ -88,6 +88,8 @@ class DescriptorContext:
     type_map: list[str]
     #: Builds another registered descriptor from its (normalised) parameters; for composites.
     build_descriptor: Callable[[dict], "Descriptor"]
+    #: The normalised ``model/type_embedding`` section, or None when the input has none.
+    type_embedding: Optional[dict] = None
 
     @property
     def ntypes(self) -> int:

@@ -15,9 +15,15 @@ from mtcore.model.shared_layers import SharedLayerManager
 from mtcore.plugins import Registry, get_registry
 
 
-def build_descriptor(params: dict, type_map: list[str], registry: Registry) -> Descriptor:
+def build_descriptor(
+    params: dict, type_map: list[str], registry: Registry, type_embedding: Optional[dict] = None
+) -> Descriptor:
     registration = registry.get("descriptor", params["type"])
-    ctx = DescriptorContext(type_map=type_map, build_descriptor=lambda p: build_descriptor(p, type_map, registry))
+    ctx = DescriptorContext(
+        type_map=type_map,
+        build_descriptor=lambda p: build_descriptor(p, type_map, registry, type_embedding),
+        type_embedding=type_embedding,
+    )
     return registration.build(params, ctx)
 
 
@@ -35,7 +41,7 @@ def build_model(config: RunConfig, registry: Optional[Registry] = None) -> Multi
     type_map = config.type_map
     if not type_map:
         raise MtcoreError("model/type_map: needed to build the model")
-    descriptor = build_descriptor(config.model["descriptor"], type_map, registry)
+    descriptor = build_descriptor(config.model["descriptor"], type_map, registry, config.model.get("type_embedding"))
     manager = SharedLayerManager()
     heads = {}
     for name, head in config.heads.items():

@@ -12,10 +12,11 @@ from mtcore.data.requirements import DataRequirement
 class Loss:
     """One head's training loss and the metrics shown in ``lcurve.out``.
 
-    ``__call__(pred, label, find, natoms, lr_ratio, metrics)`` returns ``(loss, values)``: the
+    ``__call__(pred, label, find, atype, lr_ratio, metrics)`` returns ``(loss, values)``: the
     scalar to minimise and, when ``metrics`` is true, ``{name: float}`` for
     :meth:`metric_names` (NaN for a metric whose label the batch lacks). ``find[key]`` is 1.0 when
-    the batch's system has label ``key``; ``lr_ratio`` is lr(t)/start_lr for prefactor schedules.
+    the batch's system has label ``key``; ``atype`` is [B, N] (N = atoms per frame);
+    ``lr_ratio`` is lr(t)/start_lr for prefactor schedules.
     """
 
     def requirements(self) -> list[DataRequirement]:
@@ -30,16 +31,16 @@ class Loss:
     def metric_names(self) -> list[str]:
         raise NotImplementedError
 
-    def metric_weight(self, natoms: int, pred: Dict[str, torch.Tensor]) -> float:
+    def metric_weight(self, atype: torch.Tensor, pred: Dict[str, torch.Tensor]) -> float:
         """Weight of a batch when averaging metrics over several batches (atoms, as DeePMD-kit)."""
-        return float(natoms)
+        return float(atype.shape[1])
 
     def __call__(
         self,
         pred: Dict[str, torch.Tensor],
         label: Dict[str, torch.Tensor],
         find: Dict[str, float],
-        natoms: int,
+        atype: torch.Tensor,
         lr_ratio: float,
         metrics: bool = False,
     ) -> tuple[torch.Tensor, Dict[str, float]]:

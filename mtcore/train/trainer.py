@@ -249,7 +249,8 @@ class Trainer:
         for group in runtime.optimizer.param_groups:
             group["lr"] = lr
         pred = self._predict(head, batch, create_graph=True)
-        loss, _ = runtime.loss(pred, labels_on(batch, self.device), batch.find, batch.natoms, lr / runtime.schedule.start_lr)
+        atype = batch.atype.to(self.device)
+        loss, _ = runtime.loss(pred, labels_on(batch, self.device), batch.find, atype, lr / runtime.schedule.start_lr)
         loss.backward()
         runtime.optimizer.step()
         runtime.optimizer.zero_grad(set_to_none=True)
@@ -259,8 +260,9 @@ class Trainer:
         lr = runtime.schedule.value(self.step)
         pred = self._predict(head, batch, create_graph=False)
         pred = {k: v.detach() for k, v in pred.items()}
-        _, metrics = runtime.loss(pred, labels_on(batch, self.device), batch.find, batch.natoms, lr / runtime.schedule.start_lr, metrics=True)
-        return metrics, runtime.loss.metric_weight(batch.natoms, pred)
+        atype = batch.atype.to(self.device)
+        _, metrics = runtime.loss(pred, labels_on(batch, self.device), batch.find, atype, lr / runtime.schedule.start_lr, metrics=True)
+        return metrics, runtime.loss.metric_weight(atype, pred)
 
     def display_values(self) -> dict[str, tuple[dict, Optional[dict], float]]:
         """Per trained head: metrics on one fresh training batch and on numb_btch validation batches."""

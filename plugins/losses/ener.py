@@ -67,10 +67,11 @@ class EnerLoss(Loss):
         pred: Dict[str, torch.Tensor],
         label: Dict[str, torch.Tensor],
         find: Dict[str, float],
-        natoms: int,
+        atype: torch.Tensor,
         lr_ratio: float,
         metrics: bool = False,
     ) -> tuple[torch.Tensor, Dict[str, float]]:
+        natoms = atype.shape[1]
         pref = {t: self.limit[t] + (self.start[t] - self.limit[t]) * lr_ratio for t in TERMS}
         loss = pred["energy"].new_zeros(())
         l2: Dict[str, Optional[torch.Tensor]] = {}

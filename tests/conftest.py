@@ -1,0 +1,24 @@
+"""Shared fixtures: paths to the data shipped in the repository, small model builders."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+WATER = ROOT / "examples" / "water" / "data"
+WATER_TENSOR = ROOT / "examples" / "water_tensor"
+
+
+@pytest.fixture
+def water_dir() -> Path:
+    return WATER
+
+
+@pytest.fixture
+def water_tensor_dir() -> Path:
+    return WATER_TENSOR

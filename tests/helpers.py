@@ -1,0 +1,109 @@
+"""Helpers for tests: build small models, evaluate them on raw coordinates, small inputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from mtcore.config import normalize
+from mtcore.data.dataset import DataSet
+from mtcore.data.loading import load_dataset
+from mtcore.data.neighbors import NeighborCache
+from mtcore.model.build import build_model
+from mtcore.model.frozen import batch_neighbor_list
+from mtcore.plugins import get_registry
+
+ROOT = Path(__file__).resolve().parents[1]
+WATER = ROOT / "examples" / "water" / "data"
+
+SE_E2_A = {"type": "se_e2_a", "sel": [46, 92], "rcut": 6.0, "rcut_smth": 0.5, "neuron": [8, 16, 32],
+           "axis_neuron": 4, "seed": 1, "precision": "float64"}
+ENER = {"type": "ener", "neuron": [32, 32, 32], "seed": 2, "precision": "float64"}
+
+
+def small_input(
+    workdir: Path,
+    descriptor: Optional[dict] = None,
+    fitting: Optional[dict] = None,
+    numb_steps: int = 20,
+    train_systems: Optional[list] = None,
+    valid_systems: Optional[list] = None,
+    **training,
+) -> dict:
+    """A single-task water input with absolute data paths."""
+    doc = {
+        "model": {
+            "type_map": ["O", "H"],
+            "descriptor": copy.deepcopy(descriptor or SE_E2_A),
+            "fitting_net": copy.deepcopy(fitting or ENER),
+        },
+        "learning_rate": {"type": "exp", "start_lr": 1e-3, "stop_lr": 1e-4, "decay_steps": 10},
+        "loss": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1},
+        "training": {
+            "training_data": {"systems": train_systems or [str(WATER / "data_0")], "batch_size": 1},
+            "validation_data": {"systems": valid_systems or [str(WATER / "data_3")], "batch_size": 1, "numb_btch": 2},
+            "numb_steps": numb_steps,
+            "seed": 7,
+            "disp_freq": 10,
+            "save_freq": 10,
+        },
+    }
+    doc["training"].update(training)
+    return doc
+
+
+def write_input(workdir: Path, doc: dict, name: str = "input.json") -> Path:
+    path = Path(workdir) / name
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def model_with_stats(doc: dict, nbatch: int = 2):
+    """Build the model of a (single- or multi-task) input and set its statistics from its data."""
+    registry = get_registry()
+    config = normalize(doc, Path("/"), registry)
+    model = build_model(config, registry)
+    cache = NeighborCache(model.rcut)
+    rng = np.random.default_rng(0)
+    samples = []
+    for name, head in config.heads.items():
+        if head.training_data is None:
+            continue
+        ds = load_dataset(head.training_data, config.type_map, model.heads[name].stat_requirements(), cache, registry, "t")
+        head_samples = [b.stat_sample() for b in ds.stat_batches(nbatch, rng)]
+        model.heads[name].compute_output_stats(head_samples)
+        samples += head_samples
+    model.descriptor.compute_input_stats(samples)
+    return model, config
+
+
+def water_frame(index: int = 0, system: str = "data_0"):
+    coord = np.load(WATER / system / "set.000" / "coord.npy")[index].reshape(-1, 3).astype(np.float64)
+    box = np.load(WATER / system / "set.000" / "box.npy")[index].reshape(3, 3).astype(np.float64)
+    atype = np.loadtxt(WATER / system / "type.raw", dtype=np.int64)
+    return torch.tensor(coord), torch.tensor(atype), torch.tensor(box)
+
+
+def predict(model, head: str, coord, atype, box, want_virial: bool = True) -> dict:
+    """Evaluate ``model`` (MultiHeadModel) on one or more frames, building neighbour lists in torch."""
+    coord = coord.reshape(-1, atype.shape[-1], 3).to(torch.float64)
+    nframes = coord.shape[0]
+    atype = atype.reshape(-1, atype.shape[-1]).expand(nframes, -1)
+    box = None if box is None else box.reshape(-1, 3, 3).expand(nframes, 3, 3)
+    center, neighbor, image = batch_neighbor_list(coord, atype, box, model.rcut, model.ntypes)
+    conservative = model.heads[head].output_def().conservative
+    return model(head, coord, atype, box, center, neighbor, image, want_force=conservative,
+                 want_virial=want_virial and conservative)
+
+
+def random_rotation(seed: int = 0) -> torch.Tensor:
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return torch.tensor(q)
