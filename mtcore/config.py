@@ -195,6 +195,12 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None) ->
     registry = registry or get_registry()
     doc = copy.deepcopy(doc)
     multi = detect_mode(doc)
+    if isinstance(doc.get("training"), dict) and doc["training"].get("mixed_precision"):
+        warnings.warn(
+            "training/mixed_precision is not implemented in mtcore; each component trains in its own "
+            "precision (set precision: float32 on the descriptor and fitting net for single precision)",
+            stacklevel=2,
+        )
     if not multi:
         checked = check(input_argument(registry), doc)
         training = checked["training"]
