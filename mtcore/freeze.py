@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +28,15 @@ METADATA_FILE = "mtcore.json"
 
 
 def _save_script(module: torch.nn.Module, path: Path, metadata: str) -> None:
-    scripted = torch.jit.script(module)
+    with warnings.catch_warnings():
+        # torch >= 2.10 marks TorchScript deprecated; it is still the one format that carries the
+        # autograd force computation and loads in plain torch (and C++/LAMMPS) without Python.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(module)
+        _write_script(scripted, path, metadata)
+
+
+def _write_script(scripted, path: Path, metadata: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -7,6 +7,7 @@ indices and returns numpy arrays. A united file needs ``head=``.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -26,7 +27,9 @@ class DeepPotential:
             raise MtcoreError(f"{path}: model file not found")
         extra = {METADATA_FILE: ""}
         try:
-            self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript: see mtcore.freeze
+                self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
         except Exception as exc:  # noqa: BLE001
             raise MtcoreError(f"{path}: not a frozen mtcore model ({type(exc).__name__})") from None
         self.metadata = json.loads(extra[METADATA_FILE] or "{}")

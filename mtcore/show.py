@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,7 +48,9 @@ def describe(path: Path) -> dict:
         raise MtcoreError(f"{path}: file not found")
     extra = {METADATA_FILE: ""}
     try:
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
         meta = json.loads(extra[METADATA_FILE])
     except Exception:  # noqa: BLE001 - not TorchScript: try a checkpoint
         from mtcore.train.checkpoint import load_checkpoint
