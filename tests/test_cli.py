@@ -1,0 +1,93 @@
+"""The command line end to end, and the bad-input matrix: one line on stderr, non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import WATER, small_input, write_input
+
+MTCORE = [sys.executable, "-m", "mtcore.cli"]
+
+
+def run(args, cwd, timeout=600):
+    return subprocess.run(MTCORE + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_freeze_test_show_list(tmp_path):
+    doc = small_input(tmp_path, numb_steps=6, disp_freq=3, save_freq=3)
+    doc["training"]["training_data"]["systems"] = ["../data/data_0"]
+    case = tmp_path / "case"
+    case.mkdir()
+    shutil.copytree(WATER / "data_0", tmp_path / "data" / "data_0")
+    write_input(case, doc)
+    trained = run(["train", "input.json"], case)
+    assert trained.returncode == 0, trained.stderr
+    assert "finished training" in trained.stdout
+    for name in ("lcurve.out", "out.json", "model.ckpt-6.pt", "model.ckpt.pt", "checkpoint"):
+        assert (case / name).exists(), name
+    frozen = run(["freeze", "-o", "model.pth"], case)
+    assert frozen.returncode == 0, frozen.stderr
+    tested = run(["test", "-m", "model.pth", "-s", str(WATER / "data_3"), "-n", "3", "--json"], case)
+    assert tested.returncode == 0, tested.stderr
+    report = json.loads(tested.stdout)
+    assert report["systems"][0]["nframes"] == 3
+    assert set(report["combined"]) >= {"Energy", "Energy/atom", "Force"}
+    assert report["combined"]["Force"]["rmse"] >= report["combined"]["Force"]["mae"] > 0
+    table = run(["test", "-m", "model.pth", "-s", str(WATER / "data_3"), "-n", "2"], case)
+    assert "Energy/atom" in table.stdout and "RMSE" in table.stdout
+    shown = run(["show", "model.ckpt.pt"], case)
+    assert shown.returncode == 0 and "default" in shown.stdout and "se_e2_a" in shown.stdout
+    plugins = run(["list-plugins"], case)
+    assert plugins.returncode == 0 and "se_e2_a" in plugins.stdout and "deepmd/npy" in plugins.stdout
+    restarted = run(["train", "--restart", "model.ckpt-3.pt"], case)
+    assert restarted.returncode == 0, restarted.stderr
+
+
+def _bad_system(tmp_path: Path, kind: str) -> str:
+    system = tmp_path / "bad_system"
+    shutil.copytree(WATER / "data_0", system)
+    if kind == "natoms":
+        (system / "type.raw").write_text("0 1 1\n")
+    if kind == "element":
+        (system / "type_map.raw").write_text("O\nC\n")
+    return str(system)
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("json", r"input.json: not valid JSON"),
+        ("unknown_key", r"model/descriptor: undefined key `rcutt`.*Did you mean: rcut"),
+        ("wrong_type", r"training: key `numb_steps` gets wrong value type"),
+        ("missing_folder", r"training/training_data/systems: .*nowhere: folder not found"),
+        ("natoms", r"coord.npy: has 576 values per frame but type.raw lists 3 atoms"),
+        ("element", r"type_map.raw: element 'C' is not in the model's type_map"),
+    ],
+)
+def test_bad_input_gives_one_line_and_non_zero_exit(tmp_path, case, expected):
+    import re
+
+    doc = small_input(tmp_path, numb_steps=2)
+    if case == "unknown_key":
+        doc["model"]["descriptor"]["rcutt"] = 6.0
+    if case == "wrong_type":
+        doc["training"]["numb_steps"] = "many"
+    if case == "missing_folder":
+        doc["training"]["training_data"]["systems"] = [str(tmp_path / "nowhere")]
+    if case in ("natoms", "element"):
+        doc["training"]["training_data"]["systems"] = [_bad_system(tmp_path, case)]
+    path = write_input(tmp_path, doc)
+    if case == "json":
+        path.write_text(path.read_text()[:-5])
+    result = run(["train", "input.json"], tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and re.search(expected, lines[0]), lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
