@@ -47,7 +47,9 @@ def _run(func, *args, **kwargs):
 def train(
     input_file: Optional[Path] = typer.Argument(None, help="input JSON (DeePMD-kit v2 keys); optional with --restart"),
     restart: Optional[Path] = typer.Option(None, "--restart", "-r", help="continue this checkpoint's run"),
-    init_model: Optional[Path] = typer.Option(None, "--init-model", "-i", help="start a new run from a checkpoint's weights"),
+    init_model: Optional[Path] = typer.Option(
+        None, "--init-model", "-i", help="start a new run from the weights of a checkpoint or a frozen (united) model"
+    ),
     head: Optional[str] = typer.Option(None, "--head", help="with --init-model: the checkpoint head to start from"),
     device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu)"),
 ) -> None:
@@ -56,6 +58,7 @@ def train(
     def body():
         from mtcore.config import load_config
         from mtcore.train.checkpoint import load_checkpoint
+        from mtcore.train.init_source import load_init_source
         from mtcore.train.trainer import Trainer
 
         if restart is not None and init_model is not None:
@@ -71,7 +74,7 @@ def train(
                 console.print(f"--restart uses the configuration stored in {restart_state['path']}; {input_file} is not read")
         else:
             config = load_config(input_file)
-        init_state = load_checkpoint(init_model) if init_model is not None else None
+        init_state = load_init_source(init_model) if init_model is not None else None
         trainer = Trainer(config, Path("."), console, restart=restart_state, init_model=init_state, init_head=head, device=device)
         trainer.run()
 

@@ -107,3 +107,68 @@ def random_rotation(seed: int = 0) -> torch.Tensor:
     if np.linalg.det(q) < 0:
         q[:, 0] = -q[:, 0]
     return torch.tensor(q)
+
+
+def transformed_system(workdir: Path, source: str = "data_1", scale: float = 1.05, shift_per_atom: float = -0.3) -> Path:
+    """A copy of a water system as a stand-in for a second level of theory:
+    E' = scale·E + shift·N, F' = scale·F (consistent: F' = -dE'/dr)."""
+    import shutil
+
+    target = Path(workdir) / f"{source}_transformed"
+    if target.exists():
+        return target
+    shutil.copytree(WATER / source, target)
+    natoms = len((target / "type.raw").read_text().split())
+    for set_dir in sorted(target.glob("set.*")):
+        energy = np.load(set_dir / "energy.npy").astype(np.float64)
+        np.save(set_dir / "energy.npy", scale * energy + shift_per_atom * natoms)
+        np.save(set_dir / "force.npy", scale * np.load(set_dir / "force.npy").astype(np.float64))
+    return target
+
+
+def multi_task_input(
+    workdir: Path,
+    numb_steps: int = 20,
+    weights: Optional[dict] = None,
+    layer_name: Optional[list] = None,
+    descriptor: Optional[dict] = None,
+    **training,
+) -> dict:
+    """Two energy heads: 'ccsd' on water data_0, 'wb97m' on transformed data_1, layers shared."""
+    names = layer_name if layer_name is not None else ["l0", None, "l2", None]
+    second = transformed_system(workdir)
+    doc = {
+        "model": {
+            "type_map": ["O", "H"],
+            "descriptor": copy.deepcopy(descriptor or SE_E2_A),
+            "fitting_net_dict": {
+                "ccsd": dict(ENER, seed=11, layer_name=names),
+                "wb97m": dict(ENER, seed=12, layer_name=names),
+            },
+        },
+        "learning_rate": {"type": "exp", "start_lr": 5e-3, "stop_lr": 1e-3, "decay_steps": 10},
+        "loss_dict": {
+            "ccsd": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1},
+            "wb97m": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1},
+        },
+        "training": {
+            "data_dict": {
+                "ccsd": {
+                    "training_data": {"systems": [str(WATER / "data_0")], "batch_size": 1},
+                    "validation_data": {"systems": [str(WATER / "data_3")], "batch_size": 1, "numb_btch": 2},
+                },
+                "wb97m": {
+                    "training_data": {"systems": [str(second)], "batch_size": 1},
+                    "validation_data": {"systems": [str(second)], "batch_size": 1, "numb_btch": 2},
+                },
+            },
+            "numb_steps": numb_steps,
+            "seed": 9,
+            "disp_freq": 10,
+            "save_freq": 10,
+        },
+    }
+    if weights is not None:
+        doc["training"]["fitting_weight"] = weights
+    doc["training"].update(training)
+    return doc
