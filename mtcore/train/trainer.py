@@ -96,6 +96,8 @@ class Trainer:
         fresh = restart is None and init_model is None
         if not config.type_map:
             raise MtcoreError('model/type_map: required (the element of each type index, e.g. ["O", "H"])')
+        if init_model is not None and init_model.get("config"):
+            self._inherit_descriptor(init_model["config"])
         if fresh:
             self._resolve_sel()
         self.model: MultiHeadModel = build_model(config, self.registry)
@@ -144,6 +146,27 @@ class Trainer:
             systems.extend(ds.systems)
         stat = pooled_neighbor_stat(systems, len(self.config.type_map))
         update_sel(self.config, stat, self.registry)
+
+    def _inherit_descriptor(self, source: dict) -> None:
+        """--init-model: the descriptor (and type_map) come from the source model, as DeePMD-kit's
+        initialisation does; only ``trainable`` is kept from the new input."""
+        source_model = source["model"]
+        if list(source_model.get("type_map") or []) != list(self.config.type_map):
+            raise MtcoreError(
+                f"model/type_map {self.config.type_map} differs from the --init-model source's "
+                f"{source_model.get('type_map')}"
+            )
+        mine = self.config.model["descriptor"]
+        inherited = dict(source_model["descriptor"])
+        if "trainable" in mine:
+            inherited["trainable"] = mine["trainable"]
+        differs = {k for k in set(mine) | set(inherited) if k not in ("trainable", "sel") and mine.get(k) != inherited.get(k)}
+        if differs:
+            self.console.print(
+                "--init-model: model/descriptor is taken from the source model "
+                f"({', '.join(sorted(differs))} differed from this input)"
+            )
+        self.config.model["descriptor"] = inherited
 
     def _statistics(self) -> None:
         """Descriptor statistics from all trained heads' frames; each head's bias from its own."""
