@@ -76,7 +76,8 @@ def train(
             config = load_config(input_file)
         init_state = load_init_source(init_model) if init_model is not None else None
         trainer = Trainer(config, Path("."), console, restart=restart_state, init_model=init_state, init_head=head, device=device)
-        trainer.run()
+        if trainer.run().get("interrupted"):
+            raise typer.Exit(130)
 
     _run(body)
 

@@ -117,3 +117,24 @@ def test_final_checkpoint_even_off_the_save_grid(tmp_path):
     make_trainer(tmp_path, small_input(tmp_path, numb_steps=7, save_freq=5, disp_freq=100)).run()
     assert load_checkpoint(tmp_path / "model.ckpt.pt")["step"] == 7
     assert (tmp_path / "model.ckpt-5.pt").is_file()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    import signal
+
+    trainer = make_trainer(tmp_path, small_input(tmp_path, numb_steps=10, save_freq=100, disp_freq=5))
+    original = trainer.train_step
+
+    def step_then_interrupt(head):
+        original(head)
+        if trainer.step == 2:  # becomes step 3 after this call returns
+            os.kill(os.getpid(), signal.SIGINT)
+
+    trainer.train_step = step_then_interrupt
+    summary = trainer.run()
+    assert summary["interrupted"] and trainer.step == 3
+    state = load_checkpoint(tmp_path / "model.ckpt.pt")
+    assert state["step"] == 3
+    resumed = Trainer(None, tmp_path, QUIET, restart=state)
+    assert resumed.run()["steps"] == 7
+    assert load_checkpoint(tmp_path / "model.ckpt.pt")["step"] == 10

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,29 @@ def model_inputs(batch: Batch, device: torch.device) -> dict:
 
 def labels_on(batch: Batch, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.labels.items()}
+
+
+class _StopOnInterrupt:
+    """Ctrl-C during training: finish the current step, save a checkpoint, stop. A second Ctrl-C
+    interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "_StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 @dataclass
@@ -348,13 +373,14 @@ class Trainer:
         lcurve = LcurveWriter(lcurve_path, columns, self.config.multi_task, append=appending) if show else None
         timings: list[float] = []
         last_saved = -1
+        stop = _StopOnInterrupt()
         try:
-            with TrainingDisplay(self.console, self.numb_steps, self.step) as display:
+            with stop, TrainingDisplay(self.console, self.numb_steps, self.step) as display:
                 if show and not appending and self.step == 0:
                     values = self.display_values()
                     lcurve.write(self.step, values)
                     display.metrics(self.step, values)
-                while self.step < self.numb_steps:
+                while self.step < self.numb_steps and not stop.requested:
                     start = time.perf_counter()
                     self.train_step(self.draw_head())
                     timings.append(time.perf_counter() - start)
@@ -374,6 +400,11 @@ class Trainer:
                 lcurve.close()
         skip = min(len(timings) - 1, 10) if timings else 0
         per_step = float(np.mean(timings[skip:])) if timings else math.nan
-        if timings:
+        if stop.requested:
+            self.console.print(
+                f"interrupted at step {self.step}: checkpoint saved; continue with "
+                f"mtcore train --restart {checkpoints.path_for(self.step).name}"
+            )
+        elif timings:
             self.console.print(f"finished training: {len(timings)} steps, {per_step * 1000:.1f} ms/step (first {skip} excluded)")
-        return {"steps": len(timings), "seconds_per_step": per_step}
+        return {"steps": len(timings), "seconds_per_step": per_step, "interrupted": stop.requested}
