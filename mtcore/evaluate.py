@@ -103,6 +103,10 @@ def test_system(pot: DeepPotential, path: Path, numb_test: int, chunk: int = 8) 
         if value.shape != label.shape:
             raise MtcoreError(f"{path}: {key} label has {label.shape[1]} values per frame, the model predicts {value.shape[1]}")
         diff = value - label
+        if q.get("atomic") and meta["output"].get("sel_types") is not None:
+            # a tensor head predicts (and v2 files label) only atoms of its sel_type: compare those
+            selected = np.isin(np.asarray(system.atypes[:nframes]), meta["output"]["sel_types"])
+            diff = diff.reshape(nframes, natoms, -1)[selected]
         result.stats.setdefault(q["title"], ErrorStat()).add(diff)
         if q.get("per_atom"):
             norm = natoms if meta["output"]["conservative"] else nsel.reshape(-1, 1)

@@ -99,6 +99,8 @@ def _label(
             out = np.zeros((nframes, natoms, req.ndof))
             out[selected] = raw.reshape(-1, req.ndof)
             return out
+        if int(counts.min()) == natoms:  # every atom is selected: one layout only
+            raise MtcoreError(f"{path}: has {width} values per frame; expected {natoms * req.ndof} ({req.ndof} per atom)")
         raise MtcoreError(
             f"{path}: has {width} values per frame; expected {natoms * req.ndof} (every atom) or "
             f"{int(counts[0]) * req.ndof} (atoms of types {list(req.sel_types)} only)"
