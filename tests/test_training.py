@@ -3,6 +3,7 @@ restart exactly, --init-model starts from the weights, nothing of an earlier run
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ from mtcore.config import load_config
 from mtcore.train.checkpoint import load_checkpoint
 from mtcore.train.trainer import Trainer, labels_on
 
-QUIET = Console(file=open(os.devnull, "w"))
+QUIET = Console(file=io.StringIO())
 
 
 def make_trainer(workdir: Path, doc: dict, **kwargs) -> Trainer:
