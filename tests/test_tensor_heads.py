@@ -8,6 +8,7 @@ frozen heads equal the in-memory model; ``mtcore test`` reports tensor errors.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -107,6 +108,39 @@ def test_translation_and_permutation_invariance(tensor_model):
     perm = torch.from_numpy(np.random.default_rng(5).permutation(atype.shape[0]))
     permuted = atomic_tensor(model, odef, coord[perm], atype[perm], box)
     assert torch.allclose(permuted, a[perm], atol=1e-10)
+
+
+OTHER_ROT_DESCRIPTORS = {
+    # type embedding: one net for all types, fed [D_i, T[t_i]]
+    "se_atten": {"type": "se_atten", "sel": 120, "rcut": 6.0, "rcut_smth": 0.5, "neuron": [4, 8, 16],
+                 "axis_neuron": 4, "attn": 8, "attn_layer": 1, "seed": 1, "precision": "float64"},
+    # rotation matrix of the se_e2_a member only
+    "hybrid": {"type": "hybrid", "list": [SMALL_SE, {"type": "se_e2_r", "sel": [46, 92], "rcut": 6.0,
+                                                      "rcut_smth": 0.5, "neuron": [4, 8], "seed": 2,
+                                                      "precision": "float64"}]},
+}
+
+
+@pytest.mark.parametrize("descriptor", list(OTHER_ROT_DESCRIPTORS))
+@pytest.mark.parametrize("fitting", [DIPOLE, dict(POLAR, fit_diag=False)], ids=["dipole", "polar"])
+def test_rotation_covariance_with_other_descriptors(descriptor, fitting):
+    params = OTHER_ROT_DESCRIPTORS[descriptor]
+    needed = {params["type"]} | {m["type"] for m in params.get("list", [])}
+    missing = needed - set(get_registry().names("descriptor"))
+    if missing:
+        pytest.skip(f"descriptor(s) {sorted(missing)} not registered")
+    doc = tensor_input(fitting, kind_of(fitting))
+    doc["model"]["descriptor"] = copy.deepcopy(params)
+    model, _ = model_with_stats(doc, nbatch=1)
+    odef = model.heads["default"].output_def()
+    coord, atype, box = water_frame(0)
+    rot = random_rotation(4)
+    a = atomic_tensor(model, odef, coord, atype, box)
+    b = atomic_tensor(model, odef, coord @ rot, atype, box @ rot)
+    expected = a @ rot if odef.size == 3 else (rot.T @ a.reshape(-1, 3, 3) @ rot).reshape(-1, 9)
+    assert a.abs().max() > 1e-3
+    assert torch.allclose(b, expected, atol=1e-10), (b - expected).abs().max()
+    assert torch.all(a[atype == 1] == 0)
 
 
 # ---------------------------------------------------------------------------------------------
