@@ -320,14 +320,17 @@ class Trainer:
             trn, _ = self.evaluate_batch(head, runtime.train.sample(self.rng))
             val = None
             if runtime.valid is not None:
+                # weighted by atoms as DeePMD-kit, but a batch whose system lacks a label does not
+                # turn that metric into NaN: it is averaged over the batches that have the label
                 sums: dict[str, float] = {}
-                total = 0.0
+                weights: dict[str, float] = {}
                 for _ in range(runtime.numb_btch):
                     metrics, weight = self.evaluate_batch(head, runtime.valid.sample(self.rng))
-                    total += weight
                     for key, value in metrics.items():
-                        sums[key] = sums.get(key, 0.0) + value * weight
-                val = {k: v / total for k, v in sums.items()}
+                        if math.isfinite(value):
+                            sums[key] = sums.get(key, 0.0) + value * weight
+                            weights[key] = weights.get(key, 0.0) + weight
+                val = {k: sums[k] / weights[k] if weights.get(k) else math.nan for k in metrics}
             values[head] = (trn, val, runtime.schedule.value(self.step))
         return values
 
