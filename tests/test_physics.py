@@ -13,6 +13,18 @@ import torch
 from helpers import ENER, SE_E2_A, model_with_stats, predict, random_rotation, small_input, water_frame
 
 DESCRIPTORS = {
+    "se_e2_r": {"type": "se_e2_r", "sel": [46, 92], "rcut": 6.0, "rcut_smth": 0.5, "neuron": [4, 8, 16], "seed": 1},
+    "se_e2_r_one_side_excl": {"type": "se_r", "sel": [46, 92], "rcut": 6.0, "rcut_smth": 1.0, "neuron": [4, 8, 16],
+                              "type_one_side": True, "exclude_types": [[0, 1]], "resnet_dt": True, "seed": 5},
+    "se_e2_r_two_side_excl": {"type": "se_e2_r", "sel": [46, 92], "rcut": 5.0, "neuron": [4, 8, 16],
+                              "exclude_types": [[1, 1]], "set_davg_zero": True, "seed": 6},
+    "se_e3": {"type": "se_e3", "sel": [20, 40], "rcut": 4.5, "rcut_smth": 0.5, "neuron": [2, 4, 8], "seed": 1},
+    "se_e3_excl": {"type": "se_t", "sel": [20, 40], "rcut": 4.5, "rcut_smth": 1.0, "neuron": [2, 4, 8],
+                   "exclude_types": [[0, 1]], "resnet_dt": True, "seed": 7},
+    "hybrid": {"type": "hybrid", "list": [
+        {"type": "se_e2_a", "sel": [20, 40], "rcut": 4.0, "neuron": [4, 8, 16], "axis_neuron": 4, "seed": 8},
+        {"type": "se_e2_r", "sel": [46, 92], "rcut": 6.0, "neuron": [4, 8, 16], "seed": 9},
+        {"type": "se_e3", "sel": [12, 24], "rcut": 3.5, "neuron": [2, 4, 8], "seed": 10}]},
     "se_e2_a": SE_E2_A,
     "se_e2_a_one_side_excl": dict(SE_E2_A, type_one_side=True, exclude_types=[[0, 0]], resnet_dt=True, seed=3),
     "se_e2_a_two_side_excl": dict(SE_E2_A, exclude_types=[[1, 1]], set_davg_zero=True, seed=4),

@@ -1,0 +1,39 @@
+"""Small checks and tables shared by the built-in se_e2_r and se_e3 descriptors.
+
+Kept apart from the descriptor modules so that no plugin module imports another plugin module.
+"""
+
+from __future__ import annotations
+
+from typing import List, Union
+
+import torch
+
+from mtcore.errors import MtcoreError
+
+
+def exclusion_matrix(ntypes: int, exclude_types: list) -> torch.Tensor:
+    """Symmetric [ntypes, ntypes] bool table of the type pairs that do not interact."""
+    excluded = torch.zeros(ntypes, ntypes, dtype=torch.bool)
+    for pair in exclude_types:
+        if len(pair) != 2 or not all(0 <= int(t) < ntypes for t in pair):
+            raise MtcoreError(f"model/descriptor/exclude_types: {pair} is not a pair of type indices below {ntypes}")
+        a, b = int(pair[0]), int(pair[1])
+        excluded[a, b] = True
+        excluded[b, a] = True
+    return excluded
+
+
+def checked_sel(sel: Union[list, int, str], ntypes: int, name: str) -> List[int]:
+    """``sel`` as one int per type; "auto" must have been resolved (update_sel) before building."""
+    if isinstance(sel, str):
+        raise MtcoreError(f"{name}/sel is '{sel}': it is resolved from the training data before the model is built")
+    values = [int(sel)] if isinstance(sel, int) else [int(s) for s in sel]
+    if len(values) != ntypes:
+        raise MtcoreError(f"{name}/sel has {len(values)} entries; expected one per type in type_map ({ntypes})")
+    return values
+
+
+def check_rcut(rcut: float, rcut_smth: float, name: str) -> None:
+    if rcut_smth > rcut:
+        raise MtcoreError(f"{name}: rcut_smth ({rcut_smth}) should be no more than rcut ({rcut})")

@@ -1,0 +1,208 @@
+"""se_e2_r (alias se_r): two-body embedding of the radial environment only (DeePMD-kit se_e2_r).
+
+Per atom i (type t_i), with the normalised radial value R̃_j = (s(r_ij) - davg[t_i]) / dstd[t_i]
+of each of its nearest ``sel[t]`` neighbours of type t (see :mod:`mtcore.model.env`) and the
+embedding G_j = N_{t_i,t_j}(R̃_j) ∈ R^M (N_{t_j} with ``type_one_side``):
+
+    D_i = (1/5) · (1/N_c) Σ_slots G_j ∈ R^M
+
+N_c = Σ sel counts every slot; an empty slot holds R̃ = -davg/dstd and contributes the constant
+G(-davg/dstd), which is added in closed form so the nets only run on real neighbours. The 1/5 is
+DeePMD-kit's code (its documentation omits it). An excluded (centre, neighbour) type pair
+contributes nothing, neither its real neighbours nor its empty slots. There is no rotation matrix.
+All groups' nets run as one batched net (:mod:`mtcore_builtins.descriptors._stacked`).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from dargs import Argument
+
+from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, NeighborStat, SchemaContext, hookimpl
+from mtcore.model.descriptor import Descriptor, StatSample
+from mtcore.model.env import (
+    accumulate_env_stats,
+    env_rows,
+    finalize_env_stats,
+    padding_rows,
+    select_pairs,
+)
+from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
+from mtcore.model.sel import resolve_sel
+from mtcore_builtins.descriptors._common import check_rcut, checked_sel, exclusion_matrix
+from mtcore_builtins.descriptors._stacked import StackedEmbeddingNets
+
+DOC = "Smooth two-body embedding of the radial environment (distances only)."
+#: DeePMD-kit's se_e2_r rescales its output by this constant (in the code, not in the docs).
+RESCALE = 0.2
+
+
+class DescrptSeR(Descriptor):
+    def __init__(
+        self,
+        ntypes: int,
+        sel: List[int],
+        rcut: float = 6.0,
+        rcut_smth: float = 0.5,
+        neuron: Optional[List[int]] = None,
+        activation_function: str = "tanh",
+        resnet_dt: bool = False,
+        type_one_side: bool = False,
+        precision: str = "default",
+        trainable: bool = True,
+        seed: Optional[int] = None,
+        exclude_types: Optional[list] = None,
+        set_davg_zero: bool = False,
+    ):
+        super().__init__()
+        neuron = list(neuron or [10, 20, 40])
+        self.ntypes = ntypes
+        self.rcut = float(rcut)
+        self.rcut_smth = float(rcut_smth)
+        check_rcut(self.rcut, self.rcut_smth, "model/descriptor[se_e2_r]")
+        self.sel_list: List[int] = checked_sel(sel, ntypes, "model/descriptor[se_e2_r]")
+        self.nnei = sum(self.sel_list)
+        self.scale = RESCALE / max(1, self.nnei)  # an attribute: TorchScript cannot read module globals
+        self.dim_emb = neuron[-1]
+        self.type_one_side = bool(type_one_side)
+        self.set_davg_zero = bool(set_davg_zero)
+        self.dtype = dtype_of(precision)
+        self.register_buffer("sel", torch.tensor(self.sel_list, dtype=torch.long))
+        self.register_buffer("excluded", exclusion_matrix(ntypes, exclude_types or []))
+        self.register_buffer("davg", torch.zeros(ntypes, 1, dtype=self.dtype))
+        self.register_buffer("dstd", torch.ones(ntypes, 1, dtype=self.dtype))
+        gen = new_generator(seed)
+        nets = []
+        ngroups = ntypes if self.type_one_side else ntypes * ntypes
+        net_of_group = torch.zeros(ngroups, dtype=torch.long)
+        for group in range(ngroups):
+            if not self.type_one_side and bool(self.excluded[group // ntypes, group % ntypes]):
+                continue  # an excluded (centre, neighbour) pair has no net and contributes nothing
+            net_of_group[group] = len(nets)
+            nets.append(EmbeddingNet(1, neuron, activation_function, resnet_dt, self.dtype, gen))
+        self.nets = StackedEmbeddingNets(nets, activation_function)
+        self.ngroups = ngroups
+        self.register_buffer("net_of_group", net_of_group)
+        # the net of each (centre type, neighbour type) and whether that pair interacts at all
+        ti, tj = torch.meshgrid(torch.arange(ntypes), torch.arange(ntypes), indexing="ij")
+        self.register_buffer("pair_net", net_of_group[tj if self.type_one_side else ti * ntypes + tj])
+        self.register_buffer("pair_allowed", (~self.excluded).to(self.dtype))
+        for p in self.parameters():
+            p.requires_grad_(bool(trainable))
+
+    def get_rcut(self) -> float:
+        return self.rcut
+
+    def get_ntypes(self) -> int:
+        return self.ntypes
+
+    def get_dim_out(self) -> int:
+        return self.dim_emb
+
+    def get_dim_rot(self) -> int:
+        return 0
+
+    def _rows(
+        self, coord: torch.Tensor, atype: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor, shift: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Kept pairs and their un-normalised radial rows [P, 1]."""
+        rij = coord.index_select(0, neighbor) - coord.index_select(0, center) + shift
+        r = torch.linalg.vector_norm(rij, dim=1)
+        natoms = coord.shape[0]
+        keep = select_pairs(center, neighbor, atype, r, self.rcut, self.sel, self.excluded, natoms, self.ntypes, False)
+        r = r.index_select(0, keep).to(self.dtype)
+        return keep, env_rows(rij.index_select(0, keep).to(self.dtype), r, self.rcut_smth, self.rcut, True)
+
+    @torch.jit.unused
+    def compute_input_stats(self, samples: List[StatSample]) -> None:
+        sums = torch.zeros(self.ntypes, 4, dtype=torch.float64)
+        slots = torch.zeros(self.ntypes, dtype=torch.float64)
+        with torch.no_grad():
+            for s in samples:
+                keep, rows = self._rows(s.coord, s.atype, s.center, s.neighbor, s.shift)
+                sums += accumulate_env_stats(rows, s.atype[s.center[keep]], self.ntypes)
+                slots += torch.bincount(s.atype, minlength=self.ntypes).to(torch.float64) * self.nnei
+        davg, dstd = finalize_env_stats(sums, slots, self.rcut, True, self.set_davg_zero)
+        self.davg.copy_(davg.to(self.dtype))
+        self.dstd.copy_(dstd.to(self.dtype))
+
+    def _real_sum(self, s: torch.Tensor, group: torch.Tensor, center: torch.Tensor, natoms: int) -> torch.Tensor:
+        """Σ over each atom's real neighbours of G_j: [n, M]. The pairs of net g go to row block g
+        of one [G, rows, 1] input so that all nets run together."""
+        nets = int(self.net_of_group.max()) + 1
+        net = self.net_of_group.index_select(0, group)
+        rank = torch.nn.functional.one_hot(net, nets).cumsum(0).gather(1, net.unsqueeze(1)).squeeze(1) - 1
+        rows = max(1, int(rank.max()) + 1) if rank.numel() > 0 else 1
+        position = net * rows + rank
+        x = torch.zeros(nets * rows, 1, dtype=s.dtype, device=s.device).index_put((position,), s)
+        emb = self.nets(x.view(nets, rows, 1)).reshape(nets * rows, self.dim_emb).index_select(0, position)
+        return torch.zeros(natoms, self.dim_emb, dtype=s.dtype, device=s.device).index_add(0, center, emb)
+
+    def _padding_term(self, atype: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Σ over each atom's empty slots of G(-davg/dstd): [n, M]."""
+        pad = padding_rows(self.davg, self.dstd)  # [nt(ti), 1]
+        nets = int(self.net_of_group.max()) + 1
+        emb = self.nets(pad.unsqueeze(0).expand(nets, self.ntypes, 1))  # [G, nt(ti), M]: every net at every pad value
+        ti = torch.arange(self.ntypes, device=pad.device).unsqueeze(1).expand(self.ntypes, self.ntypes)
+        table = emb[self.pair_net, ti] * self.pair_allowed.unsqueeze(2)  # [nt(ti), nt(tj), M]
+        empty = (self.sel.unsqueeze(0) - counts).to(self.dtype)  # [n, nt]
+        return torch.bmm(empty.unsqueeze(1), table.index_select(0, atype)).squeeze(1)
+
+    def forward(
+        self,
+        coord: torch.Tensor,
+        atype: torch.Tensor,
+        center: torch.Tensor,
+        neighbor: torch.Tensor,
+        shift: torch.Tensor,
+    ) -> Dict[str, torch.Tensor]:
+        natoms = coord.shape[0]
+        keep, rows = self._rows(coord, atype, center, neighbor, shift)
+        center = center.index_select(0, keep)
+        ti = atype.index_select(0, center)
+        tj = atype.index_select(0, neighbor.index_select(0, keep))
+        normed = (rows - self.davg.index_select(0, ti)) / self.dstd.index_select(0, ti)
+        group = tj if self.type_one_side else ti * self.ntypes + tj
+        total = self._real_sum(normed, group, center, natoms)
+        counts = torch.bincount(center * self.ntypes + tj, minlength=natoms * self.ntypes).view(natoms, self.ntypes)
+        total = total + self._padding_term(atype, counts)
+        return {"descriptor": total * self.scale}
+
+
+def arguments(ctx: SchemaContext) -> list[Argument]:
+    return [
+        Argument("sel", [list, str], optional=True, default="auto", doc="slots per neighbour type, or 'auto'/'auto:f'"),
+        Argument("rcut", float, optional=True, default=6.0, doc="cut-off radius (Å)"),
+        Argument("rcut_smth", float, optional=True, default=0.5, doc="where the smooth switch starts (Å)"),
+        Argument("neuron", list, optional=True, default=[10, 20, 40], doc="embedding net widths"),
+        Argument("activation_function", str, optional=True, default="tanh"),
+        Argument("resnet_dt", bool, optional=True, default=False, doc="trainable timestep on residual connections"),
+        Argument("type_one_side", bool, optional=True, default=False, doc="one net per neighbour type only"),
+        Argument("precision", str, optional=True, default="default"),
+        Argument("trainable", bool, optional=True, default=True),
+        Argument("seed", [int, None], optional=True, default=None),
+        Argument("exclude_types", list, optional=True, default=[], doc="type pairs that do not interact"),
+        Argument("set_davg_zero", bool, optional=True, default=False),
+    ]
+
+
+def update_sel(params: dict, stat: NeighborStat) -> dict:
+    out = dict(params)
+    out["sel"] = resolve_sel(params["sel"], params["rcut"], stat, stat.ntypes, False, "model/descriptor")
+    return out
+
+
+def build(params: dict, ctx: DescriptorContext) -> DescrptSeR:
+    kwargs = {k: v for k, v in params.items() if k != "type"}
+    return DescrptSeR(ntypes=ctx.ntypes, **kwargs)
+
+
+@hookimpl
+def mtcore_descriptors() -> list[DescriptorRegistration]:
+    return [
+        DescriptorRegistration(
+            name="se_e2_r", aliases=("se_r",), arguments=arguments, build=build, update_sel=update_sel, doc=DOC
+        )
+    ]
