@@ -102,7 +102,7 @@ def test_se_e2_r_equals_slot_by_slot_mean_with_one_fifth(stat_models, name):
             if bool(desc.excluded[ti, t]):
                 continue
             group = t if desc.type_one_side else ti * 2 + t
-            net = desc.nets.nets[int(desc.net_of_group[group])]
+            net = desc.nets[desc.net_groups.index(group)]
             want[i] += net(normed[slot_type == t]).sum(0)
     want = want / 5.0 / sum(desc.sel_list)
     assert torch.allclose(got, want, atol=1e-12, rtol=1e-10)

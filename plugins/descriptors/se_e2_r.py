@@ -10,7 +10,6 @@ N_c = Σ sel counts every slot; an empty slot holds R̃ = -davg/dstd and contrib
 G(-davg/dstd), which is added in closed form so the nets only run on real neighbours. The 1/5 is
 DeePMD-kit's code (its documentation omits it). An excluded (centre, neighbour) type pair
 contributes nothing, neither its real neighbours nor its empty slots. There is no rotation matrix.
-All groups' nets run as one batched net (:mod:`mtcore_builtins.descriptors._stacked`).
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from dargs import Argument
+from torch import nn
 
 from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, NeighborStat, SchemaContext, hookimpl
 from mtcore.model.descriptor import Descriptor, StatSample
@@ -26,13 +26,13 @@ from mtcore.model.env import (
     accumulate_env_stats,
     env_rows,
     finalize_env_stats,
+    group_slices,
     padding_rows,
     select_pairs,
 )
 from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
 from mtcore.model.sel import resolve_sel
 from mtcore_builtins.descriptors._common import check_rcut, checked_sel, exclusion_matrix
-from mtcore_builtins.descriptors._stacked import StackedEmbeddingNets
 
 DOC = "Smooth two-body embedding of the radial environment (distances only)."
 #: DeePMD-kit's se_e2_r rescales its output by this constant (in the code, not in the docs).
@@ -75,20 +75,15 @@ class DescrptSeR(Descriptor):
         self.register_buffer("dstd", torch.ones(ntypes, 1, dtype=self.dtype))
         gen = new_generator(seed)
         nets = []
-        ngroups = ntypes if self.type_one_side else ntypes * ntypes
-        net_of_group = torch.zeros(ngroups, dtype=torch.long)
-        for group in range(ngroups):
+        groups: List[int] = []
+        for group in range(ntypes if self.type_one_side else ntypes * ntypes):
             if not self.type_one_side and bool(self.excluded[group // ntypes, group % ntypes]):
                 continue  # an excluded (centre, neighbour) pair has no net and contributes nothing
-            net_of_group[group] = len(nets)
             nets.append(EmbeddingNet(1, neuron, activation_function, resnet_dt, self.dtype, gen))
-        self.nets = StackedEmbeddingNets(nets, activation_function)
-        self.ngroups = ngroups
-        self.register_buffer("net_of_group", net_of_group)
-        # the net of each (centre type, neighbour type) and whether that pair interacts at all
-        ti, tj = torch.meshgrid(torch.arange(ntypes), torch.arange(ntypes), indexing="ij")
-        self.register_buffer("pair_net", net_of_group[tj if self.type_one_side else ti * ntypes + tj])
-        self.register_buffer("pair_allowed", (~self.excluded).to(self.dtype))
+            groups.append(group)
+        self.nets = nn.ModuleList(nets)
+        self.net_groups: List[int] = groups
+        self.ngroups = ntypes if self.type_one_side else ntypes * ntypes
         for p in self.parameters():
             p.requires_grad_(bool(trainable))
 
@@ -128,25 +123,34 @@ class DescrptSeR(Descriptor):
         self.davg.copy_(davg.to(self.dtype))
         self.dstd.copy_(dstd.to(self.dtype))
 
-    def _real_sum(self, s: torch.Tensor, group: torch.Tensor, center: torch.Tensor, natoms: int) -> torch.Tensor:
-        """Σ over each atom's real neighbours of G_j: [n, M]. The pairs of net g go to row block g
-        of one [G, rows, 1] input so that all nets run together."""
-        nets = int(self.net_of_group.max()) + 1
-        net = self.net_of_group.index_select(0, group)
-        rank = torch.nn.functional.one_hot(net, nets).cumsum(0).gather(1, net.unsqueeze(1)).squeeze(1) - 1
-        rows = max(1, int(rank.max()) + 1) if rank.numel() > 0 else 1
-        position = net * rows + rank
-        x = torch.zeros(nets * rows, 1, dtype=s.dtype, device=s.device).index_put((position,), s)
-        emb = self.nets(x.view(nets, rows, 1)).reshape(nets * rows, self.dim_emb).index_select(0, position)
-        return torch.zeros(natoms, self.dim_emb, dtype=s.dtype, device=s.device).index_add(0, center, emb)
+    def _real_sum(self, s: torch.Tensor, key: torch.Tensor, center: torch.Tensor, natoms: int) -> torch.Tensor:
+        """Σ over each atom's real neighbours of G_j: [n, M]; the nets run group by group."""
+        order, offsets = group_slices(key, self.ngroups)
+        s_sorted = s.index_select(0, order)
+        c_sorted = center.index_select(0, order)
+        out = torch.zeros(natoms, self.dim_emb, dtype=s.dtype, device=s.device)
+        for k, net in enumerate(self.nets):
+            g = self.net_groups[k]
+            lo, hi = offsets[g], offsets[g + 1]
+            if hi > lo:
+                out = out.index_add(0, c_sorted[lo:hi], net(s_sorted[lo:hi]))
+        return out
 
     def _padding_term(self, atype: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Σ over each atom's empty slots of G(-davg/dstd): [n, M]."""
-        pad = padding_rows(self.davg, self.dstd)  # [nt(ti), 1]
-        nets = int(self.net_of_group.max()) + 1
-        emb = self.nets(pad.unsqueeze(0).expand(nets, self.ntypes, 1))  # [G, nt(ti), M]: every net at every pad value
-        ti = torch.arange(self.ntypes, device=pad.device).unsqueeze(1).expand(self.ntypes, self.ntypes)
-        table = emb[self.pair_net, ti] * self.pair_allowed.unsqueeze(2)  # [nt(ti), nt(tj), M]
+        pad = padding_rows(self.davg, self.dstd)  # [nt, 1]
+        table = torch.zeros(self.ntypes, self.ntypes, self.dim_emb, dtype=self.dtype, device=pad.device)
+        for k, net in enumerate(self.nets):
+            g = self.net_groups[k]
+            if self.type_one_side:
+                value = net(pad) * (~self.excluded[:, g]).to(self.dtype).unsqueeze(1)  # [nt(ti), M]
+                table = table.index_put(
+                    (torch.arange(self.ntypes, device=pad.device), torch.full((self.ntypes,), g, device=pad.device)), value
+                )
+            else:
+                ti, tj = g // self.ntypes, g % self.ntypes
+                value = net(pad[ti : ti + 1])  # [1, M]
+                table = table.index_put((torch.tensor([ti], device=pad.device), torch.tensor([tj], device=pad.device)), value)
         empty = (self.sel.unsqueeze(0) - counts).to(self.dtype)  # [n, nt]
         return torch.bmm(empty.unsqueeze(1), table.index_select(0, atype)).squeeze(1)
 
@@ -164,8 +168,8 @@ class DescrptSeR(Descriptor):
         ti = atype.index_select(0, center)
         tj = atype.index_select(0, neighbor.index_select(0, keep))
         normed = (rows - self.davg.index_select(0, ti)) / self.dstd.index_select(0, ti)
-        group = tj if self.type_one_side else ti * self.ntypes + tj
-        total = self._real_sum(normed, group, center, natoms)
+        key = tj if self.type_one_side else ti * self.ntypes + tj
+        total = self._real_sum(normed, key, center, natoms)
         counts = torch.bincount(center * self.ntypes + tj, minlength=natoms * self.ntypes).view(natoms, self.ntypes)
         total = total + self._padding_term(atype, counts)
         return {"descriptor": total * self.scale}
