@@ -147,13 +147,13 @@ class Trainer:
         self.trained = config.trained_heads()
         self.weights = np.array([config.heads[h].weight for h in self.trained])
         self.weights = self.weights / self.weights.sum()
-        self.model.to(self.device)
         if restart is not None:
             self._load_restart(restart)
         elif init_model is not None:
             self._load_init_model(init_model, init_head)
         else:
             self._statistics()
+        self.model.to(self.device)  # statistics run on the CPU copies of the data
         self._make_optimizers()
         if restart is not None and "optimizers" in restart:
             for name, state in restart["optimizers"].items():
