@@ -177,6 +177,23 @@ def test_schema_defaults_and_aliases():
         assert d["type"] == "se_e3" and d["exclude_types"] == [] and "type_one_side" not in d
 
 
+@pytest.mark.parametrize("desc", [SE_R, SE_T, HYBRID], ids=["se_e2_r", "se_e3", "hybrid"])
+def test_seed_fixes_the_weights_and_trainable_false_freezes_them(desc):
+    def build(**changes):
+        d = copy.deepcopy(desc)
+        for m in d.get("list", [d]):
+            m.update(changes)
+        return build_descriptor(normalised(d), TYPE_MAP, get_registry())
+
+    a, b, c = build(), build(), build(seed=99)
+    for (key, x), y, z in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(x, y), key
+    assert any(not torch.equal(x, z) for x, z in zip(a.parameters(), c.parameters()))
+    assert all(p.requires_grad for p in a.parameters())
+    frozen = build(trainable=False)
+    assert len(list(frozen.parameters())) > 0 and not any(p.requires_grad for p in frozen.parameters())
+
+
 @pytest.mark.parametrize(
     "members, message",
     [([], "at least one"), ([{"type": "hybrid", "list": [SE_R]}], "hybrid"), ([dict(SE_R, axis_neuron=4)], "axis_neuron")],

@@ -14,6 +14,10 @@ normaliser 1/(sel_p·sel_q) counts every slot (DeePMD-kit's code). An empty slot
 nothing and are never computed. Only real neighbour pairs are: for p = q the sum is symmetric
 in (j, k), so it runs over j ≤ k with weight 2 off the diagonal, which halves those blocks.
 Excluded (centre, neighbour) type pairs are dropped like empty slots. No rotation matrix.
+
+Layout: per neighbour type, e sits in a zero-padded [atoms, largest count, 3] tensor; one batched
+matmul per block pair gives every θ_jk, of which only the real (j, k) pairs are gathered and fed
+to the net, and the weighted terms are summed per atom with one index_add.
 """
 
 from __future__ import annotations
@@ -123,7 +127,7 @@ class DescrptSeT(Descriptor):
         """The (j in block p, k in block q) pairs of real neighbours of every atom, as flat
         indices into an [n, mp, mq] layout; for p = q only j ≤ k, with weight 2 off the diagonal.
 
-        Returns (flat index, owner atom, weight), one entry per neighbour pair."""
+        Returns (flat index, owner atom, weight), one entry per neighbour pair (weight: p = q only)."""
         device = counts.device
         ar_p = torch.arange(mp, device=device)
         ar_q = torch.arange(mq, device=device)
@@ -134,12 +138,11 @@ class DescrptSeT(Descriptor):
             mask = mask & (ar_p.unsqueeze(1) <= ar_q.unsqueeze(0)).unsqueeze(0)
         flat = torch.nonzero(mask.reshape(-1)).squeeze(1)
         owner = torch.div(flat, mp * mq, rounding_mode="floor")
+        weight = torch.ones(0, dtype=torch.float64, device=device)  # p ≠ q: every pair counts once
         if p == q:
             rest = flat - owner * (mp * mq)
             j = torch.div(rest, mq, rounding_mode="floor")
             weight = 2.0 - (rest == j * (mq + 1)).to(torch.float64)  # k = rest - j·mq equals j
-        else:
-            weight = torch.ones(flat.shape[0], dtype=torch.float64, device=device)
         return flat, owner, weight
 
     def forward(
@@ -178,7 +181,10 @@ class DescrptSeT(Descriptor):
                 flat, owner, weight = self._block_pairs(counts, p, q, maxc[p], maxc[q])
                 theta = torch.bmm(blocks[p], blocks[q].transpose(1, 2)).reshape(-1).index_select(0, flat).unsqueeze(1)
                 emb = net(theta)  # [L, M]
-                factor = theta * (weight.to(self.dtype) * self.block_scale[b]).unsqueeze(1)
+                if p == q:
+                    factor = theta * (weight.to(self.dtype) * self.block_scale[b]).unsqueeze(1)
+                else:
+                    factor = theta * self.block_scale[b]
                 out = out.index_add(0, owner, factor * emb)
         return {"descriptor": out}
 
