@@ -13,6 +13,12 @@ import torch
 from helpers import ENER, SE_E2_A, model_with_stats, predict, random_rotation, small_input, water_frame
 
 DESCRIPTORS = {
+    # se_atten's non-smooth attention jumps at rcut as in DeePMD-kit (see test_se_atten.py): smooth variants here
+    "se_atten": {"type": "se_atten", "sel": 120, "neuron": [8, 16], "attn": 16, "attn_layer": 2, "axis_neuron": 4,
+                 "smooth_type_embdding": True, "seed": 1, "precision": "float64"},
+    "se_atten_v2_one_side_excl": {"type": "se_atten_v2", "sel": 120, "neuron": [8, 16], "attn": 16, "attn_layer": 1,
+                                  "axis_neuron": 4, "type_one_side": True, "exclude_types": [[0, 1]],
+                                  "attn_mask": True, "resnet_dt": True, "seed": 2, "precision": "float64"},
     "se_e2_r": {"type": "se_e2_r", "sel": [46, 92], "rcut": 6.0, "rcut_smth": 0.5, "neuron": [4, 8, 16], "seed": 1},
     "se_e2_r_one_side_excl": {"type": "se_r", "sel": [46, 92], "rcut": 6.0, "rcut_smth": 1.0, "neuron": [4, 8, 16],
                               "type_one_side": True, "exclude_types": [[0, 1]], "resnet_dt": True, "seed": 5},
