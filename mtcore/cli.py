@@ -109,13 +109,16 @@ def test_cmd(
     numb_test: int = typer.Option(0, "--numb-test", "-n", help="frames per system (0: all)"),
     head: Optional[str] = typer.Option(None, "--head", help="head of a united model"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    detail_file: Optional[Path] = typer.Option(
+        None, "--detail-file", "-d", help="write label and prediction side by side to PREFIX.e.out, .f.out, ... (as dp test -d)"
+    ),
 ) -> None:
     """Errors (MAE, RMSE) of a frozen model on labelled data."""
 
     def body():
         from mtcore.evaluate import run_test
 
-        results, combined = run_test(model, system, numb_test, head)
+        results, combined = run_test(model, system, numb_test, head, detail_file)
         if as_json:
             payload = {
                 "systems": [

@@ -4,6 +4,12 @@ Which quantities are compared comes from the frozen head's metadata (its fitting
 ``test_quantities``): energy (total and per atom), force, virial for energy heads; global and
 atomic tensors for tensor heads. Several systems are combined as DeePMD-kit does: MAE weighted
 by the number of values, RMSE as the root of the weighted mean square.
+
+With a detail prefix, label and prediction are written side by side as DeePMD-kit's ``dp test
+-d`` does (``PREFIX.e.out``, ``.e_peratom.out``, ``.f.out``, ``.v.out``, ``.v_peratom.out``;
+``PREFIX.out`` for a tensor's global label, ``PREFIX.atomic.out`` for its atomic label), one
+``# system: columns`` header per system. File names and columns come from the fitting's
+``TestQuantity`` entries.
 """
 
 from __future__ import annotations
@@ -74,22 +80,57 @@ def _selected_count(meta: dict, atype: np.ndarray) -> np.ndarray:
     return np.isin(atype, sel).sum(1)
 
 
-def test_system(pot: DeepPotential, path: Path, numb_test: int, chunk: int = 8) -> TestResult:
+class DetailWriter:
+    """Appends label/prediction columns per quantity; each file is started afresh by this run."""
+
+    def __init__(self, prefix: Path):
+        self.prefix = Path(prefix)
+        self.started: set[Path] = set()
+
+    def path(self, detail: str, per_atom: bool) -> Path:
+        suffix = (detail + ("_peratom" if per_atom else "")) if detail else ("peratom" if per_atom else "")
+        return self.prefix.with_name(self.prefix.name + (f".{suffix}" if suffix else "") + ".out")
+
+    def write(self, system: str, detail: str, columns: list, label: np.ndarray, pred: np.ndarray, per_atom: bool) -> None:
+        path = self.path(detail, per_atom)
+        names = list(columns) if columns else [str(i) for i in range(label.shape[1])]
+        header = f"{system}: " + " ".join([f"data_{c}" for c in names] + [f"pred_{c}" for c in names])
+        mode = "ab" if path in self.started else "wb"
+        self.started.add(path)
+        try:
+            with open(path, mode) as handle:
+                np.savetxt(handle, np.concatenate([label, pred], axis=1), header=header)
+        except OSError as exc:
+            raise MtcoreError(f"-d/--detail-file: cannot write {path}: {exc.strerror}") from None
+
+
+def _evaluate_frames(pot: DeepPotential, system, nframes: int, chunk: int) -> dict[str, np.ndarray]:
+    """Predictions for the first ``nframes`` frames, ``chunk`` at a time; frames whose atom
+    types differ (mixed-type data) are evaluated one by one."""
+    preds: dict[str, list] = {}
+    atypes = np.asarray(system.atypes)
+    for start in range(0, nframes, chunk):
+        stop = min(nframes, start + chunk)
+        if np.all(atypes[start:stop] == atypes[start]):
+            groups = [(start, stop)]
+        else:
+            groups = [(f, f + 1) for f in range(start, stop)]
+        for a, b in groups:
+            box = None if system.boxes is None else system.boxes[a:b]
+            out = pot.evaluate(system.coords[a:b], box, atypes[a])
+            for key, value in out.items():
+                preds.setdefault(key, []).append(value)
+    return {k: np.concatenate(v) for k, v in preds.items()}
+
+
+def test_system(
+    pot: DeepPotential, path: Path, numb_test: int, chunk: int = 8, details: Optional[DetailWriter] = None
+) -> TestResult:
     meta = pot.head_metadata
     system = load_system(path, pot.type_map, _requirements(meta), "set", get_registry())
     nframes = system.nframes if numb_test <= 0 else min(numb_test, system.nframes)
     result = TestResult(str(path), nframes)
-    preds: dict[str, list] = {}
-    for start in range(0, nframes, chunk):
-        stop = min(nframes, start + chunk)
-        box = None if system.boxes is None else system.boxes[start:stop]
-        types = np.asarray(system.atypes[start])
-        if np.any(np.asarray(system.atypes[start:stop]) != types):
-            raise MtcoreError(f"{path}: per-frame atom types (mixed-type data) are not supported by mtcore test yet")
-        out = pot.evaluate(system.coords[start:stop], box, types)
-        for key, value in out.items():
-            preds.setdefault(key, []).append(value)
-    pred = {k: np.concatenate(v) for k, v in preds.items()}
+    pred = _evaluate_frames(pot, system, nframes, chunk)
     natoms = system.natoms
     nsel = _selected_count(meta, np.asarray(system.atypes[:nframes]))
     for q in meta.get("test_quantities", []):
@@ -102,25 +143,36 @@ def test_system(pot: DeepPotential, path: Path, numb_test: int, chunk: int = 8) 
         value = pred[key].reshape(nframes, -1)
         if value.shape != label.shape:
             raise MtcoreError(f"{path}: {key} label has {label.shape[1]} values per frame, the model predicts {value.shape[1]}")
+        if q.get("atomic"):
+            label = label.reshape(nframes * natoms, -1)
+            value = value.reshape(nframes * natoms, -1)
+            if meta["output"].get("sel_types") is not None:
+                # a tensor head predicts (and v2 files label) only atoms of its sel_type: compare those
+                selected = np.isin(np.asarray(system.atypes[:nframes]), meta["output"]["sel_types"]).reshape(-1)
+                label, value = label[selected], value[selected]
         diff = value - label
-        if q.get("atomic") and meta["output"].get("sel_types") is not None:
-            # a tensor head predicts (and v2 files label) only atoms of its sel_type: compare those
-            selected = np.isin(np.asarray(system.atypes[:nframes]), meta["output"]["sel_types"])
-            diff = diff.reshape(nframes, natoms, -1)[selected]
         result.stats.setdefault(q["title"], ErrorStat()).add(diff)
+        detail = q.get("detail")
+        if details is not None and detail is not None:
+            details.write(str(path), detail, q.get("columns", []), label, value, per_atom=False)
         if q.get("per_atom"):
             norm = natoms if meta["output"]["conservative"] else nsel.reshape(-1, 1)
             result.stats.setdefault(q["title"] + "/atom", ErrorStat()).add(diff / norm)
+            if details is not None and detail is not None:
+                details.write(str(path), detail, q.get("columns", []), label / norm, value / norm, per_atom=True)
     return result
 
 
-def run_test(model: Path, systems: list[str], numb_test: int = 0, head: Optional[str] = None) -> tuple[list[TestResult], dict]:
+def run_test(
+    model: Path, systems: list[str], numb_test: int = 0, head: Optional[str] = None, detail_file: Optional[Path] = None
+) -> tuple[list[TestResult], dict]:
     pot = DeepPotential(model, head=head)
     registry = get_registry()
     paths: list[Path] = []
     for s in systems:
         paths.extend(expand_systems(s, registry, "-s/--system"))
-    results = [test_system(pot, p, numb_test) for p in paths]
+    details = DetailWriter(detail_file) if detail_file is not None else None
+    results = [test_system(pot, p, numb_test, details=details) for p in paths]
     combined: dict[str, ErrorStat] = {}
     for r in results:
         for title, stat in r.stats.items():

@@ -39,14 +39,42 @@ def test_train_freeze_test_show_list(tmp_path):
     assert report["systems"][0]["nframes"] == 3
     assert set(report["combined"]) >= {"Energy", "Energy/atom", "Force"}
     assert report["combined"]["Force"]["rmse"] >= report["combined"]["Force"]["mae"] > 0
-    table = run(["test", "-m", "model.pth", "-s", str(WATER / "data_3"), "-n", "2"], case)
+    two = ["test", "-m", "model.pth", "-s", str(WATER / "data_3"), "-s", str(WATER / "data_2"), "-n", "2"]
+    table = run(two + ["-d", "detail"], case)
     assert "Energy/atom" in table.stdout and "RMSE" in table.stdout
+    _check_detail_files(case, json.loads(run(two + ["--json"], case).stdout)["combined"])
     shown = run(["show", "model.ckpt.pt"], case)
     assert shown.returncode == 0 and "default" in shown.stdout and "se_e2_a" in shown.stdout
     plugins = run(["list-plugins"], case)
     assert plugins.returncode == 0 and "se_e2_a" in plugins.stdout and "deepmd/npy" in plugins.stdout
     restarted = run(["train", "--restart", "model.ckpt-3.pt"], case)
     assert restarted.returncode == 0, restarted.stderr
+
+
+def _check_detail_files(case: Path, report: dict) -> None:
+    """dp test -d layout: data columns then prediction columns, a '# system: ...' header per
+    system; the numbers reproduce the reported errors."""
+    import numpy as np
+
+    expected = {"e": 1, "e_peratom": 1, "f": 192}
+    for suffix, rows_per_frame in expected.items():
+        path = case / f"detail.{suffix}.out"
+        headers = [line for line in path.read_text().splitlines() if line.startswith("#")]
+        assert [h.split(":")[0] for h in headers] == [f"# {WATER / 'data_3'}", f"# {WATER / 'data_2'}"], suffix
+        table = np.loadtxt(path, ndmin=2)
+        assert table.shape[0] == 2 * 2 * rows_per_frame, suffix
+    header = (case / "detail.f.out").read_text().splitlines()[0]
+    assert header.endswith("data_fx data_fy data_fz pred_fx pred_fy pred_fz")
+    for suffix, title in (("f", "Force"), ("e", "Energy"), ("e_peratom", "Energy/atom")):
+        table = np.loadtxt(case / f"detail.{suffix}.out", ndmin=2)
+        half = table.shape[1] // 2
+        diff = table[:, half:] - table[:, :half]
+        assert np.sqrt(np.mean(diff**2)) == pytest.approx(report[title]["rmse"], rel=1e-6), title
+        assert np.mean(np.abs(diff)) == pytest.approx(report[title]["mae"], rel=1e-6), title
+    assert not (case / "detail.v.out").exists()  # the water data have no virial.npy
+    energy = np.loadtxt(case / "detail.e.out")
+    per_atom = np.loadtxt(case / "detail.e_peratom.out")
+    np.testing.assert_allclose(per_atom, energy / 192, rtol=1e-12)
 
 
 def _bad_system(tmp_path: Path, kind: str) -> str:

@@ -280,6 +280,21 @@ def test_mixed_type_data_trains_with_per_frame_types(tmp_path):
     trainer.run()
     rows = lcurve_rows(tmp_path / "lcurve.out")
     assert rows[-1][3] < 0.5 * rows[0][3], rows  # rmse_e_val
+    # mtcore test reads mixed-type systems: the shuffled frames give data_0's errors
+    from typer.testing import CliRunner
+
+    from mtcore.cli import app
+
+    frozen = tmp_path / "model.pth"
+    result = CliRunner().invoke(app, ["freeze", "-c", str(tmp_path / "model.ckpt-20.pt"), "-o", str(frozen)])
+    assert result.exit_code == 0, result.output
+    errors = {}
+    for name, path in (("mixed", system), ("plain", WATER / "data_0")):
+        result = CliRunner().invoke(app, ["test", "-m", str(frozen), "-s", str(path), "-n", "12", "--json"])
+        assert result.exit_code == 0, result.output
+        errors[name] = json.loads(result.stdout)["combined"]
+    for title in ("Energy", "Force"):
+        assert errors["mixed"][title]["rmse"] == pytest.approx(errors["plain"][title]["rmse"], rel=1e-8), title
 
 
 def energy_rmse(trainer, head: str = "default", nframes: int = 6) -> float:

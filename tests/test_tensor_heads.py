@@ -510,6 +510,27 @@ def test_mtcore_test_reports_dipole_errors(frozen):
     assert errors["Atomic dipole"]["mae"] == pytest.approx(np.mean(np.abs(diff)), rel=1e-9)
 
 
+def test_mtcore_test_detail_files_for_a_dipole_head(frozen, tmp_path):
+    from mtcore.cli import app
+
+    _, files, _ = frozen
+    atomic = TENSOR / "dipole" / "validation_data" / "atomic_system"
+    glob = atomic.parent / "global_system"
+    prefix = tmp_path / "dip"
+    args = ["test", "-m", str(files["dipole"]), "-s", str(atomic), "-s", str(glob), "-n", "3"]
+    result = CliRunner().invoke(app, args + ["-d", str(prefix)])
+    assert result.exit_code == 0, result.output
+    errors = json.loads(CliRunner().invoke(app, args + ["--json"]).stdout)["combined"]
+    nsel = int((np.asarray(load(atomic).atypes[0]) == 0).sum())
+    atomic_rows = np.loadtxt(tmp_path / "dip.atomic.out")
+    assert atomic_rows.shape == (3 * nsel, 6)  # one row per selected (O) atom
+    assert (tmp_path / "dip.atomic.out").read_text().splitlines()[0].endswith("data_x data_y data_z pred_x pred_y pred_z")
+    for name, title in (("dip.atomic.out", "Atomic dipole"), ("dip.out", "Dipole"), ("dip.peratom.out", "Dipole/atom")):
+        table = np.loadtxt(tmp_path / name, ndmin=2)
+        diff = table[:, 3:] - table[:, :3]
+        assert np.sqrt(np.mean(diff**2)) == pytest.approx(errors[title]["rmse"], rel=1e-6), title
+
+
 # ---------------------------------------------------------------------------------------------
 # a tensor head needs a rotation matrix
 # ---------------------------------------------------------------------------------------------

@@ -41,6 +41,11 @@ class TestQuantity:
     atomic: bool = False
     #: only for periodic systems (virials)
     periodic_only: bool = False
+    #: ``mtcore test -d PREFIX`` writes ``PREFIX.<detail>.out`` (``PREFIX.out`` for ""; None: no
+    #: file), columns data_<c>… then pred_<c>… for c in ``columns``; with ``per_atom`` also
+    #: ``PREFIX.<detail>_peratom.out`` (DeePMD-kit's names: e, f, v)
+    detail: Optional[str] = None
+    columns: tuple[str, ...] = ()
 
 
 class Fitting(nn.Module):

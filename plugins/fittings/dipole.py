@@ -38,7 +38,11 @@ class DipoleFitting(TensorFitting):
         return OutputDef("dipole", 3, "dipole", "atomic_dipole", sel_types=tuple(self.sel_types))
 
     def test_quantities(self) -> list[TestQuantity]:
-        return [TestQuantity("Dipole", "dipole", per_atom=True), TestQuantity("Atomic dipole", "atomic_dipole", atomic=True)]
+        xyz = ("x", "y", "z")
+        return [
+            TestQuantity("Dipole", "dipole", per_atom=True, detail="", columns=xyz),
+            TestQuantity("Atomic dipole", "atomic_dipole", atomic=True, detail="atomic", columns=xyz),
+        ]
 
     def forward(self, descriptor: Dict[str, torch.Tensor], atype: torch.Tensor) -> torch.Tensor:
         f = self._fit(descriptor, atype)  # [n, M]

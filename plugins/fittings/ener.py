@@ -141,9 +141,10 @@ class EnerFitting(Fitting):
 
     def test_quantities(self) -> list[TestQuantity]:
         return [
-            TestQuantity("Energy", "energy", per_atom=True),
-            TestQuantity("Force", "force", atomic=True),
-            TestQuantity("Virial", "virial", per_atom=True, periodic_only=True),
+            TestQuantity("Energy", "energy", per_atom=True, detail="e", columns=("e",)),
+            TestQuantity("Force", "force", atomic=True, detail="f", columns=("fx", "fy", "fz")),
+            TestQuantity("Virial", "virial", per_atom=True, periodic_only=True, detail="v",
+                         columns=tuple("v" + a + b for a in "xyz" for b in "xyz")),
         ]
 
     @torch.jit.unused

@@ -38,6 +38,7 @@ DOC = "Atomic polarizabilities s·QᵀBQ + c·I (B from the net, Q the descripto
 #: As for dipole heads: v2 has no usable default loss (spec D6); mtcore weights both labels 1.
 DEFAULT_LOSS = {"type": "tensor", "pref": 1.0, "pref_atomic": 1.0}
 GLOBAL, ATOMIC = "polarizability", "atomic_polarizability"
+TENSOR_COLUMNS = tuple(a + b for a in "xyz" for b in "xyz")
 
 
 def per_type_scale(scale: Union[float, int, List[float]], sel_types: List[int], ntypes: int, head: str) -> List[float]:
@@ -94,8 +95,8 @@ class PolarFitting(TensorFitting):
 
     def test_quantities(self) -> list[TestQuantity]:
         return [
-            TestQuantity("Polarizability", GLOBAL, per_atom=True),
-            TestQuantity("Atomic polarizability", ATOMIC, atomic=True),
+            TestQuantity("Polarizability", GLOBAL, per_atom=True, detail="", columns=TENSOR_COLUMNS),
+            TestQuantity("Atomic polarizability", ATOMIC, atomic=True, detail="atomic", columns=TENSOR_COLUMNS),
         ]
 
     def shift_equations(self, samples: list) -> tuple[np.ndarray, np.ndarray]:
