@@ -96,6 +96,10 @@ def _bad_system(tmp_path: Path, kind: str) -> str:
         ("missing_folder", r"training/training_data/systems: .*nowhere: folder not found"),
         ("natoms", r"coord.npy: has 576 values per frame but type.raw lists 3 atoms"),
         ("element", r"type_map.raw: element 'C' is not in the model's type_map"),
+        ("negative_width", r"model/descriptor: cannot build a 'se_e2_a' from these settings: neuron: .*-50"),
+        ("zero_fitting_width", r"model/fitting_net: cannot build a 'ener' from these settings: neuron: .*got 0"),
+        ("negative_rcut", r"model/descriptor/rcut: must be a positive distance, got -1.0"),
+        ("axis_neuron", r"model/descriptor/axis_neuron: 1000 must be between 1 and the last neuron"),
     ],
 )
 def test_bad_input_gives_one_line_and_non_zero_exit(tmp_path, case, expected):
@@ -108,6 +112,14 @@ def test_bad_input_gives_one_line_and_non_zero_exit(tmp_path, case, expected):
         doc["training"]["numb_steps"] = "many"
     if case == "missing_folder":
         doc["training"]["training_data"]["systems"] = [str(tmp_path / "nowhere")]
+    if case == "negative_width":
+        doc["model"]["descriptor"]["neuron"] = [4, -50]
+    if case == "zero_fitting_width":
+        doc["model"]["fitting_net"]["neuron"] = [8, 0]
+    if case == "negative_rcut":
+        doc["model"]["descriptor"].update(rcut=-1.0, rcut_smth=-2.0, sel="auto")
+    if case == "axis_neuron":
+        doc["model"]["descriptor"]["axis_neuron"] = 1000
     if case in ("natoms", "element"):
         doc["training"]["training_data"]["systems"] = [_bad_system(tmp_path, case)]
     path = write_input(tmp_path, doc)

@@ -76,6 +76,8 @@ def pooled_neighbor_stat(systems: list[SystemData], ntypes: int) -> NeighborStat
     computed: dict[float, tuple[list, int, float]] = {}
 
     def counts(rcut: float) -> tuple[list, int, float]:
+        if not rcut > 0:
+            raise MtcoreError(f"model/descriptor/rcut: must be a positive distance, got {rcut}")
         if rcut not in computed:
             per_type = np.zeros(ntypes, dtype=np.int64)
             total, mind = 0, np.inf

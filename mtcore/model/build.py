@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 from mtcore.config import RunConfig
 from mtcore.data.requirements import DataRequirement, merge_requirements
@@ -36,18 +37,36 @@ def update_sel(config: RunConfig, stat: NeighborStat, registry: Optional[Registr
         config.model["descriptor"] = registration.update_sel(params, stat)
 
 
+@contextmanager
+def _settings_errors(where: str, kind: str) -> Iterator[None]:
+    """A plugin that fails on settings the schema let through (a negative width, say) gives one
+    line naming the input section instead of a traceback from inside torch."""
+    try:
+        yield
+    except MtcoreError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise MtcoreError(f"{where}: cannot build a '{kind}' from these settings: {detail}") from None
+
+
 def build_model(config: RunConfig, registry: Optional[Registry] = None) -> MultiHeadModel:
     registry = registry or get_registry()
     type_map = config.type_map
     if not type_map:
         raise MtcoreError("model/type_map: needed to build the model")
-    descriptor = build_descriptor(config.model["descriptor"], type_map, registry, config.model.get("type_embedding"))
+    params = config.model["descriptor"]
+    with _settings_errors("model/descriptor", params.get("type", "")):
+        descriptor = build_descriptor(params, type_map, registry, config.model.get("type_embedding"))
+    if not descriptor.get_rcut() > 0:
+        raise MtcoreError(f"model/descriptor/rcut: must be positive, got {descriptor.get_rcut()}")
     manager = SharedLayerManager()
     heads = {}
     for name, head in config.heads.items():
         registration = registry.get("fitting_net", head.fitting.get("type", "ener"))
         where = f"model/fitting_net_dict/{name}" if config.multi_task else "model/fitting_net"
-        fitting = registration.build(head.fitting, FittingContext(name, type_map, descriptor, manager))
+        with _settings_errors(where, registration.name):
+            fitting = registration.build(head.fitting, FittingContext(name, type_map, descriptor, manager))
         if fitting.needs_rot_mat() and descriptor.get_dim_rot() == 0:
             raise MtcoreError(
                 f"{where}: a '{registration.name}' head needs a descriptor with a rotation matrix "

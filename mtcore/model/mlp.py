@@ -73,6 +73,8 @@ class Dense(nn.Module):
         bias_mean: float = 0.0,
     ):
         super().__init__()
+        if int(n_out) < 1:
+            raise ValueError(f"neuron: layer widths must be positive integers, got {n_out}")
         self.n_in, self.n_out = n_in, n_out
         std = 1.0 / (n_in + n_out) ** 0.5
         self.weight = nn.Parameter(torch.randn(n_in, n_out, generator=generator, dtype=torch.float64).mul_(std).to(dtype))

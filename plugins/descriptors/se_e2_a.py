@@ -18,6 +18,7 @@ import torch
 from dargs import Argument
 from torch import nn
 
+from mtcore.errors import MtcoreError
 from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, NeighborStat, SchemaContext, hookimpl
 from mtcore.model.descriptor import Descriptor, StatSample
 from mtcore.model.env import (
@@ -72,6 +73,10 @@ class DescrptSeA(Descriptor):
         self.nnei = sum(self.sel_list)
         self.axis_neuron = int(axis_neuron)
         self.dim_emb = neuron[-1]
+        if self.dim_emb > 0 and not 0 < self.axis_neuron <= self.dim_emb:
+            raise MtcoreError(f"model/descriptor/axis_neuron: {axis_neuron} must be between 1 and the last neuron ({self.dim_emb})")
+        if rcut_smth > rcut:
+            raise MtcoreError(f"model/descriptor: rcut_smth ({rcut_smth}) should be no more than rcut ({rcut})")
         self.type_one_side = bool(type_one_side)
         self.set_davg_zero = bool(set_davg_zero)
         self.dtype = dtype_of(precision)
