@@ -70,6 +70,8 @@ def _requirements(meta: dict) -> list[DataRequirement]:
             reqs[key] = DataRequirement(key, output["size"], atomic=True, sel_types=sel)
         else:
             reqs[key] = DataRequirement(key, output["size"] if key != "energy" else 1)
+    for item in meta.get("inputs", []):  # fparam / aparam: model inputs read from the data
+        reqs[item["key"]] = DataRequirement(item["key"], int(item["ndof"]), atomic=bool(item["atomic"]), must=True)
     return list(reqs.values())
 
 
@@ -117,7 +119,8 @@ def _evaluate_frames(pot: DeepPotential, system, nframes: int, chunk: int) -> di
             groups = [(f, f + 1) for f in range(start, stop)]
         for a, b in groups:
             box = None if system.boxes is None else system.boxes[a:b]
-            out = pot.evaluate(system.coords[a:b], box, atypes[a])
+            params = {k: system.labels[k][a:b] for k in ("fparam", "aparam") if k in system.labels}
+            out = pot.evaluate(system.coords[a:b], box, atypes[a], **params)
             for key, value in out.items():
                 preds.setdefault(key, []).append(value)
     return {k: np.concatenate(v) for k, v in preds.items()}

@@ -65,6 +65,7 @@ def head_metadata(model: MultiHeadModel, document: dict, head: str, multi_task: 
         "test_quantities": [q.__dict__ for q in fitting.test_quantities()],
         "label_requirements": [dict(r.__dict__, sel_types=list(r.sel_types) if r.sel_types is not None else None)
                                for r in fitting.stat_requirements()],
+        "inputs": [{"key": r.key, "ndof": r.ndof, "atomic": r.atomic} for r in fitting.input_requirements()],
         "descriptor": document["model"]["descriptor"],
         "config": single_task_document(document, head) if multi_task else document,
     }

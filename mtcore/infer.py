@@ -68,18 +68,48 @@ class DeepPotential:
             raise MtcoreError(f"atypes: type indices must lie in 0..{len(self.type_map) - 1} ({self.type_map})")
         return torch.as_tensor(array).reshape(np.shape(atypes) if not isinstance(atypes, list) else (-1,))
 
-    def evaluate(self, coords, box, atypes, virial: bool = True) -> dict[str, np.ndarray]:
+    @property
+    def numb_fparam(self) -> int:
+        return sum(int(i["ndof"]) for i in self.head_metadata.get("inputs", []) if i["key"] == "fparam")
+
+    @property
+    def numb_aparam(self) -> int:
+        return sum(int(i["ndof"]) for i in self.head_metadata.get("inputs", []) if i["key"] == "aparam")
+
+    def _parameters(self, name: str, values, size: int, nframes: int, natoms: int) -> Optional[torch.Tensor]:
+        """fparam [nf] or [B, nf]; aparam [N, na] or [B, N, na] (flat forms accepted), broadcast
+        over frames when given once."""
+        if size == 0:
+            if values is not None:
+                raise MtcoreError(f"{name}: this model takes no {name}")
+            return None
+        if values is None:
+            raise MtcoreError(f"{name}: this model needs {name} ({size} per {'frame' if name == 'fparam' else 'atom'})")
+        array = np.asarray(values, dtype=np.float64)
+        per_frame = size if name == "fparam" else natoms * size
+        if array.size == per_frame:
+            array = np.broadcast_to(array.reshape(1, per_frame), (nframes, per_frame))
+        elif array.size != nframes * per_frame:
+            raise MtcoreError(f"{name}: has {array.size} values; expected {per_frame} per frame for {nframes} frame(s)")
+        shape = (nframes, size) if name == "fparam" else (nframes, natoms, size)
+        return torch.as_tensor(np.ascontiguousarray(array).reshape(shape))
+
+    def evaluate(self, coords, box, atypes, virial: bool = True, fparam=None, aparam=None) -> dict[str, np.ndarray]:
         """coords [N,3] / [B,N,3] / [B,3N] (Å); box None, [3,3], [9], [B,9] or [B,3,3]; atypes [N]
-        (type indices or element names). Returns numpy arrays with a leading frame axis."""
+        (type indices or element names); fparam / aparam for a model trained with them. Returns
+        numpy arrays with a leading frame axis."""
         coord = torch.as_tensor(np.asarray(coords, dtype=np.float64))
         types = self._types(atypes)
         natoms = types.shape[-1]
         coord = coord.reshape(-1, natoms, 3)
+        nframes = coord.shape[0]
         cell = None if box is None else torch.as_tensor(np.asarray(box, dtype=np.float64)).reshape(-1, 3, 3)
+        fp = self._parameters("fparam", fparam, self.numb_fparam, nframes, natoms)
+        ap = self._parameters("aparam", aparam, self.numb_aparam, nframes, natoms)
         if self.united:
-            out = self.module(coord, types, cell, self.head, virial)
+            out = self.module(coord, types, cell, self.head, virial, fp, ap)
         else:
-            out = self.module(coord, types, cell, virial)
+            out = self.module(coord, types, cell, virial, fp, ap)
         return {k: v.cpu().numpy() for k, v in out.items()}
 
 

@@ -88,4 +88,7 @@ def build_losses(config: RunConfig, model: MultiHeadModel, registry: Optional[Re
 
 def head_requirements(model: MultiHeadModel, loss: Loss, head: str) -> list[DataRequirement]:
     """What this head's data must provide: its loss's labels plus its fitting's statistics labels."""
-    return merge_requirements(list(loss.requirements()) + list(model.heads[head].stat_requirements()))
+    fitting = model.heads[head]
+    return merge_requirements(
+        list(loss.requirements()) + list(fitting.stat_requirements()) + list(fitting.input_requirements())
+    )

@@ -65,6 +65,12 @@ class Fitting(nn.Module):
         """Labels :meth:`compute_output_stats` reads (loaded for this head's data)."""
         return []
 
+    def input_requirements(self) -> list[DataRequirement]:
+        """Per-frame / per-atom inputs read from the data and passed to :meth:`forward` in the
+        descriptor dict under the same key (``fparam`` [atoms, n] repeated per atom, ``aparam``
+        [atoms, n]); a frozen model takes them as arguments. Only ``fparam`` and ``aparam``."""
+        return []
+
     def compute_output_stats(self, samples: list) -> None:
         """Initialise output biases from this head's training frames (a list of StatSample)."""
 

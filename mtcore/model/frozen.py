@@ -2,7 +2,8 @@
 
 A frozen model holds the descriptor, one head's fitting net and the plain-torch neighbour-list
 builder; ``forward(coord, atype, box=None)`` takes coordinates [N,3] or [B,N,3], types [N] or
-[B,N] and an optional cell ([3,3], [9], [B,3,3] or [B,9]) and returns ``energy``, ``force``,
+[B,N] and an optional cell ([3,3], [9], [B,3,3] or [B,9]) (and ``fparam`` [B, nf], ``aparam``
+[B, N, na] for a head trained with frame/atomic parameters) and returns ``energy``, ``force``,
 ``virial``, ``atom_energy`` for energy heads, or the global and atomic tensors for tensor heads.
 The united model holds every head and takes the head's name as an argument.
 """
@@ -17,6 +18,7 @@ from torch import nn
 from mtcore.model.descriptor import Descriptor
 from mtcore.model.fitting import Fitting
 from mtcore.model.geometry import finish_outputs, prepare_geometry
+from mtcore.model.model import with_parameters
 from mtcore.model.neighbor_list import build_neighbor_list
 
 
@@ -90,7 +92,13 @@ class FrozenModel(nn.Module):
         return self.metadata
 
     def forward(
-        self, coord: torch.Tensor, atype: torch.Tensor, box: Optional[torch.Tensor] = None, do_virial: bool = True
+        self,
+        coord: torch.Tensor,
+        atype: torch.Tensor,
+        box: Optional[torch.Tensor] = None,
+        do_virial: bool = True,
+        fparam: Optional[torch.Tensor] = None,
+        aparam: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         coord, atype, box = _frames(coord, atype, box)
         nframes, natoms = atype.shape[0], atype.shape[1]
@@ -99,7 +107,7 @@ class FrozenModel(nn.Module):
         want_virial = self.conservative and do_virial
         flat, shift, leaf, strain = prepare_geometry(coord, box, center, image, want_grad, want_virial)
         atype_flat = atype.reshape(-1)
-        desc = self.descriptor(flat, atype_flat, center, neighbor, shift)
+        desc = with_parameters(self.descriptor(flat, atype_flat, center, neighbor, shift), nframes, natoms, fparam, aparam)
         atomic = self.fitting(desc, atype_flat)
         out = finish_outputs(
             atomic, nframes, natoms, self.global_key, self.atomic_key, self.conservative, leaf, strain,
@@ -144,7 +152,14 @@ class UnitedModel(nn.Module):
         return self.metadata
 
     def forward(
-        self, coord: torch.Tensor, atype: torch.Tensor, box: Optional[torch.Tensor] = None, head: str = "", do_virial: bool = True
+        self,
+        coord: torch.Tensor,
+        atype: torch.Tensor,
+        box: Optional[torch.Tensor] = None,
+        head: str = "",
+        do_virial: bool = True,
+        fparam: Optional[torch.Tensor] = None,
+        aparam: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         if head not in self.head_names:
             raise RuntimeError("unknown head '" + head + "'; heads: " + ", ".join(self.head_names))
@@ -155,7 +170,7 @@ class UnitedModel(nn.Module):
         want_virial = conservative and do_virial
         flat, shift, leaf, strain = prepare_geometry(coord, box, center, image, conservative, want_virial)
         atype_flat = atype.reshape(-1)
-        desc = self.descriptor(flat, atype_flat, center, neighbor, shift)
+        desc = with_parameters(self.descriptor(flat, atype_flat, center, neighbor, shift), nframes, natoms, fparam, aparam)
         atomic = torch.zeros(0)
         for name, fitting in self.heads.items():
             if name == head:

@@ -15,6 +15,24 @@ from mtcore.model.fitting import Fitting
 from mtcore.model.geometry import finish_outputs, prepare_geometry
 
 
+def with_parameters(
+    desc: Dict[str, torch.Tensor], nframes: int, natoms: int, fparam: Optional[torch.Tensor], aparam: Optional[torch.Tensor]
+) -> Dict[str, torch.Tensor]:
+    """The descriptor dict plus frame parameters (repeated per atom) and atomic parameters, flat
+    over the B·N atoms, for fitting nets that take them."""
+    if fparam is None and aparam is None:
+        return desc
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in desc.items():
+        out[key] = value
+    if fparam is not None:
+        f = fparam.reshape(nframes, 1, -1).to(torch.float64)  # [B, nf]
+        out["fparam"] = f.expand(nframes, natoms, f.shape[2]).reshape(nframes * natoms, -1)
+    if aparam is not None:
+        out["aparam"] = aparam.reshape(nframes * natoms, -1).to(torch.float64)
+    return out
+
+
 class MultiHeadModel(nn.Module):
     """Descriptor + named heads. ``shared_layers`` owns the layers heads share by ``layer_name``."""
 
@@ -56,8 +74,11 @@ class MultiHeadModel(nn.Module):
         want_force: bool = True,
         want_virial: bool = False,
         create_graph: bool = False,
+        fparam: Optional[torch.Tensor] = None,
+        aparam: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
-        """Predictions of ``head`` for B frames of N atoms: coord [B,N,3], atype [B,N], box [B,3,3]."""
+        """Predictions of ``head`` for B frames of N atoms: coord [B,N,3], atype [B,N], box [B,3,3];
+        fparam [B, nf] and aparam [B, N, na] for heads that take them."""
         fitting = self.heads[head]
         odef = fitting.output_def()
         nframes, natoms = atype.shape
@@ -66,7 +87,7 @@ class MultiHeadModel(nn.Module):
             coord, box, center, image, conservative and (want_force or want_virial), conservative and want_virial
         )
         atype_flat = atype.reshape(-1)
-        desc = self.descriptor(flat, atype_flat, center, neighbor, shift)
+        desc = with_parameters(self.descriptor(flat, atype_flat, center, neighbor, shift), nframes, natoms, fparam, aparam)
         atomic = fitting(desc, atype_flat)
         return finish_outputs(
             atomic,

@@ -48,6 +48,7 @@ def model_inputs(batch: Batch, device: torch.device) -> dict:
         "center": batch.center.to(device),
         "neighbor": batch.neighbor.to(device),
         "image": batch.image.to(device),
+        **{k: batch.labels[k].to(device) for k in ("fparam", "aparam") if k in batch.labels},
     }
 
 

@@ -87,10 +87,18 @@ class EnerFitting(Fitting):
     ):
         super().__init__()
         neuron = list(neuron or [120, 120, 120])
-        if numb_fparam or numb_aparam:
-            raise MtcoreError(
-                f"fitting net '{head}': numb_fparam/numb_aparam > 0 (frame/atomic parameters) are not supported yet"
-            )
+        if numb_fparam < 0 or numb_aparam < 0:
+            raise MtcoreError(f"fitting net '{head}': numb_fparam and numb_aparam must be non-negative")
+        if use_aparam_as_mask:
+            raise MtcoreError(f"fitting net '{head}': use_aparam_as_mask is not supported yet")
+        self.numb_fparam = int(numb_fparam)
+        self.numb_aparam = int(numb_aparam)
+        self.dim_descrpt = int(dim_descrpt)
+        # inputs are normalised by the training data's mean and 1/std (set by compute_output_stats)
+        self.register_buffer("fparam_avg", torch.zeros(self.numb_fparam, dtype=torch.float64))
+        self.register_buffer("fparam_inv_std", torch.ones(self.numb_fparam, dtype=torch.float64))
+        self.register_buffer("aparam_avg", torch.zeros(self.numb_aparam, dtype=torch.float64))
+        self.register_buffer("aparam_inv_std", torch.ones(self.numb_aparam, dtype=torch.float64))
         self.ntypes = ntypes
         self.rcond = rcond
         self.dtype = dtype_of(precision)
@@ -98,7 +106,7 @@ class EnerFitting(Fitting):
         names = SharedLayerManager.check_layer_name(layer_name, neuron, head)
         trainable_layers = self._trainable_list(trainable, len(neuron), head)
         gen = new_generator(seed)
-        n_in = dim_descrpt + dim_type_embedding
+        n_in = dim_descrpt + self.numb_fparam + self.numb_aparam + dim_type_embedding
         nets = []
         for t in range(1 if dim_type_embedding else ntypes):
             suffix = "" if dim_type_embedding else f"/type_{t}"
@@ -139,6 +147,14 @@ class EnerFitting(Fitting):
     def stat_requirements(self) -> list[DataRequirement]:
         return [DataRequirement("energy", 1)]
 
+    def input_requirements(self) -> list[DataRequirement]:
+        reqs = []
+        if self.numb_fparam > 0:
+            reqs.append(DataRequirement("fparam", self.numb_fparam, must=True))
+        if self.numb_aparam > 0:
+            reqs.append(DataRequirement("aparam", self.numb_aparam, atomic=True, must=True))
+        return reqs
+
     def test_quantities(self) -> list[TestQuantity]:
         return [
             TestQuantity("Energy", "energy", per_atom=True, detail="e", columns=("e",)),
@@ -149,6 +165,16 @@ class EnerFitting(Fitting):
 
     @torch.jit.unused
     def compute_output_stats(self, samples: list) -> None:
+        for key, size, avg, inv_std in (
+            ("fparam", self.numb_fparam, self.fparam_avg, self.fparam_inv_std),
+            ("aparam", self.numb_aparam, self.aparam_avg, self.aparam_inv_std),
+        ):
+            if size > 0:
+                values = torch.cat([s.labels[key].reshape(-1, size).to(torch.float64) for s in samples])
+                std = values.std(0, unbiased=False)
+                avg.copy_(values.mean(0))
+                # DeePMD-kit's rule: a (nearly) constant parameter is only shifted, not scaled
+                inv_std.copy_(torch.where(std < 1e-2, torch.ones_like(std), 1.0 / std))
         counts, means = system_means(samples, "energy", self.ntypes)
         if counts.shape[0] == 0:
             warnings.warn("no energy labels in the statistics frames: bias_atom_e stays 0", stacklevel=2)
@@ -158,10 +184,23 @@ class EnerFitting(Fitting):
         self.bias_atom_e.copy_(torch.as_tensor(bias, dtype=torch.float64))
 
     def _net_input(self, descriptor: Dict[str, torch.Tensor]) -> torch.Tensor:
-        x = descriptor["descriptor"].to(self.dtype)
+        """[descriptor, normalised fparam, normalised aparam, type embedding] per atom."""
+        parts = [descriptor["descriptor"].to(self.dtype)]
+        if self.numb_fparam > 0:
+            if "fparam" not in descriptor:
+                raise RuntimeError("this model needs frame parameters (fparam, " + str(self.numb_fparam) + " per frame)")
+            parts.append(((descriptor["fparam"] - self.fparam_avg) * self.fparam_inv_std).to(self.dtype))
+        if self.numb_aparam > 0:
+            if "aparam" not in descriptor:
+                raise RuntimeError("this model needs atomic parameters (aparam, " + str(self.numb_aparam) + " per atom)")
+            parts.append(((descriptor["aparam"] - self.aparam_avg) * self.aparam_inv_std).to(self.dtype))
         if self.dim_type_embedding > 0:
-            x = torch.cat([x, descriptor["type_embedding"].to(self.dtype)], dim=1)
-        return x
+            parts.append(descriptor["type_embedding"].to(self.dtype))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def _isolated(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of an isolated atom: descriptor part zero, parameters and type embedding kept."""
+        return torch.cat([torch.zeros_like(x[:, : self.dim_descrpt]), x[:, self.dim_descrpt :]], dim=1)
 
     def forward(self, descriptor: Dict[str, torch.Tensor], atype: torch.Tensor) -> torch.Tensor:
         x = self._net_input(descriptor)
@@ -169,9 +208,7 @@ class EnerFitting(Fitting):
             net = self.nets[0]
             out = net(x)
             if self.has_atom_ener:
-                # the energy of an isolated atom: descriptor part zero, type embedding kept
-                width = x.shape[1] - self.dim_type_embedding
-                isolated = torch.cat([torch.zeros_like(x[:, :width]), x[:, width:]], dim=1)
+                isolated = self._isolated(x)
                 mask = self.atom_ener_mask.index_select(0, atype).to(self.dtype).unsqueeze(1)
                 out = out - net(isolated) * mask
         else:
@@ -179,17 +216,18 @@ class EnerFitting(Fitting):
             for t, net in enumerate(self.nets):
                 idx = torch.nonzero(atype == t).squeeze(1)
                 if idx.numel() > 0:
-                    y = net(x.index_select(0, idx))
+                    xt = x.index_select(0, idx)
+                    y = net(xt)
                     if self.has_atom_ener and bool(self.atom_ener_mask[t]):
-                        y = y - net(torch.zeros(1, x.shape[1], dtype=x.dtype, device=x.device))
+                        y = y - net(self._isolated(xt))
                     out = out.index_put((idx,), y)
         return out.to(torch.float64) + self.bias_atom_e.index_select(0, atype).unsqueeze(1)
 
 
 def arguments(ctx: SchemaContext) -> list[Argument]:
     return [
-        Argument("numb_fparam", int, optional=True, default=0, doc="frame parameters per frame (not supported yet)"),
-        Argument("numb_aparam", int, optional=True, default=0, doc="atomic parameters per atom (not supported yet)"),
+        Argument("numb_fparam", int, optional=True, default=0, doc="frame parameters per frame (fparam.npy), fitting input"),
+        Argument("numb_aparam", int, optional=True, default=0, doc="atomic parameters per atom (aparam.npy), fitting input"),
         Argument("neuron", list, optional=True, default=[120, 120, 120], alias=["n_neuron"], doc="hidden widths"),
         Argument("activation_function", str, optional=True, default="tanh"),
         Argument("precision", str, optional=True, default="default"),
