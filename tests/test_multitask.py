@@ -224,3 +224,29 @@ def test_cli_errors_exit_non_zero(tmp_path):
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == ["error: training/fitting_weight: key(s) 'dft' are not heads; heads in model/fitting_net_dict: ccsd, wb97m"]
+
+
+def test_plan_table_says_who_is_drawn_how_often_and_what_is_shared(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from mtcore.config import load_config
+    from mtcore.train.trainer import Trainer
+
+    from mtcore.train.plan import plan_table
+
+    doc = multi_task_input(tmp_path, numb_steps=400, weights={"ccsd": 3, "wb97m": 1})
+    trainer = Trainer(load_config(write_input(tmp_path, doc)), tmp_path, Console(file=io.StringIO()))
+    out = io.StringIO()
+    Console(file=out, width=250).print(plan_table(trainer, trainer.bias_source))  # what run() prints first
+    text = out.getvalue()
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines()
+            if line.startswith("│")}
+    frames = {h: sum(s.nframes for s in trainer.heads[h].train.systems) for h in ("ccsd", "wb97m")}
+    for head, share in (("ccsd", 0.75), ("wb97m", 0.25)):
+        row = rows[head]
+        assert row[2] == f"{100 * share:.1f}%"
+        assert float(row[4]) == pytest.approx(400 * share * 1 / frames[head], abs=0.0051)  # batch_size 1
+        assert row[7] == "l0, l2" and row[8] == "own training data"
+    assert "shared fitting layers" in text and "descriptor se_e2_a" in text

@@ -37,6 +37,7 @@ from mtcore.train.checkpoint import FORMAT, CheckpointManager
 from mtcore.train.display import TrainingDisplay
 from mtcore.train.lcurve import LcurveWriter
 from mtcore.train.lr import ExpDecay
+from mtcore.train.plan import plan_table
 
 
 def model_inputs(batch: Batch, device: torch.device) -> dict:
@@ -150,10 +151,16 @@ class Trainer:
         self.weights = self.weights / self.weights.sum()
         if restart is not None:
             self._load_restart(restart)
+            self.bias_source = {h: "restart checkpoint" for h in self.trained}
         elif init_model is not None:
             self._load_init_model(init_model, init_head)
+            self.bias_source = {
+                h: f"--init-model head '{self.init_mapping[h]}'" if h in self.init_mapping else "own training data"
+                for h in self.trained
+            }
         else:
             self._statistics()
+            self.bias_source = {h: "own training data" for h in self.trained}
         self.model.to(self.device)  # statistics run on the CPU copies of the data
         self._make_optimizers()
         if restart is not None and "optimizers" in restart:
@@ -375,6 +382,7 @@ class Trainer:
             h: (self.heads[h].loss.metric_names(), self.heads[h].valid is not None) for h in self.trained
         }
         lcurve = LcurveWriter(lcurve_path, columns, self.config.multi_task, append=appending) if show else None
+        self.console.print(plan_table(self, self.bias_source))
         timings: list[float] = []
         last_saved = -1
         stop = _StopOnInterrupt()

@@ -1,0 +1,77 @@
+"""The pre-flight plan printed before training: what is shared, what each head trains on, how
+often it is drawn and how many epochs of its data that makes, and where its output bias comes
+from. Users of other multi-head codes have to ask these questions in issue trackers; here the
+run answers them before the first step."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+from rich.table import Table
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mtcore.data.dataset import DataSet
+    from mtcore.train.trainer import Trainer
+
+
+def _count(params) -> tuple[int, int]:
+    """(all, trainable) numbers of values."""
+    params = list(params)
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def _fmt_count(total: int, trainable: int) -> str:
+    return f"{total:,}" if total == trainable else f"{total:,} ({trainable:,} trainable)"
+
+
+def expected_epochs(data: "DataSet", steps: float) -> float:
+    """Frames drawn over ``steps`` draws of this data set, over its frame count."""
+    frames = sum(s.nframes for s in data.systems)
+    per_draw = float(np.dot(np.asarray(data.probs, dtype=np.float64), np.asarray(data.batch_sizes, dtype=np.float64)))
+    return steps * per_draw / max(frames, 1)
+
+
+def _data(data: Optional["DataSet"]) -> str:
+    if data is None:
+        return "-"
+    frames = sum(s.nframes for s in data.systems)
+    return f"{len(data.systems)} sys, {frames} frames"
+
+
+def plan_table(trainer: "Trainer", bias_source: dict[str, str]) -> Table:
+    model, config = trainer.model, trainer.config
+    shared_ids = {id(p) for p in model.shared_layers.parameters()}
+    descriptor = config.model["descriptor"]
+    total, trainable = _count(model.descriptor.parameters())
+    title = (
+        f"{trainer.numb_steps} steps from step {trainer.step} · descriptor {descriptor['type']} "
+        f"(rcut {model.rcut:g}, {_fmt_count(total, trainable)} parameters, shared by every head)"
+    )
+    if len(model.shared_layers) > 0:
+        shared_total, shared_trainable = _count(model.shared_layers.parameters())
+        title += f" · shared fitting layers: {_fmt_count(shared_total, shared_trainable)} parameters"
+    table = Table(title=title)
+    for column in ("head", "fitting", "drawn", "training data", "epochs", "validation", "own parameters",
+                   "shared layers", "output bias"):
+        table.add_column(column, justify="right" if column in ("drawn", "epochs") else "left")
+    probability = dict(zip(trainer.trained, trainer.weights))
+    remaining = max(trainer.numb_steps - trainer.step, 0)
+    for name, head in config.heads.items():
+        runtime = trainer.heads[name]
+        own = [p for p in model.heads[name].parameters() if id(p) not in shared_ids]
+        shared = sorted({key.split("/")[0] for key, users in model.shared_users.items() if name in users})
+        p = float(probability.get(name, 0.0))
+        trained = name in probability
+        table.add_row(
+            name,
+            str(head.fitting.get("type", "ener")),
+            f"{100 * p:.1f}%" if trained else "not trained",
+            _data(runtime.train),
+            f"{expected_epochs(runtime.train, remaining * p):.2f}" if trained and runtime.train is not None else "-",
+            _data(runtime.valid),
+            _fmt_count(*_count(own)),
+            ", ".join(shared) or "-",
+            bias_source.get(name, "-"),
+        )
+    return table
