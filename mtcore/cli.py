@@ -105,7 +105,10 @@ def freeze(
 @app.command("test")
 def test_cmd(
     model: Path = typer.Option(Path("frozen_model.pth"), "--model", "-m", help="frozen model file"),
-    system: List[str] = typer.Option(["."], "--system", "-s", help="system folder(s), or a folder searched for systems"),
+    system: List[str] = typer.Option([], "--system", "-s", help="system folder(s), or a folder searched for systems (default .)"),
+    datafile: Optional[Path] = typer.Option(None, "--datafile", "-f", help="a text file listing system folders, one per line"),
+    set_prefix: str = typer.Option("set", "--set-prefix", "-S", help="prefix of the set folders"),
+    all_sets: bool = typer.Option(False, "--all-sets", help="test every set folder, not only the last one (dp test's choice)"),
     numb_test: int = typer.Option(0, "--numb-test", "-n", help="frames per system (0: all)"),
     head: Optional[str] = typer.Option(None, "--head", help="head of a united model"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
@@ -118,7 +121,14 @@ def test_cmd(
     def body():
         from mtcore.evaluate import run_test
 
-        results, combined = run_test(model, system, numb_test, head, detail_file)
+        systems = list(system)
+        if datafile is not None:
+            try:
+                listed = [line.strip() for line in datafile.read_text().splitlines() if line.strip()]
+            except OSError as exc:
+                raise MtcoreError(f"-f/--datafile {datafile}: cannot read ({exc.strerror})") from None
+            systems += listed  # relative to the working folder, as dp test reads them
+        results, combined = run_test(model, systems or ["."], numb_test, head, detail_file, all_sets, set_prefix)
         if as_json:
             payload = {
                 "systems": [

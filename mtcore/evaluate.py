@@ -127,10 +127,20 @@ def _evaluate_frames(pot: DeepPotential, system, nframes: int, chunk: int) -> di
 
 
 def test_system(
-    pot: DeepPotential, path: Path, numb_test: int, chunk: int = 8, details: Optional[DetailWriter] = None
+    pot: DeepPotential,
+    path: Path,
+    numb_test: int,
+    chunk: int = 8,
+    details: Optional[DetailWriter] = None,
+    all_sets: bool = False,
+    set_prefix: str = "set",
 ) -> TestResult:
+    """Errors on one system: its last set folder, as ``dp test`` does (every set with ``all_sets``),
+    the first ``numb_test`` frames of it (all for 0)."""
     meta = pot.head_metadata
-    system = load_system(path, pot.type_map, _requirements(meta), "set", get_registry())
+    system = load_system(path, pot.type_map, _requirements(meta), set_prefix, get_registry())
+    if not all_sets:
+        system = system.last_set()
     nframes = system.nframes if numb_test <= 0 else min(numb_test, system.nframes)
     result = TestResult(str(path), nframes)
     pred = _evaluate_frames(pot, system, nframes, chunk)
@@ -167,7 +177,13 @@ def test_system(
 
 
 def run_test(
-    model: Path, systems: list[str], numb_test: int = 0, head: Optional[str] = None, detail_file: Optional[Path] = None
+    model: Path,
+    systems: list[str],
+    numb_test: int = 0,
+    head: Optional[str] = None,
+    detail_file: Optional[Path] = None,
+    all_sets: bool = False,
+    set_prefix: str = "set",
 ) -> tuple[list[TestResult], dict]:
     pot = DeepPotential(model, head=head)
     registry = get_registry()
@@ -175,7 +191,7 @@ def run_test(
     for s in systems:
         paths.extend(expand_systems(s, registry, "-s/--system"))
     details = DetailWriter(detail_file) if detail_file is not None else None
-    results = [test_system(pot, p, numb_test, details=details) for p in paths]
+    results = [test_system(pot, p, numb_test, details=details, all_sets=all_sets, set_prefix=set_prefix) for p in paths]
     combined: dict[str, ErrorStat] = {}
     for r in results:
         for title, stat in r.stats.items():

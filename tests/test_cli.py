@@ -43,12 +43,38 @@ def test_train_freeze_test_show_list(tmp_path):
     table = run(two + ["-d", "detail"], case)
     assert "Energy/atom" in table.stdout and "RMSE" in table.stdout
     _check_detail_files(case, json.loads(run(two + ["--json"], case).stdout)["combined"])
+    _check_last_set_and_datafile(case)
     shown = run(["show", "model.ckpt.pt"], case)
     assert shown.returncode == 0 and "default" in shown.stdout and "se_e2_a" in shown.stdout
     plugins = run(["list-plugins"], case)
     assert plugins.returncode == 0 and "se_e2_a" in plugins.stdout and "deepmd/npy" in plugins.stdout
     restarted = run(["train", "--restart", "model.ckpt-3.pt"], case)
     assert restarted.returncode == 0, restarted.stderr
+
+
+def _check_last_set_and_datafile(case: Path) -> None:
+    """dp test's choices: only the last set folder is tested (--all-sets for every one); -f lists
+    the systems in a file."""
+    import numpy as np
+
+    split = case / "split"
+    shutil.copytree(WATER / "data_3", split)
+    first, second = split / "set.000", split / "set.001"
+    second.mkdir()
+    for npy in first.glob("*.npy"):
+        values = np.load(npy)
+        np.save(first / npy.name, values[:3])
+        np.save(second / npy.name, values[3:5])
+    (case / "systems.txt").write_text("split\n")
+    reports = {}
+    for name, extra in (("last", []), ("all", ["--all-sets"])):
+        result = run(["test", "-m", "model.pth", "-f", "systems.txt", "--json"] + extra, case)
+        assert result.returncode == 0, result.stderr
+        reports[name] = json.loads(result.stdout)
+    assert reports["last"]["systems"][0]["nframes"] == 2 and reports["all"]["systems"][0]["nframes"] == 5
+    only_second = json.loads(run(["test", "-m", "model.pth", "-s", "split", "-n", "5", "--all-sets", "--json"], case).stdout)
+    assert only_second["combined"]["Force"]["rmse"] == reports["all"]["combined"]["Force"]["rmse"]
+    assert reports["last"]["combined"]["Force"]["rmse"] != reports["all"]["combined"]["Force"]["rmse"]
 
 
 def _check_detail_files(case: Path, report: dict) -> None:

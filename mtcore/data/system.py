@@ -40,5 +40,19 @@ class SystemData:
     def periodic(self) -> bool:
         return self.boxes is not None
 
+    def last_set(self) -> "SystemData":
+        """The frames of the last set folder only (what ``dp test`` evaluates)."""
+        if len(self.set_sizes) <= 1:
+            return self
+        start = sum(self.set_sizes[:-1])
+        return SystemData(
+            path=self.path,
+            atypes=self.atypes[start:],
+            coords=self.coords[start:],
+            boxes=None if self.boxes is None else self.boxes[start:],
+            labels={k: v[start:] for k, v in self.labels.items()},
+            set_sizes=[self.set_sizes[-1]],
+        )
+
     def has(self, key: str) -> bool:
         return key in self.labels
