@@ -1,4 +1,4 @@
-"""Small checks and tables shared by the built-in se_e2_r and se_e3 descriptors.
+"""Small checks and tables shared by the built-in descriptors (se_e2_r, se_e3, se_atten).
 
 Kept apart from the descriptor modules so that no plugin module imports another plugin module.
 """

@@ -64,6 +64,7 @@ from mtcore.model.env import (
 )
 from mtcore.model.mlp import Dense, EmbeddingNet, dtype_of, new_generator
 from mtcore.model.sel import resolve_sel
+from mtcore_builtins.descriptors._common import exclusion_matrix as type_pair_exclusions
 
 DOC = "DPA-1: type-embedded smooth embedding with self-attention over the neighbours (mixed types)."
 DOC_V2 = "se_atten with stripped and smooth type embedding (set_davg_zero false by default)."
@@ -82,15 +83,8 @@ AUTO_TYPE_EMBEDDING = {
 def exclusion_matrix(ntypes: int, exclude_types: list) -> torch.Tensor:
     """[ntypes+1, ntypes+1] table of pairs that do not interact; the extra type (virtual atoms,
     type -1 mapped to ntypes) interacts with nothing."""
-    excluded = torch.zeros(ntypes + 1, ntypes + 1, dtype=torch.bool)
-    excluded[ntypes, :] = True
-    excluded[:, ntypes] = True
-    for pair in exclude_types:
-        if len(pair) != 2 or not all(0 <= int(t) < ntypes for t in pair):
-            raise MtcoreError(f"model/descriptor/exclude_types: {pair} is not a pair of type indices below {ntypes}")
-        a, b = int(pair[0]), int(pair[1])
-        excluded[a, b] = True
-        excluded[b, a] = True
+    excluded = torch.ones(ntypes + 1, ntypes + 1, dtype=torch.bool)
+    excluded[:ntypes, :ntypes] = type_pair_exclusions(ntypes, exclude_types)
     return excluded
 
 

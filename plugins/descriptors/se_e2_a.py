@@ -33,17 +33,9 @@ from mtcore.model.env import (
 )
 from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
 from mtcore.model.sel import resolve_sel
+from mtcore_builtins.descriptors._common import check_rcut, exclusion_matrix
 
 DOC = "Smooth two-body embedding of the full (radial and angular) environment matrix."
-
-
-def exclusion_matrix(ntypes: int, exclude_types: list) -> torch.Tensor:
-    excluded = torch.zeros(ntypes, ntypes, dtype=torch.bool)
-    for pair in exclude_types:
-        a, b = int(pair[0]), int(pair[1])
-        excluded[a, b] = True
-        excluded[b, a] = True
-    return excluded
 
 
 class DescrptSeA(Descriptor):
@@ -75,8 +67,7 @@ class DescrptSeA(Descriptor):
         self.dim_emb = neuron[-1]
         if self.dim_emb > 0 and not 0 < self.axis_neuron <= self.dim_emb:
             raise MtcoreError(f"model/descriptor/axis_neuron: {axis_neuron} must be between 1 and the last neuron ({self.dim_emb})")
-        if rcut_smth > rcut:
-            raise MtcoreError(f"model/descriptor: rcut_smth ({rcut_smth}) should be no more than rcut ({rcut})")
+        check_rcut(rcut, rcut_smth, "model/descriptor")
         self.type_one_side = bool(type_one_side)
         self.set_davg_zero = bool(set_davg_zero)
         self.dtype = dtype_of(precision)
