@@ -138,7 +138,10 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print JSON lines")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", file=sys.stderr)
+    from mtcore.runtime import tune_allocator
+
+    tuned = tune_allocator()  # as the CLI does (MTCORE_KEEP_MALLOC=1 to measure without)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, allocator tuned: {tuned}", file=sys.stderr)
     for case in find_cases(args.case):
         name = str(case.parent.relative_to(ROOT / "examples")) if ROOT / "examples" in case.parents else str(case)
         with tempfile.TemporaryDirectory() as tmp:

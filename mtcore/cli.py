@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mtcore.errors import MtcoreError
+from mtcore.runtime import tune_allocator
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Multi-task training of deep potential models.")
 console = Console()
@@ -31,6 +32,7 @@ def _run(func, *args, **kwargs):
     """Run a command body: MtcoreError → one line and exit 1; warnings → one line each."""
     previous = warnings.showwarning
     warnings.showwarning = _show_warning
+    tune_allocator()  # reuse freed tensor memory instead of page-faulting fresh pages each step
     try:
         return func(*args, **kwargs)
     except MtcoreError as exc:
