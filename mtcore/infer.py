@@ -1,7 +1,8 @@
 """The Python inference API: ``mtcore.infer.load(path).evaluate(coords, box, atypes)``.
 
 Frozen files are TorchScript; this wrapper reads their metadata, maps element names to type
-indices and returns numpy arrays. A united file needs ``head=``.
+indices and returns numpy arrays. A united file needs ``head=``. A training checkpoint is taken
+too (a multi-task one with ``head=``), evaluated exactly as its frozen head would be.
 """
 
 from __future__ import annotations
@@ -18,6 +19,38 @@ from mtcore.errors import MtcoreError
 from mtcore.freeze import METADATA_FILE
 
 
+def _is_checkpoint(path: Path) -> bool:
+    """A torch pickle (zip with data.pkl) rather than a TorchScript archive."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") for name in archive.namelist()) and not any(
+                name.endswith("/constants.pkl") for name in archive.namelist()
+            )
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _from_checkpoint(path: Path, head: Optional[str], device: str):
+    """Evaluate a training checkpoint directly (one head, un-scripted), as ``dp test`` takes a
+    checkpoint: the same module and metadata freezing that head would write."""
+    from mtcore.freeze import head_metadata, model_from_checkpoint
+    from mtcore.model.frozen import FrozenModel
+    from mtcore.train.checkpoint import load_checkpoint
+
+    model, document, multi = model_from_checkpoint(load_checkpoint(path))
+    heads = list(model.heads)
+    if multi and head is None:
+        raise MtcoreError(f"{path}: a multi-task checkpoint; choose a head with --head (one of {', '.join(heads)})")
+    if head is not None and head not in heads:
+        raise MtcoreError(f"{path}: no head '{head}'; heads: {', '.join(heads)}")
+    name = head or heads[0]
+    meta = head_metadata(model, document, name, multi)
+    module = FrozenModel(model.descriptor, model.heads[name], model.type_map, name, json.dumps(meta)).to(device)
+    return module, meta
+
+
 class DeepPotential:
     """A frozen model (one head, or a united model with ``head`` chosen)."""
 
@@ -30,9 +63,11 @@ class DeepPotential:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript: see mtcore.freeze
                 self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+            self.metadata = json.loads(extra[METADATA_FILE] or "{}")
         except Exception as exc:  # noqa: BLE001
-            raise MtcoreError(f"{path}: not a frozen mtcore model ({type(exc).__name__})") from None
-        self.metadata = json.loads(extra[METADATA_FILE] or "{}")
+            if not _is_checkpoint(path):
+                raise MtcoreError(f"{path}: neither a frozen mtcore model nor a checkpoint ({type(exc).__name__})") from None
+            self.module, self.metadata = _from_checkpoint(path, head, device)
         self.united = self.metadata.get("kind") == "united"
         if self.united:
             heads = list(self.metadata["heads"])

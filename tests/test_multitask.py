@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from helpers import ENER, WATER, multi_task_input, predict, small_input, water_frame, write_input
 from mtcore import infer
+from mtcore.cli import app
 from mtcore.config import load_config, normalize
 from mtcore.errors import MtcoreError
 from mtcore.freeze import freeze
@@ -120,13 +123,22 @@ def test_frozen_heads_equal_the_in_memory_model(trained, tmp_path):
     coord, atype, box = water_frame(5, "data_3")
     for head in ("ccsd", "wb97m"):
         ref = predict(model, head, coord, atype, box)
-        for pot in (infer.load(tmp_path / f"graph_{head}.pth"), infer.load(united, head=head)):
+        checkpoint = infer.load(workdir / "model.ckpt.pt", head=head)  # dp test takes a checkpoint too
+        for pot in (infer.load(tmp_path / f"graph_{head}.pth"), infer.load(united, head=head), checkpoint):
             out = pot.evaluate(coord.numpy(), box.numpy(), atype.numpy())
             assert np.allclose(out["energy"], ref["energy"].detach().numpy().reshape(-1), atol=1e-10, rtol=0)
             assert np.allclose(out["force"], ref["force"].detach().numpy(), atol=1e-10, rtol=0)
             assert np.allclose(out["virial"], ref["virial"].detach().numpy(), atol=1e-10, rtol=0)
         meta = infer.load(tmp_path / f"graph_{head}.pth").metadata
         assert meta["head"] == head and "fitting_net" in meta["config"]["model"]  # single-task form
+    with pytest.raises(MtcoreError, match="multi-task checkpoint; choose a head"):
+        infer.load(workdir / "model.ckpt.pt")
+    result = CliRunner().invoke(app, ["test", "-m", str(workdir / "model.ckpt.pt"), "--head", "wb97m", "-s",
+                                      str(WATER / "data_3"), "-n", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    frozen = CliRunner().invoke(app, ["test", "-m", str(tmp_path / "graph_wb97m.pth"), "-s", str(WATER / "data_3"),
+                                      "-n", "2", "--json"])
+    assert json.loads(result.stdout)["combined"] == json.loads(frozen.stdout)["combined"]
     only = freeze(state, tmp_path / "one.pth", head="wb97m")
     assert [p.name for p in only] == ["one.pth"]
     with pytest.raises(MtcoreError, match="not a head"):
