@@ -36,6 +36,12 @@ def _image_range(box: torch.Tensor, rcut: float) -> torch.Tensor:
     return torch.stack([grid[0].reshape(-1), grid[1].reshape(-1), grid[2].reshape(-1)], dim=1)
 
 
+def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a_i - b_k|² for every pair, [len(a), len(b)], without a [len(a), len(b), 3] temporary."""
+    d2 = (a * a).sum(1).unsqueeze(1) + (b * b).sum(1).unsqueeze(0) - 2.0 * (a @ b.t())
+    return d2.clamp_min(0.0)
+
+
 def sort_neighbor_list(
     center: torch.Tensor, neighbor: torch.Tensor, image: torch.Tensor, dist: torch.Tensor, atype: torch.Tensor, ntypes: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,7 +60,8 @@ def build_neighbor_list(
 
     Periodic images of every atom are included (also of the centre itself), so cells smaller
     than 2·rcut work. Coordinates need not be wrapped into the cell. Cost is O(n²) in time and
-    is chunked over centres to bound memory.
+    is chunked over centres to bound memory; distances come from one matmul per chunk, and the
+    pairs it finds near rcut are checked again with exact differences.
     """
     n = coord.shape[0]
     device = coord.device
@@ -81,20 +88,22 @@ def build_neighbor_list(
     rc2 = rcut * rcut
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        diff = cand.unsqueeze(0) - wrapped[start:stop].unsqueeze(1)
-        d2 = (diff * diff).sum(-1)
-        hits = torch.nonzero(d2 < rc2)
+        # candidates by the fast (matmul) distances with a margin, then the exact test on those
+        rough = _squared_distances(wrapped[start:stop], cand)
+        hits = torch.nonzero(rough < rc2 * (1.0 + 1e-8) + 1e-8)
         ii, kk = hits[:, 0], hits[:, 1]
+        gi = ii + start
+        diff = cand.index_select(0, kk) - wrapped.index_select(0, gi)
+        d2 = (diff * diff).sum(1)
         img = kk // n
         jj = kk - img * n
-        gi = ii + start
-        real = ~((jj == gi) & (img == zero_image))
-        ii, gi, jj, img = ii[real], gi[real], jj[real], img[real]
+        real = (d2 < rc2) & ~((jj == gi) & (img == zero_image))
+        gi, jj, img, d2 = gi[real], jj[real], img[real], d2[real]
         centers.append(gi)
         neighbors.append(jj)
         # image in the frame of the unwrapped input coordinates
         image_rows.append(images[img] + cell_of[gi] - cell_of[jj])
-        dists.append(torch.sqrt(d2[ii, kk[real]]))
+        dists.append(torch.sqrt(d2))
     center = torch.cat(centers)
     neighbor = torch.cat(neighbors)
     image = torch.cat(image_rows)
