@@ -58,10 +58,20 @@ def test_statistics_normalise_the_parameters(tmp_path):
     temperature = np.load(tmp_path / "data_0_fparam" / "set.000" / "fparam.npy")
     frames = trainer.heads["default"].train.systems[0].labels["fparam"]
     assert np.allclose(np.sort(frames.reshape(-1)), np.sort(temperature.reshape(-1)))
-    # statistics come from the sampled statistics frames: their mean and 1/std
-    assert 0.5 < float(fitting.fparam_avg[0]) < 1.5
-    assert 1.0 / float(fitting.fparam_inv_std[0]) == pytest.approx(temperature.std(), rel=0.5)
-    assert fitting.aparam_avg.shape == (2,) and float(fitting.aparam_inv_std.min()) > 0.5
+    # the statistics are the mean and 1/std of the given frames' parameters
+    samples = [b.stat_sample() for b in trainer.heads["default"].train.stat_batches(3, np.random.default_rng(0))]
+    fitting.compute_output_stats(samples)
+    fp = np.concatenate([s.labels["fparam"].numpy().reshape(-1, 1) for s in samples])
+    ap = np.concatenate([s.labels["aparam"].numpy().reshape(-1, 2) for s in samples])
+    np.testing.assert_allclose(fitting.fparam_avg.numpy(), fp.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(fitting.fparam_inv_std.numpy(), 1.0 / fp.std(0), rtol=1e-12)
+    np.testing.assert_allclose(fitting.aparam_avg.numpy(), ap.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(fitting.aparam_inv_std.numpy(), 1.0 / ap.std(0), rtol=1e-12)
+    # a (nearly) constant parameter is only shifted, not scaled up (DeePMD-kit's std < 1e-2 rule)
+    for s in samples:
+        s.labels["fparam"] = torch.full_like(s.labels["fparam"], 0.7)
+    fitting.compute_output_stats(samples)
+    assert float(fitting.fparam_avg[0]) == pytest.approx(0.7) and float(fitting.fparam_inv_std[0]) == 1.0
 
 
 def test_energy_depends_on_the_parameters_and_forces_stay_gradients(tmp_path):

@@ -24,7 +24,6 @@ SE_ATTEN = {"type": "se_atten", "sel": 120, "rcut": 6.0, "rcut_smth": 0.5, "neur
             "attn": 16, "attn_layer": 2, "seed": 1, "precision": "float64"}
 SMALL_FIT = {"type": "ener", "neuron": [16, 16], "seed": 2, "precision": "float64"}
 EXAMPLES = ROOT / "tests" / "data" / "deepmd-v2.2.9"  # DeePMD-kit v2.2.9 example inputs, byte for byte
-needs_examples = pytest.mark.skipif(not EXAMPLES.is_dir(), reason="DeePMD-kit v2.2.9 example inputs not available")
 
 VARIANTS = {
     # set_davg_zero false everywhere so that empty slots carry a non-zero row
@@ -338,7 +337,6 @@ def test_two_heads_learn_with_a_shared_se_atten(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-@needs_examples
 @pytest.mark.parametrize("name", ["water_se_atten.json", "water_se_atten_compressible.json",
                                   "water_se_atten_dpa1_compat.json"])
 def test_deepmd_v2_examples_normalise_and_build(name, tmp_path):
@@ -361,7 +359,6 @@ def test_unknown_key_is_named():
         normalize(doc, Path("."), get_registry())
 
 
-@needs_examples
 def test_example_input_is_the_v2_example_with_fewer_steps():
     ours = json.loads((ROOT / "examples" / "water" / "se_atten" / "input.json").read_text())
     theirs = json.loads((EXAMPLES / "water_se_atten.json").read_text())

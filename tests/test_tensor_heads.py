@@ -125,10 +125,6 @@ OTHER_ROT_DESCRIPTORS = {
 @pytest.mark.parametrize("fitting", [DIPOLE, dict(POLAR, fit_diag=False)], ids=["dipole", "polar"])
 def test_rotation_covariance_with_other_descriptors(descriptor, fitting):
     params = OTHER_ROT_DESCRIPTORS[descriptor]
-    needed = {params["type"]} | {m["type"] for m in params.get("list", [])}
-    missing = needed - set(get_registry().names("descriptor"))
-    if missing:
-        pytest.skip(f"descriptor(s) {sorted(missing)} not registered")
     doc = tensor_input(fitting, kind_of(fitting))
     doc["model"]["descriptor"] = copy.deepcopy(params)
     model, _ = model_with_stats(doc, nbatch=1)
@@ -559,8 +555,6 @@ def _registry_with_fake_descriptor() -> Registry:
 @pytest.mark.parametrize("fitting", [DIPOLE, POLAR], ids=["dipole", "polar"])
 def test_tensor_head_without_rotation_matrix_is_a_clear_error(descriptor, fitting):
     registry = _registry_with_fake_descriptor()
-    if descriptor not in registry.names("descriptor"):
-        pytest.skip(f"descriptor {descriptor} is not registered")
     params = {"type": descriptor} if descriptor == "no_rotation" else {"type": descriptor, "sel": [46, 92], "neuron": [4, 8]}
     doc = tensor_input(fitting, kind_of(fitting))
     doc["model"]["descriptor"] = params

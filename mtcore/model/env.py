@@ -11,7 +11,7 @@ contribution analytically instead of computing on padding.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 
@@ -63,6 +63,31 @@ def env_rows(rij: torch.Tensor, r: torch.Tensor, rcut_smth: float, rcut: float, 
     if radial:
         return s
     return torch.cat([s, s * rij / r.unsqueeze(1)], dim=1)
+
+
+def kept_rows(
+    coord: torch.Tensor,
+    atype: torch.Tensor,
+    center: torch.Tensor,
+    neighbor: torch.Tensor,
+    shift: torch.Tensor,
+    rcut: float,
+    rcut_smth: float,
+    sel: torch.Tensor,
+    excluded: torch.Tensor,
+    ntypes: int,
+    mixed: bool,
+    radial: bool,
+    dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The pairs a descriptor keeps (:func:`select_pairs`) and their un-normalised rows in
+    ``dtype``: the first step of every se_* descriptor, in training and in statistics alike."""
+    rij = coord.index_select(0, neighbor) - coord.index_select(0, center) + shift
+    r = torch.linalg.vector_norm(rij, dim=1)
+    keep = select_pairs(center, neighbor, atype, r, rcut, sel, excluded, coord.shape[0], ntypes, mixed)
+    rij = rij.index_select(0, keep).to(dtype)
+    r = r.index_select(0, keep).to(dtype)
+    return keep, env_rows(rij, r, rcut_smth, rcut, radial)
 
 
 def padding_rows(davg: torch.Tensor, dstd: torch.Tensor) -> torch.Tensor:
@@ -135,3 +160,26 @@ def finalize_env_stats(
     if set_davg_zero:
         davg = torch.zeros_like(davg)
     return davg, dstd
+
+
+def env_statistics(
+    samples: list,
+    rows_of: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
+    ntypes: int,
+    nnei: int,
+    rcut: float,
+    radial: bool,
+    set_davg_zero: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """davg, dstd from statistics frames (``StatSample``): ``rows_of(coord, atype, center,
+    neighbor, shift)`` gives a descriptor's kept pairs and rows; every centre of a real type
+    (0 ≤ t < ntypes) counts ``nnei`` slots."""
+    sums = torch.zeros(ntypes, 4, dtype=torch.float64)
+    slots = torch.zeros(ntypes, dtype=torch.float64)
+    with torch.no_grad():
+        for s in samples:
+            keep, rows = rows_of(s.coord, s.atype, s.center, s.neighbor, s.shift)
+            sums += accumulate_env_stats(rows, s.atype[s.center[keep]], ntypes)
+            real = s.atype[(s.atype >= 0) & (s.atype < ntypes)]
+            slots += torch.bincount(real, minlength=ntypes).to(torch.float64) * nnei
+    return finalize_env_stats(sums, slots, rcut, radial, set_davg_zero)

@@ -10,6 +10,8 @@ from typing import List, Union
 import torch
 
 from mtcore.errors import MtcoreError
+from mtcore.hookspecs import NeighborStat
+from mtcore.model.sel import resolve_sel
 
 
 def exclusion_matrix(ntypes: int, exclude_types: list) -> torch.Tensor:
@@ -37,3 +39,10 @@ def checked_sel(sel: Union[list, int, str], ntypes: int, name: str) -> List[int]
 def check_rcut(rcut: float, rcut_smth: float, name: str) -> None:
     if rcut_smth > rcut:
         raise MtcoreError(f"{name}: rcut_smth ({rcut_smth}) should be no more than rcut ({rcut})")
+
+
+def update_sel_per_type(params: dict, stat: NeighborStat) -> dict:
+    """``sel: "auto"`` resolved per neighbour type from the pooled neighbour statistics."""
+    out = dict(params)
+    out["sel"] = resolve_sel(params["sel"], params["rcut"], stat, stat.ntypes, False, "model/descriptor")
+    return out

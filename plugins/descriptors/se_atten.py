@@ -53,15 +53,7 @@ from torch import nn
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, NeighborStat, SchemaContext, hookimpl
 from mtcore.model.descriptor import Descriptor, StatSample
-from mtcore.model.env import (
-    accumulate_env_stats,
-    env_rows,
-    finalize_env_stats,
-    padded_positions,
-    padding_rows,
-    scatter_padded,
-    select_pairs,
-)
+from mtcore.model.env import env_statistics, kept_rows, padded_positions, padding_rows, scatter_padded
 from mtcore.model.mlp import Dense, EmbeddingNet, dtype_of, new_generator
 from mtcore.model.sel import resolve_sel
 from mtcore_builtins.descriptors._common import exclusion_matrix as type_pair_exclusions
@@ -248,36 +240,20 @@ class DescrptSeAtten(Descriptor):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Kept pairs (nearest sel of any type, exclusions and virtual atoms removed) and their
         un-normalised rows; ``atype`` has virtual atoms mapped to ntypes."""
-        rij = coord.index_select(0, neighbor) - coord.index_select(0, center) + shift
-        r = torch.linalg.vector_norm(rij, dim=1)
-        keep = select_pairs(
-            center, neighbor, atype, r, self.rcut, self.sel, self.excluded, coord.shape[0], self.ntypes + 1, True
-        )
-        rij = rij.index_select(0, keep).to(self.dtype)
-        r = r.index_select(0, keep).to(self.dtype)
-        return keep, env_rows(rij, r, self.rcut_smth, self.rcut, False)
+        return kept_rows(coord, atype, center, neighbor, shift, self.rcut, self.rcut_smth, self.sel, self.excluded,
+                         self.ntypes + 1, True, False, self.dtype)
 
     def _extended_types(self, atype: torch.Tensor) -> torch.Tensor:
         return torch.where(atype >= 0, atype, torch.full_like(atype, self.ntypes))
 
     @torch.jit.unused
     def compute_input_stats(self, samples: List[StatSample]) -> None:
-        sums = torch.zeros(self.ntypes, 4, dtype=torch.float64)
-        slots = torch.zeros(self.ntypes, dtype=torch.float64)
-        with torch.no_grad():
-            for s in samples:
-                atype = self._extended_types(s.atype)
-                keep, rows = self._rows_for_stats(s, atype)
-                sums += accumulate_env_stats(rows, atype[s.center[keep]], self.ntypes)
-                real = atype[atype < self.ntypes]
-                slots += torch.bincount(real, minlength=self.ntypes).to(torch.float64) * self.nnei
-        davg, dstd = finalize_env_stats(sums, slots, self.rcut, False, self.set_davg_zero)
+        def rows_of(coord, atype, center, neighbor, shift):
+            return self._pairs(coord, self._extended_types(atype), center, neighbor, shift)
+
+        davg, dstd = env_statistics(samples, rows_of, self.ntypes, self.nnei, self.rcut, False, self.set_davg_zero)
         self.davg.copy_(davg.to(self.dtype))
         self.dstd.copy_(dstd.to(self.dtype))
-
-    @torch.jit.unused
-    def _rows_for_stats(self, s: StatSample, atype: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self._pairs(s.coord, atype, s.center, s.neighbor, s.shift)
 
     def _smooth_weight(self, s: torch.Tensor) -> torch.Tensor:
         """w = clip(1 - (1 - rcut_smth·s)³, 0, 1): 1 inside rcut_smth, 0 at rcut and for empty slots."""

@@ -20,19 +20,11 @@ import torch
 from dargs import Argument
 from torch import nn
 
-from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, NeighborStat, SchemaContext, hookimpl
+from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, SchemaContext, hookimpl
 from mtcore.model.descriptor import Descriptor, StatSample
-from mtcore.model.env import (
-    accumulate_env_stats,
-    env_rows,
-    finalize_env_stats,
-    group_slices,
-    padding_rows,
-    select_pairs,
-)
+from mtcore.model.env import env_statistics, group_slices, kept_rows, padding_rows
 from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
-from mtcore.model.sel import resolve_sel
-from mtcore_builtins.descriptors._common import check_rcut, checked_sel, exclusion_matrix
+from mtcore_builtins.descriptors._common import check_rcut, checked_sel, exclusion_matrix, update_sel_per_type
 
 DOC = "Smooth two-body embedding of the radial environment (distances only)."
 #: DeePMD-kit's se_e2_r rescales its output by this constant (in the code, not in the docs).
@@ -103,23 +95,12 @@ class DescrptSeR(Descriptor):
         self, coord: torch.Tensor, atype: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor, shift: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Kept pairs and their un-normalised radial rows [P, 1]."""
-        rij = coord.index_select(0, neighbor) - coord.index_select(0, center) + shift
-        r = torch.linalg.vector_norm(rij, dim=1)
-        natoms = coord.shape[0]
-        keep = select_pairs(center, neighbor, atype, r, self.rcut, self.sel, self.excluded, natoms, self.ntypes, False)
-        r = r.index_select(0, keep).to(self.dtype)
-        return keep, env_rows(rij.index_select(0, keep).to(self.dtype), r, self.rcut_smth, self.rcut, True)
+        return kept_rows(coord, atype, center, neighbor, shift, self.rcut, self.rcut_smth, self.sel, self.excluded,
+                         self.ntypes, False, True, self.dtype)
 
     @torch.jit.unused
     def compute_input_stats(self, samples: List[StatSample]) -> None:
-        sums = torch.zeros(self.ntypes, 4, dtype=torch.float64)
-        slots = torch.zeros(self.ntypes, dtype=torch.float64)
-        with torch.no_grad():
-            for s in samples:
-                keep, rows = self._rows(s.coord, s.atype, s.center, s.neighbor, s.shift)
-                sums += accumulate_env_stats(rows, s.atype[s.center[keep]], self.ntypes)
-                slots += torch.bincount(s.atype, minlength=self.ntypes).to(torch.float64) * self.nnei
-        davg, dstd = finalize_env_stats(sums, slots, self.rcut, True, self.set_davg_zero)
+        davg, dstd = env_statistics(samples, self._rows, self.ntypes, self.nnei, self.rcut, True, self.set_davg_zero)
         self.davg.copy_(davg.to(self.dtype))
         self.dstd.copy_(dstd.to(self.dtype))
 
@@ -192,12 +173,6 @@ def arguments(ctx: SchemaContext) -> list[Argument]:
     ]
 
 
-def update_sel(params: dict, stat: NeighborStat) -> dict:
-    out = dict(params)
-    out["sel"] = resolve_sel(params["sel"], params["rcut"], stat, stat.ntypes, False, "model/descriptor")
-    return out
-
-
 def build(params: dict, ctx: DescriptorContext) -> DescrptSeR:
     kwargs = {k: v for k, v in params.items() if k != "type"}
     return DescrptSeR(ntypes=ctx.ntypes, **kwargs)
@@ -207,6 +182,6 @@ def build(params: dict, ctx: DescriptorContext) -> DescrptSeR:
 def mtcore_descriptors() -> list[DescriptorRegistration]:
     return [
         DescriptorRegistration(
-            name="se_e2_r", aliases=("se_r",), arguments=arguments, build=build, update_sel=update_sel, doc=DOC
+            name="se_e2_r", aliases=("se_r",), arguments=arguments, build=build, update_sel=update_sel_per_type, doc=DOC
         )
     ]
