@@ -172,3 +172,26 @@ def multi_task_input(
         doc["training"]["fitting_weight"] = weights
     doc["training"].update(training)
     return doc
+
+
+def assert_nested_close(a, b, rel: float = 1e-10, abs_: float = 1e-12, where: str = "") -> None:
+    """Equal structure, floats equal within a stated tolerance.
+
+    Two code paths (a scripted and an eager module, or threaded reductions in another order) do
+    not promise the same last bit, so results are never compared with ``==``.
+    """
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+        for key in a:
+            assert_nested_close(a[key], b[key], rel, abs_, f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for k, (x, y) in enumerate(zip(a, b)):
+            assert_nested_close(x, y, rel, abs_, f"{where}[{k}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        if a is None or b is None:
+            assert a is b, f"{where}: {a!r} vs {b!r}"
+        else:
+            assert abs(a - b) <= max(abs_, rel * max(abs(a), abs(b))), f"{where}: {a!r} vs {b!r}"
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"

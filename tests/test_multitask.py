@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import ENER, WATER, multi_task_input, predict, small_input, water_frame, write_input
+from helpers import ENER, WATER, assert_nested_close, multi_task_input, predict, small_input, water_frame, write_input
 from mtcore import infer
 from mtcore.cli import app
 from mtcore.config import load_config, normalize
@@ -138,7 +138,8 @@ def test_frozen_heads_equal_the_in_memory_model(trained, tmp_path):
     assert result.exit_code == 0, result.output
     frozen = CliRunner().invoke(app, ["test", "-m", str(tmp_path / "graph_wb97m.pth"), "-s", str(WATER / "data_3"),
                                       "-n", "2", "--json"])
-    assert json.loads(result.stdout)["combined"] == json.loads(frozen.stdout)["combined"]
+    # eager checkpoint module vs TorchScript file: equal within 1e-10, not to the last bit
+    assert_nested_close(json.loads(result.stdout)["combined"], json.loads(frozen.stdout)["combined"])
     only = freeze(state, tmp_path / "one.pth", head="wb97m")
     assert [p.name for p in only] == ["one.pth"]
     with pytest.raises(MtcoreError, match="not a head"):
