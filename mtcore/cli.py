@@ -58,9 +58,12 @@ def train(
     """Train a model (single- or multi-task, detected from the input)."""
 
     def body():
+        import signal
+
         from mtcore.config import load_config
-        from mtcore.train.checkpoint import load_checkpoint
+        from mtcore.train.checkpoint import load_checkpoint, split_save_ckpt
         from mtcore.train.init_source import load_init_source
+        from mtcore.train.outdir import ensure_writable, locked
         from mtcore.train.trainer import Trainer
 
         if restart is not None and init_model is not None:
@@ -69,17 +72,39 @@ def train(
             raise MtcoreError("--head only applies with --init-model")
         if restart is None and input_file is None:
             raise MtcoreError("give an input file (or --restart CHECKPOINT)")
-        restart_state = load_checkpoint(restart) if restart is not None else None
-        config = None
-        if restart_state is not None:
-            if input_file is not None:
-                console.print(f"--restart uses the configuration stored in {restart_state['path']}; {input_file} is not read")
-        else:
-            config = load_config(input_file)
-        init_state = load_init_source(init_model) if init_model is not None else None
-        trainer = Trainer(config, Path("."), console, restart=restart_state, init_model=init_state, init_head=head, device=device)
-        if trainer.run().get("interrupted"):
-            raise typer.Exit(130)
+        workdir = Path(".")
+        ensure_writable(workdir)  # before anything is loaded: a read-only folder fails at once
+
+        def terminated(signum, frame):  # until the trainer's loop takes SIGTERM over: exit cleanly
+            raise SystemExit(143)
+
+        import threading
+
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, terminated) if main else None
+        try:
+            with locked([workdir]):  # a second run here refuses now, naming this one
+                restart_state = load_checkpoint(restart) if restart is not None else None
+                config = None
+                if restart_state is not None:
+                    if input_file is not None:
+                        console.print(f"--restart uses the configuration stored in {restart_state['path']}; {input_file} is not read")
+                    save_ckpt = restart_state["config"]["training"].get("save_ckpt", "model.ckpt")
+                else:
+                    config = load_config(input_file)
+                    save_ckpt = config.training.get("save_ckpt", "model.ckpt")
+                ckpt_folder = split_save_ckpt(workdir, save_ckpt)[0]
+                ensure_writable(ckpt_folder, create=True)
+                with locked([ckpt_folder]):
+                    init_state = load_init_source(init_model) if init_model is not None else None
+                    trainer = Trainer(config, workdir, console, restart=restart_state, init_model=init_state, init_head=head, device=device)
+                    summary = trainer.run()
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
+        if summary.get("interrupted"):
+            # 143 = 128 + SIGTERM (what a scheduler sent), 130 = 128 + SIGINT (Ctrl-C)
+            raise typer.Exit(143 if summary.get("signal") == signal.SIGTERM else 130)
 
     _run(body)
 
@@ -96,7 +121,9 @@ def freeze(
     def body():
         from mtcore.freeze import freeze as do_freeze
         from mtcore.train.checkpoint import load_checkpoint
+        from mtcore.train.outdir import ensure_can_create
 
+        ensure_can_create(output or Path("frozen_model.pth"))  # before the checkpoint is read
         state = load_checkpoint(checkpoint)
         for path in do_freeze(state, output, head, united):
             console.print(f"wrote {path}")

@@ -73,6 +73,10 @@ def head_metadata(model: MultiHeadModel, document: dict, head: str, multi_task: 
 
 def model_from_checkpoint(state: dict, registry: Optional[Registry] = None) -> tuple[MultiHeadModel, dict, bool]:
     registry = registry or get_registry()
+    for key, value in state["model"].items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            # a frozen model must never answer NaN for every input
+            raise MtcoreError(f"{state.get('path', 'checkpoint')}: parameter '{key}' is not finite (NaN or inf); not frozen")
     config = config_from_document(state["config"], registry)
     model = build_model(config, registry)
     model.load_state_dict(state["model"])

@@ -1,27 +1,91 @@
-"""Checkpoints: written atomically, pruned to max_ckpt_keep, never overwriting a user's files.
+"""Checkpoints: written atomically, checksummed, pruned to max_ckpt_keep, never touching a file
+this run did not write.
 
-Layout in the working folder (``save_ckpt`` = ``model.ckpt``):
+Layout in the checkpoint folder (the folder of ``save_ckpt``; ``model.ckpt`` → the working folder,
+``ckpts/model.ckpt`` → ``ckpts/``, created if missing):
     model.ckpt-<step>.pt   one file per save
     model.ckpt.pt          symlink to the newest
-    checkpoint             text file: the newest first, then the older ones kept
-A run from scratch moves checkpoints and the lcurve of an earlier run into a backup folder
-instead of overwriting them.
+    checkpoint             text file: the newest first, then the older ones kept (names relative
+                           to this folder)
+
+A save is crash-consistent: new checkpoint (temp file, fsync, rename) → new index (same) →
+symlink → only then the files that fell off the index are deleted. So the index never names a
+deleted file, whatever moment a kill hits. Pruning only deletes files this run (or the run it
+continues, i.e. the index beside the restart checkpoint) wrote; a file of anyone else in the way
+is moved into a backup folder, never overwritten.
+
+Every checkpoint carries ``sha256``: a digest of its whole content (tensors byte for byte, the
+rest by value), verified on load; a corrupted file falls back to the previous one in the index.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from mtcore.errors import MtcoreError
 
 FORMAT = "mtcore-checkpoint"
 INDEX = "checkpoint"
+DIGEST_KEY = "sha256"
+
+
+# -- integrity --------------------------------------------------------------------------------
+def _feed(h, obj: Any) -> None:
+    """Hash ``obj`` by value, in a form that survives torch.save → torch.load unchanged."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, np.ndarray) and obj.dtype != object:
+        h.update(f"A{obj.dtype.str}{obj.shape}|".encode())
+        h.update(np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}|".encode())
+        for key, value in obj.items():
+            _feed(h, key)
+            _feed(h, value)
+    elif isinstance(obj, (list, tuple)) or (isinstance(obj, np.ndarray)):
+        h.update(f"{type(obj).__name__}{len(obj)}|".encode())
+        for value in obj:
+            _feed(h, value)
+    elif isinstance(obj, str):
+        data = obj.encode("utf-8", "surrogatepass")
+        h.update(f"S{len(data)}|".encode())
+        h.update(data)
+    elif isinstance(obj, (bytes, bytearray)):
+        h.update(f"B{len(obj)}|".encode())
+        h.update(bytes(obj))
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r}|".encode())
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of a checkpoint's content, without its own digest and the load-time ``path``."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k not in (DIGEST_KEY, "path")})
+    return h.hexdigest()
+
+
+# -- atomic writes ----------------------------------------------------------------------------
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -38,15 +102,23 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
 
 
-def _atomic_text(path: Path, text: str) -> None:
+def atomic_text(path: Path, text: str) -> None:
+    """Write a text file so that a kill leaves either the old or the new content."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _atomic_symlink(target: str, link: Path) -> None:
@@ -56,84 +128,215 @@ def _atomic_symlink(target: str, link: Path) -> None:
     os.replace(tmp, link)
 
 
+def read_index(index: Path) -> list[str]:
+    """Names listed in an index file, newest first (comment lines ignored)."""
+    try:
+        text = Path(index).read_text()
+    except OSError:
+        return []
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def split_save_ckpt(workdir: Path, save_ckpt: str) -> tuple[Path, str]:
+    """``save_ckpt`` → (checkpoint folder, file prefix)."""
+    target = Path(workdir) / save_ckpt
+    if not target.name or target.name in (".", ".."):
+        raise MtcoreError(f"training/save_ckpt: '{save_ckpt}' names a folder, not a checkpoint prefix (e.g. 'ckpts/model.ckpt')")
+    return target.parent, target.name
+
+
 class CheckpointManager:
     def __init__(self, folder: Path, prefix: str, keep: int):
         self.folder = Path(folder)
         self.prefix = prefix
         self.keep = max(1, int(keep))
+        self.owned: list[str] = []  # names this run wrote (or adopted from the run it continues), newest first
+        self._pattern = re.compile(re.escape(prefix) + r"-\d+\.pt")
+
+    @property
+    def index(self) -> Path:
+        return self.folder / INDEX
+
+    @property
+    def latest(self) -> Path:
+        return self.folder / f"{self.prefix}.pt"
 
     def path_for(self, step: int) -> Path:
         return self.folder / f"{self.prefix}-{step}.pt"
 
     def recorded(self) -> list[str]:
-        index = self.folder / INDEX
-        if not index.is_file():
-            return []
-        return [line.strip() for line in index.read_text().splitlines() if line.strip()]
+        return read_index(self.index)
+
+    def remove_leftovers(self) -> list[str]:
+        """Temp files of interrupted saves: ``.<prefix>-<step>.pt.XXXXXXXX.tmp``, the index's and
+        the symlink's. Matched by our own naming only; call with the folder locked."""
+        from mtcore.train.outdir import _LNK, _TMP
+
+        removed = []
+        if not self.folder.is_dir():
+            return removed
+        for entry in self.folder.iterdir():
+            match = _TMP.match(entry.name) or _LNK.match(entry.name)
+            if match is None:
+                continue
+            name = match.group("name")
+            if name in (INDEX, self.latest.name) or self._pattern.fullmatch(name):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    removed.append(entry.name)
+        return removed
 
     def existing(self) -> list[Path]:
-        found = sorted(self.folder.glob(f"{self.prefix}-*.pt"))
-        latest = self.folder / f"{self.prefix}.pt"
-        index = self.folder / INDEX
-        return found + [p for p in (latest, index) if p.exists() or p.is_symlink()]
+        found = sorted(p for p in self.folder.glob(f"{self.prefix}-*.pt") if self._pattern.fullmatch(p.name))
+        return found + [p for p in (self.latest, self.index) if p.exists() or p.is_symlink()]
+
+    def _backup_folder(self) -> Path:
+        n = 1
+        while (self.folder / f"{self.prefix}.backup-{n}").exists():
+            n += 1
+        backup = self.folder / f"{self.prefix}.backup-{n}"
+        backup.mkdir(parents=True)
+        return backup
 
     def backup_previous_run(self, extra: list[Path]) -> Optional[Path]:
         """Move an earlier run's checkpoints (and ``extra`` files) aside; returns the backup folder."""
         moving = self.existing() + [p for p in extra if p.exists()]
         if not moving:
             return None
-        n = 1
-        while (self.folder / f"{self.prefix}.backup-{n}").exists():
-            n += 1
-        backup = self.folder / f"{self.prefix}.backup-{n}"
-        backup.mkdir()
+        backup = self._backup_folder()
         for path in moving:
             shutil.move(str(path), backup / path.name)
+        self.owned = []
         return backup
 
+    def continue_run(self, restart_path: Optional[str]) -> bool:
+        """--restart: adopt the index of the run being continued, so that its files are pruned as
+        if this run had written them. Returns False when the index here belongs to another run
+        (it does not list the restart checkpoint); the caller then moves it aside."""
+        names = self.recorded()
+        if not names:
+            self.owned = []
+            return True
+        source = Path(restart_path).resolve() if restart_path else None
+        listed = [n for n in names if (self.folder / n).exists() and self._pattern.fullmatch(n)]
+        if source is not None and any((self.folder / n).resolve() == source for n in listed):
+            self.owned = listed
+            return True
+        return False
+
     def save(self, state: dict, step: int) -> Path:
+        """Write a checkpoint; crash-consistent (see the module docstring)."""
         path = self.path_for(step)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if (path.exists() or path.is_symlink()) and path.name not in self.owned:
+            backup = self._backup_folder()  # someone else's file of the same name: keep it
+            shutil.move(str(path), backup / path.name)
+            warnings.warn(f"{path}: not written by this run; moved to {backup} before saving")
+        state = dict(state)
+        state[DIGEST_KEY] = state_digest(state)
         atomic_torch_save(state, path)
-        _atomic_symlink(path.name, self.folder / f"{self.prefix}.pt")
-        kept = [path.name] + [name for name in self.recorded() if name != path.name]
-        for old in kept[self.keep :]:
+        order = [path.name] + [name for name in self.owned if name != path.name]
+        kept, dropped = order[: self.keep], order[self.keep :]
+        atomic_text(self.index, "\n".join(kept) + "\n")
+        _atomic_symlink(path.name, self.latest)
+        for old in dropped:
             (self.folder / old).unlink(missing_ok=True)
-        _atomic_text(self.folder / INDEX, "\n".join(kept[: self.keep]) + "\n")
+        self.owned = kept
         return path
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint file (or the newest one named by a folder's ``checkpoint`` index)."""
-    path = Path(path)
-    if path.is_dir():
-        index = path / INDEX
-        if not index.is_file():
-            raise MtcoreError(f"{path}: no '{INDEX}' index file in this folder; give a checkpoint file")
-        names = [line.strip() for line in index.read_text().splitlines() if line.strip()]
-        if not names:
-            raise MtcoreError(f"{index}: lists no checkpoint")
-        path = path / names[0]
+# -- loading ----------------------------------------------------------------------------------
+def _read(path: Path) -> dict:
+    """Load and verify one checkpoint file; MtcoreError says what is wrong with it."""
     if not path.exists():
-        candidate = path.with_name(path.name + ".pt")
-        if candidate.exists():
-            path = candidate
-        else:
-            raise MtcoreError(f"{path}: checkpoint not found")
+        raise MtcoreError(f"{path}: checkpoint not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001
         raise MtcoreError(f"{path}: cannot be read as an mtcore checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise MtcoreError(f"{path}: not an mtcore checkpoint")
+    stored = state.get(DIGEST_KEY)
+    if stored is not None and stored != state_digest(state):
+        raise MtcoreError(f"{path}: checksum mismatch (the file is corrupted)")
+    # checkpoints from before checksums (no sha256 key) load as they are
     state["path"] = str(path)
     return state
 
 
+def _index_folder(folder: Path) -> Path:
+    """The folder whose index to read for a working folder: out.json's save_ckpt folder when a
+    run there saved into a subfolder, else the folder itself."""
+    import json
+
+    out = folder / "out.json"
+    if out.is_file():
+        try:
+            save_ckpt = json.loads(out.read_text()).get("training", {}).get("save_ckpt")
+        except (OSError, ValueError, AttributeError):
+            save_ckpt = None
+        if isinstance(save_ckpt, str) and save_ckpt:
+            sub = (folder / save_ckpt).parent
+            if (sub / INDEX).is_file():
+                return sub
+    return folder
+
+
+def _first_intact(folder: Path, names: list[str], failed: list[str], start: Optional[Path] = None) -> dict:
+    """The first checkpoint of ``names`` that loads and verifies; warns when it is not the first."""
+    first = str(start) if start is not None else None
+    for name in names:
+        candidate = folder / name
+        try:
+            state = _read(candidate)
+        except MtcoreError as exc:
+            failed.append(str(exc))
+            first = first or str(candidate)
+            continue
+        if failed:
+            warnings.warn(f"{first}: unusable ({failed[0].split(': ', 1)[-1]}); using the previous checkpoint {candidate} instead")
+        return state
+    raise MtcoreError(f"{folder / INDEX}: no intact checkpoint ({'; '.join(failed) or 'it lists none'})")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint file (or the newest one named by a folder's ``checkpoint`` index). A file
+    that fails its checksum falls back to the next older one its folder's index lists."""
+    path = Path(path)
+    if path.is_dir():
+        folder = _index_folder(path)
+        index = folder / INDEX
+        if not index.is_file():
+            raise MtcoreError(f"{path}: no '{INDEX}' index file in this folder; give a checkpoint file")
+        names = read_index(index)
+        if not names:
+            raise MtcoreError(f"{index}: lists no checkpoint")
+        return _first_intact(folder, names, [])
+    if not path.exists() and not path.is_symlink():
+        candidate = path.with_name(path.name + ".pt")
+        if candidate.exists():
+            path = candidate
+        else:
+            raise MtcoreError(f"{path}: checkpoint not found")
+    try:
+        return _read(path)
+    except MtcoreError as exc:
+        # fall back along the index beside the file, if the file is one of its entries
+        folder = path.parent
+        names = read_index(folder / INDEX)
+        real = path.resolve()
+        position = next((i for i, n in enumerate(names) if (folder / n).resolve() == real), None)
+        if position is None or position + 1 >= len(names):
+            raise
+        return _first_intact(folder, names[position + 1 :], [str(exc)], start=path)
+
+
 def latest_checkpoint(folder: Path) -> Path:
-    index = Path(folder) / INDEX
+    folder = _index_folder(Path(folder))
+    index = folder / INDEX
     if not index.is_file():
         raise MtcoreError(f"{folder}: no '{INDEX}' file; run mtcore train here first or pass -c CHECKPOINT")
-    names = [line.strip() for line in index.read_text().splitlines() if line.strip()]
+    names = read_index(index)
     if not names:
         raise MtcoreError(f"{index}: lists no checkpoint")
-    return Path(folder) / names[0]
+    return folder / names[0]

@@ -18,9 +18,10 @@ class LcurveWriter:
         self.path = Path(path)
         self.columns = columns
         self.multi = multi_task
+        continuing = append and self.path.is_file() and self.path.stat().st_size > 0
         self.handle = open(self.path, "a" if append else "w", buffering=1)
         self._widths: list[int] = []
-        self._write_header()
+        self._write_header(to_file=not continuing)  # a restart appends below the existing header
 
     def _names(self) -> list[str]:
         names = []
@@ -33,7 +34,7 @@ class LcurveWriter:
             names.append(f"lr{suffix}")
         return names
 
-    def _write_header(self) -> None:
+    def _write_header(self, to_file: bool = True) -> None:
         parts = ["# %5s" % "step"]
         if self.multi:
             names = self._names()
@@ -47,8 +48,9 @@ class LcurveWriter:
                     else:
                         parts.append("   %11s" % (metric + "_trn"))
                 parts.append("   %8s" % "lr")
-        self.handle.write("".join(parts) + "\n")
-        self.handle.write("# If there is no available reference data, rmse_*_{val,trn} will print nan\n")
+        if to_file:
+            self.handle.write("".join(parts) + "\n")
+            self.handle.write("# If there is no available reference data, rmse_*_{val,trn} will print nan\n")
 
     def write(self, step: int, values: dict[str, tuple[dict, Optional[dict], float]]) -> None:
         """values: head → (training metrics, validation metrics or None, lr)."""
@@ -75,6 +77,36 @@ class LcurveWriter:
 
     def close(self) -> None:
         self.handle.close()
+
+
+def truncate_after(path: Path, step: int) -> int:
+    """--restart from ``step``: drop the rows written after it (a killed run got further than its
+    last checkpoint; those steps are trained again and would appear twice), and a half-written
+    last line. Header and comment lines stay. Returns the number of lines dropped."""
+    from mtcore.train.checkpoint import atomic_text
+
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        if line.lstrip().startswith("#"):
+            kept.append(line)
+            continue
+        fields = line.split()
+        if not fields or not line.endswith("\n"):
+            continue
+        try:
+            row_step = int(fields[0])
+        except ValueError:
+            continue
+        if row_step <= step:
+            kept.append(line)
+    dropped = len(lines) - len(kept)
+    if dropped:
+        atomic_text(path, "".join(kept))
+    return dropped
 
 
 def _num(values: Optional[dict], key: str) -> float:

@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -33,9 +34,10 @@ from mtcore.model.build import build_losses, build_model, head_requirements, upd
 from mtcore.model.loss import Loss
 from mtcore.model.model import MultiHeadModel
 from mtcore.plugins import Registry, get_registry
-from mtcore.train.checkpoint import FORMAT, CheckpointManager
+from mtcore.train.checkpoint import FORMAT, CheckpointManager, atomic_text, split_save_ckpt
 from mtcore.train.display import TrainingDisplay
-from mtcore.train.lcurve import LcurveWriter
+from mtcore.train.lcurve import LcurveWriter, truncate_after
+from mtcore.train.outdir import ensure_writable, locked, remove_leftovers
 from mtcore.train.lr import ExpDecay
 from mtcore.train.plan import plan_table
 
@@ -57,27 +59,37 @@ def labels_on(batch: Batch, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.labels.items()}
 
 
+#: consecutive steps with a non-finite loss or gradient after which training stops
+MAX_NONFINITE_STEPS = 5
+
+
 class _StopOnInterrupt:
-    """Ctrl-C during training: finish the current step, save a checkpoint, stop. A second Ctrl-C
-    interrupts at once."""
+    """Ctrl-C or SIGTERM during training: finish the current step, save a checkpoint, stop
+    (job schedulers send SIGTERM some time before SIGKILL). A second signal interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signum: Optional[int] = None
+        self._previous: dict = {}
 
     def _handler(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
 
     def __enter__(self) -> "_StopOnInterrupt":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handler)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 @dataclass
@@ -298,7 +310,9 @@ class Trainer:
             create_graph=create_graph,
         )
 
-    def train_step(self, head: str) -> None:
+    def train_step(self, head: str) -> bool:
+        """One optimiser step on one batch of ``head``. A non-finite loss or gradient skips the
+        update (returns False): one bad frame must not turn every weight into NaN."""
         runtime = self.heads[head]
         batch = runtime.train.sample(self.rng)
         lr = runtime.schedule.value(self.step)
@@ -307,9 +321,21 @@ class Trainer:
         pred = self._predict(head, batch, create_graph=True)
         atype = batch.atype.to(self.device)
         loss, _ = runtime.loss(pred, labels_on(batch, self.device), batch.find, atype, lr / runtime.schedule.start_lr)
-        loss.backward()
+        what = None
+        if not bool(torch.isfinite(loss.detach())):
+            what = f"loss {float(loss.detach())}"
+        else:
+            loss.backward()
+            grads = [p.grad for group in runtime.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+                what = "gradient"
+        if what is not None:
+            runtime.optimizer.zero_grad(set_to_none=True)
+            warnings.warn(f"step {self.step + 1}, head '{head}': non-finite {what}; this step's update is skipped")
+            return False
         runtime.optimizer.step()
         runtime.optimizer.zero_grad(set_to_none=True)
+        return True
 
     def evaluate_batch(self, head: str, batch: Batch) -> tuple[dict, float]:
         runtime = self.heads[head]
@@ -343,6 +369,29 @@ class Trainer:
         return values
 
     # checkpoints ---------------------------------------------------------------------------
+    def non_finite_parameter(self) -> Optional[str]:
+        """The first model parameter/buffer or optimiser moment holding NaN or inf, if any."""
+        for name, value in self.model.state_dict().items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return name
+        for head in self.trained:
+            for slot in self.heads[head].optimizer.state.values():
+                for key, value in slot.items():
+                    if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                        return f"optimizer of head '{head}' ({key})"
+        return None
+
+    def save_checkpoint(self, checkpoints: CheckpointManager) -> Path:
+        """Save unless something is non-finite: a NaN checkpoint never replaces a good one."""
+        bad = self.non_finite_parameter()
+        if bad is not None:
+            last = checkpoints.owned[0] if checkpoints.owned else None
+            raise MtcoreError(
+                f"step {self.step}: {bad} is not finite; no checkpoint written"
+                + (f" (the last good one is {checkpoints.folder / last})" if last else "")
+            )
+        return checkpoints.save(self.state_dict(), self.step)
+
     def state_dict(self) -> dict:
         return {
             "format": FORMAT,
@@ -367,17 +416,36 @@ class Trainer:
     def run(self) -> dict:
         """Train to numb_steps; returns a summary (steps, seconds per step)."""
         training = self.config.training
-        disp_freq = max(1, int(training["disp_freq"]))
-        save_freq = int(training["save_freq"])
-        show = bool(training.get("disp_training", True))
-        checkpoints = CheckpointManager(self.workdir, training["save_ckpt"], training.get("max_ckpt_keep", 5))
-        lcurve_path = self.workdir / training["disp_file"]
-        appending = self.restart is not None
-        if not appending:
+        ckpt_folder, prefix = split_save_ckpt(self.workdir, training["save_ckpt"])
+        ensure_writable(self.workdir)
+        ensure_writable(ckpt_folder, create=True)
+        with locked([self.workdir, ckpt_folder]):
+            return self._run_locked(CheckpointManager(ckpt_folder, prefix, training.get("max_ckpt_keep", 5)))
+
+    def _prepare_folder(self, checkpoints: CheckpointManager, lcurve_path: Path) -> None:
+        """Clean what a killed run left, and keep an earlier run's files out of harm's way."""
+        removed = checkpoints.remove_leftovers()
+        removed += remove_leftovers(self.workdir, [lcurve_path.name, "out.json"])
+        if removed:
+            self.console.print(f"removed {len(removed)} temporary file(s) left by an interrupted run")
+        if self.restart is None or not checkpoints.continue_run(self.restart.get("path")):
             backup = checkpoints.backup_previous_run([lcurve_path])
             if backup is not None:
                 self.console.print(f"an earlier run's checkpoints and {lcurve_path.name} were moved to {backup}")
-        (self.workdir / "out.json").write_text(json.dumps(self.config.document, indent=2))
+            return
+        dropped = truncate_after(lcurve_path, self.step)
+        if dropped:
+            self.console.print(f"{lcurve_path.name}: {dropped} line(s) after step {self.step} removed (they are trained again)")
+
+    def _run_locked(self, checkpoints: CheckpointManager) -> dict:
+        training = self.config.training
+        disp_freq = max(1, int(training["disp_freq"]))
+        save_freq = int(training["save_freq"])
+        show = bool(training.get("disp_training", True))
+        lcurve_path = self.workdir / training["disp_file"]
+        appending = self.restart is not None
+        self._prepare_folder(checkpoints, lcurve_path)
+        atomic_text(self.workdir / "out.json", json.dumps(self.config.document, indent=2))
         columns = {
             h: (self.heads[h].loss.metric_names(), self.heads[h].valid is not None) for h in self.trained
         }
@@ -385,6 +453,7 @@ class Trainer:
         self.console.print(plan_table(self, self.bias_source))
         timings: list[float] = []
         last_saved = -1
+        skipped_in_a_row = 0
         stop = _StopOnInterrupt()
         try:
             with stop, TrainingDisplay(self.console, self.numb_steps, self.step) as display:
@@ -394,29 +463,40 @@ class Trainer:
                     display.metrics(self.step, values)
                 while self.step < self.numb_steps and not stop.requested:
                     start = time.perf_counter()
-                    self.train_step(self.draw_head())
+                    head = self.draw_head()
+                    updated = self.train_step(head)
                     timings.append(time.perf_counter() - start)
                     self.step += 1
+                    skipped_in_a_row = 0 if updated is not False else skipped_in_a_row + 1
+                    if skipped_in_a_row >= MAX_NONFINITE_STEPS:
+                        last = checkpoints.owned[0] if checkpoints.owned else None
+                        raise MtcoreError(
+                            f"training stopped at step {self.step}: {skipped_in_a_row} steps in a row had a non-finite "
+                            f"loss or gradient (last on head '{head}'); check the labels of its data"
+                            + (f"; the last good checkpoint is {checkpoints.folder / last}" if last else "")
+                        )
                     display.advance(self.step, float(np.mean(timings[-20:])))
                     if show and self.step % disp_freq == 0:
                         values = self.display_values()
                         lcurve.write(self.step, values)
                         display.metrics(self.step, values)
                     if save_freq > 0 and self.step % save_freq == 0:
-                        checkpoints.save(self.state_dict(), self.step)
+                        self.save_checkpoint(checkpoints)
                         last_saved = self.step
                 if last_saved != self.step:
-                    checkpoints.save(self.state_dict(), self.step)
+                    self.save_checkpoint(checkpoints)
         finally:
             if lcurve is not None:
                 lcurve.close()
         skip = min(len(timings) - 1, 10) if timings else 0
         per_step = float(np.mean(timings[skip:])) if timings else math.nan
         if stop.requested:
+            name = signal.Signals(stop.signum).name if stop.signum else "interrupt"
+            shown = os.path.relpath(checkpoints.path_for(self.step), self.workdir)
             self.console.print(
-                f"interrupted at step {self.step}: checkpoint saved; continue with "
-                f"mtcore train --restart {checkpoints.path_for(self.step).name}"
+                f"interrupted ({name}) at step {self.step}: checkpoint saved; continue with "
+                f"mtcore train --restart {shown}"
             )
         elif timings:
             self.console.print(f"finished training: {len(timings)} steps, {per_step * 1000:.1f} ms/step (first {skip} excluded)")
-        return {"steps": len(timings), "seconds_per_step": per_step, "interrupted": stop.requested}
+        return {"steps": len(timings), "seconds_per_step": per_step, "interrupted": stop.requested, "signal": stop.signum}
