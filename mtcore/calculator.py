@@ -1,0 +1,184 @@
+"""An ASE calculator for mtcore models: ``atoms.calc = MtcoreCalculator("frozen_model.pth")``.
+
+Energy heads give energy, free_energy, forces, stress and per-atom energies; tensor heads give
+their frame tensor (``dipole`` [3], ``polarizability`` [3, 3]) and its per-atom form
+(``atomic_dipole`` [N, 3], ``atomic_polarizability`` [N, 3, 3]). Units are the model's
+(DeePMD-kit data: eV and Å, as ASE expects).
+
+The stress follows ASE's convention, σ = (1/V) ∂E/∂ε: the model's virial is W = −∂E/∂ε
+(DeePMD-kit's sign, Σ r⊗F), so σ = −W/V, returned in Voigt order xx, yy, zz, yz, xz, xy.
+
+ASE is an optional dependency (``pip install -e ".[ase]"``): importing :mod:`mtcore` never
+imports this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from mtcore.errors import MtcoreError
+
+try:
+    from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+except ImportError as exc:  # pragma: no cover - exercised only without ase
+    raise ImportError("mtcore.calculator needs ASE: pip install 'mtcore[ase]' (or pip install ase)") from exc
+
+ENERGY_PROPERTIES = ["energy", "free_energy", "forces", "stress", "energies"]
+
+
+class PropertyNotAvailable(MtcoreError, PropertyNotImplementedError):
+    """A property this head does not predict: a one-line MtcoreError that ASE code written to
+    catch PropertyNotImplementedError still understands."""
+
+
+def _resolve_device(device: Optional[str]) -> str:
+    if device is not None:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cell_for(cell: np.ndarray, pbc: np.ndarray, where: str = "atoms") -> Optional[np.ndarray]:
+    """The box to hand to the model: None when no direction is periodic, the 3×3 cell when all
+    are. Mixed periodicity (a slab, a wire) would need images along some directions only, which
+    the model's neighbour list does not do, so it is refused rather than silently made 3-D."""
+    pbc = np.asarray(pbc, dtype=bool).reshape(3)
+    if not pbc.any():
+        return None
+    if not pbc.all():
+        raise MtcoreError(
+            f"{where}: pbc={pbc.tolist()} mixes periodic and open directions; mtcore models take fully periodic "
+            "or fully open systems (for a slab, add vacuum and set pbc=True)"
+        )
+    cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    if abs(np.linalg.det(cell)) < 1e-12:
+        raise MtcoreError(f"{where}: periodic but the cell has zero volume; set a cell or pbc=False")
+    return cell
+
+
+def wrap_positions(positions: np.ndarray, cell: Optional[np.ndarray]) -> np.ndarray:
+    """Atoms folded into the cell. Energy, forces and virial are unchanged by lattice
+    translations; the fold keeps the neighbour search's image range valid for atoms an MD
+    step has carried out of the cell."""
+    if cell is None:
+        return positions
+    frac = np.linalg.solve(cell.T, positions.T).T
+    return (frac - np.floor(frac)) @ cell
+
+
+class MtcoreCalculator(Calculator):
+    """ASE calculator for a frozen mtcore file, a united file (``head=`` required) or a training
+    checkpoint; ``model`` may also be an already loaded :class:`mtcore.infer.DeepPotential`.
+
+    fparam ([numb_fparam]) and aparam ([N, numb_aparam]) are passed to heads trained with them;
+    change them with ``calc.set(fparam=...)``.
+    """
+
+    implemented_properties = list(ENERGY_PROPERTIES)
+    default_parameters: dict[str, Any] = {"fparam": None, "aparam": None}
+
+    def __init__(
+        self,
+        model: Union[str, Path, Any],
+        head: Optional[str] = None,
+        device: Optional[str] = None,
+        fparam: Optional[Any] = None,
+        aparam: Optional[Any] = None,
+        **kwargs: Any,
+    ):
+        from mtcore.infer import DeepPotential, load
+
+        if isinstance(model, DeepPotential):
+            if head is not None and head != model.head:
+                raise MtcoreError(f"head: the loaded model is head '{model.head}'; load it again with head='{head}'")
+            self.potential = model
+        else:
+            self.potential = load(model, head=head, device=_resolve_device(device))
+        output = self.potential.head_metadata.get("output", {})
+        self.conservative = bool(output.get("conservative", True))
+        self.output_name = str(output.get("name", "energy"))
+        self.global_key = str(output.get("global_key", "energy"))
+        self.atomic_key = str(output.get("atomic_key", "atom_energy"))
+        self.output_size = int(output.get("size", 1))
+        if self.conservative:
+            self.implemented_properties = list(ENERGY_PROPERTIES)
+        else:
+            self.implemented_properties = [self.output_name, f"atomic_{self.output_name}"]
+        self._type_index = {name: i for i, name in enumerate(self.potential.type_map)}
+        super().__init__(fparam=fparam, aparam=aparam, **kwargs)
+
+    @property
+    def type_map(self) -> list[str]:
+        return self.potential.type_map
+
+    def set(self, **kwargs: Any) -> dict:
+        for key, size in (("fparam", self.potential.numb_fparam), ("aparam", self.potential.numb_aparam)):
+            if key in kwargs:
+                self._check_parameter(key, kwargs[key], size)
+        changed = super().set(**kwargs)
+        if changed:
+            self.reset()
+        return changed
+
+    def _check_parameter(self, key: str, value: Any, size: int) -> None:
+        """Catch a missing or unwanted fparam/aparam when the calculator is made, not at step 1."""
+        head = self.potential.head
+        if size == 0 and value is not None:
+            raise MtcoreError(f"{key}: head '{head}' was trained without {key}; drop {key}=")
+        if size > 0 and value is None:
+            per = "frame" if key == "fparam" else "atom"
+            raise MtcoreError(f"{key}: head '{head}' needs {key} ({size} per {per}); pass {key}= to MtcoreCalculator")
+        if key == "fparam" and value is not None and np.size(value) != size:
+            raise MtcoreError(f"fparam: head '{head}' takes {size} value(s), got {np.size(value)}")
+
+    def get_property(self, name: str, atoms=None, allow_calculation: bool = True):
+        if name not in self.implemented_properties:
+            what = "an energy head" if self.conservative else f"a {self.output_name} head (no energy, forces or stress)"
+            raise PropertyNotAvailable(
+                f"{name}: head '{self.potential.head}' is {what}; it provides {', '.join(self.implemented_properties)}"
+            )
+        return super().get_property(name, atoms, allow_calculation)
+
+    def atom_types(self, symbols: list[str]) -> np.ndarray:
+        """Chemical symbols → the model's type indices, naming any element it does not know."""
+        try:
+            return np.fromiter((self._type_index[s] for s in symbols), dtype=np.int64, count=len(symbols))
+        except KeyError as exc:
+            raise MtcoreError(
+                f"atoms: element {exc.args[0]} is not in the model's type_map {self.potential.type_map}"
+            ) from None
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, list(properties), system_changes)
+        atoms = self.atoms
+        types = self.atom_types(atoms.get_chemical_symbols())
+        cell = cell_for(atoms.cell.array, atoms.pbc)
+        if "stress" in properties and cell is None:
+            raise PropertyNotAvailable("stress: the atoms are not periodic (pbc=False); stress needs a cell")
+        positions = wrap_positions(atoms.positions.astype(np.float64), cell)
+        out = self.potential.evaluate(
+            positions, cell, types, virial=self.conservative and cell is not None,
+            fparam=self.parameters.get("fparam"), aparam=self.parameters.get("aparam"),
+        )
+        if self.conservative:
+            energy = float(out["energy"][0])
+            self.results = {
+                "energy": energy,
+                "free_energy": energy,
+                "forces": out["force"][0].reshape(-1, 3),
+                "energies": out["atom_energy"][0].reshape(-1),
+            }
+            if cell is not None:
+                virial = out["virial"][0].reshape(3, 3)
+                stress = -0.5 * (virial + virial.T) / abs(np.linalg.det(cell))
+                self.results["stress"] = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+        else:
+            shape = (3, 3) if self.output_size == 9 else (self.output_size,)
+            self.results = {
+                self.output_name: out[self.global_key][0].reshape(shape),
+                f"atomic_{self.output_name}": out[self.atomic_key][0].reshape((len(atoms),) + shape),
+            }
