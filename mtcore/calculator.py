@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from mtcore.errors import MtcoreError
+from mtcore.md.geometry import cell_for, virial_to_stress, wrap_positions
 
 try:
     from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
@@ -40,34 +41,6 @@ def _resolve_device(device: Optional[str]) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cell_for(cell: np.ndarray, pbc: np.ndarray, where: str = "atoms") -> Optional[np.ndarray]:
-    """The box to hand to the model: None when no direction is periodic, the 3×3 cell when all
-    are. Mixed periodicity (a slab, a wire) would need images along some directions only, which
-    the model's neighbour list does not do, so it is refused rather than silently made 3-D."""
-    pbc = np.asarray(pbc, dtype=bool).reshape(3)
-    if not pbc.any():
-        return None
-    if not pbc.all():
-        raise MtcoreError(
-            f"{where}: pbc={pbc.tolist()} mixes periodic and open directions; mtcore models take fully periodic "
-            "or fully open systems (for a slab, add vacuum and set pbc=True)"
-        )
-    cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
-    if abs(np.linalg.det(cell)) < 1e-12:
-        raise MtcoreError(f"{where}: periodic but the cell has zero volume; set a cell or pbc=False")
-    return cell
-
-
-def wrap_positions(positions: np.ndarray, cell: Optional[np.ndarray]) -> np.ndarray:
-    """Atoms folded into the cell. Energy, forces and virial are unchanged by lattice
-    translations; the fold keeps the neighbour search's image range valid for atoms an MD
-    step has carried out of the cell."""
-    if cell is None:
-        return positions
-    frac = np.linalg.solve(cell.T, positions.T).T
-    return (frac - np.floor(frac)) @ cell
 
 
 class MtcoreCalculator(Calculator):
@@ -173,9 +146,7 @@ class MtcoreCalculator(Calculator):
                 "energies": out["atom_energy"][0].reshape(-1),
             }
             if cell is not None:
-                virial = out["virial"][0].reshape(3, 3)
-                stress = -0.5 * (virial + virial.T) / abs(np.linalg.det(cell))
-                self.results["stress"] = stress[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+                self.results["stress"] = virial_to_stress(out["virial"][0], cell)
         else:
             shape = (3, 3) if self.output_size == 9 else (self.output_size,)
             self.results = {

@@ -216,6 +216,9 @@ def show(path: Path = typer.Argument(..., help="checkpoint or frozen model")) ->
     _run(body)
 
 
+app.add_typer(__import__("mtcore.md.cli", fromlist=["app"]).app, name="md")  # mtcore md lammps ...
+
+
 def main() -> None:  # pragma: no cover
     app()
 
