@@ -1,13 +1,18 @@
 """The ``mtcore`` command line: train, freeze, test, show, list-plugins.
 
 Every user error becomes one line on stderr (``error: <key or file>: <what was expected>``) and a
-non-zero exit; warnings are printed as ``warning: ...`` lines.
+non-zero exit; warnings are printed as ``warning: ...`` lines. An unexpected exception (a bug) is
+one line too (``internal error: ...``); ``mtcore --debug ...`` or ``MTCORE_DEBUG=1`` shows the
+traceback of either kind.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import List, Optional
@@ -15,6 +20,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from mtcore.errors import MtcoreError
 from mtcore.runtime import tune_allocator
@@ -24,8 +30,28 @@ console = Console()
 errors = Console(stderr=True)
 
 
+_debug = {"on": False}
+
+
+def _debugging() -> bool:
+    return _debug["on"] or os.environ.get("MTCORE_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error (also MTCORE_DEBUG=1)"),
+) -> None:
+    """Multi-task training of deep potential models."""
+    _debug["on"] = debug
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return " ".join(lines[:1]) + (" ..." if len(lines) > 1 else "")
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    errors.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    errors.print(Text.assemble(("warning:", "yellow"), f" {message}"), highlight=False, soft_wrap=True)
 
 
 def _run(func, *args, **kwargs):
@@ -36,11 +62,24 @@ def _run(func, *args, **kwargs):
     try:
         return func(*args, **kwargs)
     except MtcoreError as exc:
-        errors.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        if _debugging():
+            errors.print(Text(traceback.format_exc().rstrip()), highlight=False, soft_wrap=True)
+        errors.print(Text.assemble(("error:", "red"), f" {_one_line(exc)}"), highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         errors.print("[red]interrupted[/red]")
         raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback only with --debug
+        if _debugging():
+            errors.print(Text(traceback.format_exc().rstrip()), highlight=False, soft_wrap=True)
+            errors.print(Text.assemble(("internal error:", "red"), f" {type(exc).__name__}: {_one_line(exc)}"),
+                         highlight=False, soft_wrap=True)
+        else:
+            line = f" {type(exc).__name__}: {_one_line(exc)} (run with --debug for the traceback)"
+            errors.print(Text.assemble(("internal error:", "red"), line), highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     finally:
         warnings.showwarning = previous
 
@@ -150,6 +189,8 @@ def test_cmd(
     def body():
         from mtcore.evaluate import run_test
 
+        if numb_test < 0:
+            raise MtcoreError(f"-n/--numb-test: must be 0 (all frames) or a positive number of frames, got {numb_test}")
         systems = list(system)
         if datafile is not None:
             try:
@@ -161,13 +202,12 @@ def test_cmd(
         if as_json:
             payload = {
                 "systems": [
-                    {"system": r.system, "nframes": r.nframes,
-                     "errors": {k: {"mae": v.mae, "rmse": v.rmse} for k, v in r.stats.items()}}
+                    {"system": r.system, "nframes": r.nframes, "errors": {k: _json_stat(v) for k, v in r.stats.items()}}
                     for r in results
                 ],
-                "combined": {k: {"mae": v.mae, "rmse": v.rmse} for k, v in combined.items()},
+                "combined": {k: _json_stat(v) for k, v in combined.items()},
             }
-            sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+            sys.stdout.write(json.dumps(payload, indent=2, allow_nan=False) + "\n")
             return
         table = Table(title=f"{model}: {sum(r.nframes for r in results)} frames in {len(results)} system(s)")
         table.add_column("quantity")
@@ -178,6 +218,20 @@ def test_cmd(
         console.print(table)
 
     _run(body)
+
+
+def _json_stat(stat) -> dict:
+    """MAE/RMSE for JSON: a non-finite value (not JSON) is written as null with the reason."""
+    out: dict = {"mae": stat.mae, "rmse": stat.rmse}
+    bad = [k for k in ("mae", "rmse") if not math.isfinite(out[k])]
+    for key in bad:
+        out[key] = None
+    if bad:
+        out["why"] = (
+            "no values were compared" if not getattr(stat, "count", 1)
+            else "not finite: the model predicted, or a label holds, NaN or inf for some frame"
+        )
+    return out
 
 
 @app.command("list-plugins")

@@ -18,6 +18,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mtcore.errors import MtcoreError
+from mtcore.input_checks import (
+    check_data_section,
+    check_finite_numbers,
+    check_head_name,
+    check_learning_rate,
+    check_loss,
+    check_model,
+    check_network_settings,
+    check_training,
+    check_type_map,
+)
 from mtcore.plugins import Registry, get_registry
 from mtcore.schema import (
     check,
@@ -93,6 +104,45 @@ def read_input(path: Path) -> dict:
     if not isinstance(data, dict):
         raise MtcoreError(f"{path}: the input must be a JSON object with model, training, ... sections")
     return data
+
+
+_SECTIONS = {
+    "model": dict,
+    "training": dict,
+    "learning_rate": dict,
+    "loss": dict,
+    "learning_rate_dict": dict,
+    "loss_dict": dict,
+}
+_NESTED = {
+    ("model", "descriptor"): dict,
+    ("model", "fitting_net"): dict,
+    ("model", "fitting_net_dict"): dict,
+    ("model", "type_embedding"): dict,
+    ("training", "training_data"): dict,
+    ("training", "validation_data"): dict,
+    ("training", "data_dict"): dict,
+    ("training", "fitting_weight"): dict,
+}
+
+
+def _check_sections(doc: dict) -> None:
+    """Sections of the wrong kind (``"descriptor": 5``, ``training_data`` as a list) named before
+    mode detection or the schema look inside them."""
+    for key, kind in _SECTIONS.items():
+        value = doc.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise MtcoreError(f"{key}: expected a dict (JSON object), got {type(value).__name__} {value!r}")
+    for (outer, key), kind in _NESTED.items():
+        value = (doc.get(outer) or {}).get(key)
+        if value is not None and not isinstance(value, kind):
+            raise MtcoreError(f"{outer}/{key}: expected a dict (JSON object), got {type(value).__name__} {value!r}")
+    for missing in ("model", "training"):
+        if missing not in doc:
+            raise MtcoreError(f"{missing}: section missing; an input needs model, training (and usually learning_rate, loss)")
+    check_type_map(doc["model"].get("type_map"))
+    if doc["model"].get("descriptor") is None:
+        raise MtcoreError("model/descriptor: missing; give the shared descriptor (e.g. {\"type\": \"se_e2_a\", ...})")
 
 
 def _present(doc: dict, *keys: str) -> bool:
@@ -194,6 +244,8 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None) ->
     """Validate and normalise an input document (as loaded from JSON) into a RunConfig."""
     registry = registry or get_registry()
     doc = copy.deepcopy(doc)
+    check_finite_numbers(doc)
+    _check_sections(doc)
     multi = detect_mode(doc)
     if isinstance(doc.get("training"), dict) and doc["training"].get("mixed_precision"):
         warnings.warn(
@@ -210,6 +262,12 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None) ->
         loss = checked.get("loss") or _default_loss(registry, fitting, "loss")
         checked["loss"] = loss
         checked["learning_rate"] = check(learning_rate_argument(), checked.get("learning_rate") or {}, "learning_rate")
+        check_model(checked["model"])
+        check_training(training)
+        check_learning_rate(checked["learning_rate"], "learning_rate")
+        check_loss(loss, "loss")
+        check_data_section(training["training_data"], "training/training_data")
+        check_data_section(training["validation_data"], "training/validation_data")
         head = HeadConfig(
             SINGLE_HEAD,
             fitting,
@@ -235,6 +293,8 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None) ->
     if not fitting_dict:
         raise MtcoreError("model/fitting_net_dict: empty; give at least one head")
     heads = list(fitting_dict)
+    for h in heads:
+        check_head_name(h)
     _unknown_keys("training/data_dict", data_dict, heads)
     _unknown_keys("loss_dict", loss_dict, heads)
     if lr_dict is not None:
@@ -260,6 +320,12 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None) ->
         entry["training_data"] = _absolute_systems(entry.get("training_data"), base_dir)
         entry["validation_data"] = _absolute_systems(entry.get("validation_data"), base_dir)
         datas[h] = entry
+    check_model(checked["model"])
+    check_training(checked["training"])
+    for h in heads:
+        check_network_settings(fittings[h], "model/fitting_net_dict/" + h)
+        for part in ("training_data", "validation_data"):
+            check_data_section(datas.get(h, {}).get(part), f"training/data_dict/{h}/{part}")
     probabilities = _normalise_weights(heads, with_data, weights)
     losses = {}
     for h in heads:
@@ -267,11 +333,14 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None) ->
             losses[h] = check(loss_argument(registry, h), loss_dict[h] or {}, "loss_dict/" + h)
         else:
             losses[h] = _default_loss(registry, fittings[h], "loss_dict/" + h)
+        check_loss(losses[h], "loss_dict/" + h)
     shared_lr = check(learning_rate_argument(), checked.get("learning_rate") or {}, "learning_rate")
+    check_learning_rate(shared_lr, "learning_rate")
     lrs = {}
     for h in heads:
         if lr_dict is not None and h in lr_dict:
             lrs[h] = check(learning_rate_argument(h), lr_dict[h] or {}, "learning_rate_dict/" + h)
+            check_learning_rate(lrs[h], "learning_rate_dict/" + h)
         else:
             lrs[h] = shared_lr
     checked["model"]["fitting_net_dict"] = fittings

@@ -189,7 +189,7 @@ def check(argument: Argument, value: Any, where: Optional[str] = None) -> Any:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         match = _LOCATION.match(message)
         location = match.group(1) if match and match.group(1) else ""
-        message = _LOCATION.sub("", message)
+        message = _LOCATION.sub("", message).rstrip(":").rstrip()
         path = "/".join(p for p in (where, location) if p)
         raise MtcoreError(f"{path}: {message}" if path else message) from None
     return normalized

@@ -10,6 +10,7 @@ continues exactly where the run stopped.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -77,12 +78,17 @@ def resolve_batch_sizes(rule: Union[int, str, list], systems: Sequence[SystemDat
     if isinstance(rule, list):
         if len(rule) != len(systems):
             raise MtcoreError(f"{where}/batch_size: has {len(rule)} entries for {len(systems)} systems")
+        for value in rule:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MtcoreError(f"{where}/batch_size: list entries must be integers of at least 1, got {value!r}")
         return [int(v) for v in rule]
     if isinstance(rule, str) and (rule == "auto" or rule.startswith("auto:")):
         try:
             target = 32 if rule == "auto" else int(rule.split(":", 1)[1])
         except ValueError:
             raise MtcoreError(f"{where}/batch_size: '{rule}' is not 'auto:<int>'") from None
+        if target < 1:
+            raise MtcoreError(f"{where}/batch_size: '{rule}' needs a positive number of atoms")
         return [max(1, math.ceil(target / s.natoms)) for s in systems]
     raise MtcoreError(f"{where}/batch_size: '{rule}' is not an int, a list, 'auto' or 'auto:N'")
 
@@ -150,6 +156,14 @@ class DataSet:
         self.where = where
         self.cache = cache
         self.batch_sizes = resolve_batch_sizes(batch_size, systems, where)
+        if not (isinstance(batch_size, str) and batch_size.startswith("auto")):
+            for system, bs in zip(systems, self.batch_sizes):
+                if bs > system.nframes:
+                    warnings.warn(
+                        f"{where}/batch_size: {bs} is more than the {system.nframes} frames of {system.path}; "
+                        f"its batches hold {system.nframes} frames",
+                        stacklevel=2,
+                    )
         self.nbatches = [
             sum(max(1, size // bs) for size in (s.set_sizes or [s.nframes]))
             for s, bs in zip(systems, self.batch_sizes)

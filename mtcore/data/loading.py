@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -24,25 +25,61 @@ def _loader_for(path: Path, registry: Registry):
     return None
 
 
+def _walk_systems(root: Path, registry: Registry) -> list[Path]:
+    """Every system folder below ``root``, following folder links (data trees are often built from
+    links) but entering each real folder once, so a link loop ends the walk instead of looping."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, _ in os.walk(root, followlinks=True):
+        try:
+            info = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        key = (info.st_dev, info.st_ino)
+        if key in seen:
+            dirnames[:] = []
+            continue
+        seen.add(key)
+        dirnames.sort()
+        if _loader_for(Path(dirpath), registry) is not None:
+            found.append(Path(dirpath))
+    return found
+
+
+def _check_link(path: Path, where: str) -> None:
+    """A path that is a link loop (or leads into one) is named as such, not as 'not found'."""
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:
+        raise MtcoreError(f"{where}/systems: {path}: is a symlink loop") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise MtcoreError(f"{where}/systems: {path}: is a symlink loop") from None
+        if path.is_symlink():
+            raise MtcoreError(f"{where}/systems: {path}: is a link to a missing folder") from None
+        raise MtcoreError(f"{where}/systems: {path}: folder not found") from None
+
+
 def expand_systems(systems: Union[str, list], registry: Registry, where: str) -> list[Path]:
     """A list of system folders; a single folder string means every system found below it."""
     if isinstance(systems, str):
         root = Path(systems)
+        _check_link(root, where)
         if not root.is_dir():
             raise MtcoreError(f"{where}/systems: {root}: folder not found")
-        found = []
-        for dirpath, dirnames, _ in os.walk(root):
-            dirnames.sort()
-            if _loader_for(Path(dirpath), registry) is not None:
-                found.append(Path(dirpath))
+        found = _walk_systems(root, registry)
         if not found:
             raise MtcoreError(f"{where}/systems: no data system found below {root}")
         return found
+    if not isinstance(systems, list) or not systems:
+        raise MtcoreError(f"{where}/systems: expected a folder or a non-empty list of folders, got {systems!r}")
     paths = []
     for s in systems:
+        if not isinstance(s, str):
+            raise MtcoreError(f"{where}/systems: expected folder paths (strings), got {s!r}")
         path = Path(s)
-        if not path.exists():
-            raise MtcoreError(f"{where}/systems: {path}: folder not found")
+        _check_link(path, where)
         paths.append(path)
     return paths
 
@@ -84,11 +121,10 @@ def pooled_neighbor_stat(systems: list[SystemData], ntypes: int) -> NeighborStat
             for system in systems:
                 for f in range(system.nframes):
                     box = None if system.boxes is None else system.boxes[f]
-                    per, tot, d = max_neighbor_counts(system.coords[f], box, np.asarray(system.atypes[f]), rcut, ntypes)
+                    per, tot, d = max_neighbor_counts(system.coords[f], box, np.asarray(system.atypes[f]), rcut, ntypes,
+                                                      name=(system.path, f))
                     per_type = np.maximum(per_type, per)
                     total, mind = max(total, tot), min(mind, d)
-            if mind < 1e-3:
-                raise MtcoreError(f"atoms overlap (distance {mind:.2e} Å) in the training data")
             computed[rcut] = ([int(v) for v in per_type], total, float(mind))
         return computed[rcut]
 

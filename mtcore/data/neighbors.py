@@ -12,6 +12,10 @@ from typing import Optional
 import numpy as np
 import vesin
 
+from mtcore.errors import MtcoreError
+
+OVERLAP = 1e-3  # Å: closer atoms are a data error (a duplicated atom), not physics
+
 _EMPTY = (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros((0, 3), np.int16))
 
 
@@ -41,11 +45,27 @@ def frame_neighbor_list(
     )
 
 
+def check_overlap(i: np.ndarray, j: np.ndarray, d: np.ndarray, name: Optional[tuple[str, int]]) -> None:
+    """Atoms closer than OVERLAP give infinite descriptors: refuse, naming system, frame, atoms."""
+    if d.size == 0:
+        return
+    k = int(np.argmin(d))
+    if d[k] < OVERLAP:
+        system, frame = name if name is not None else ("?", -1)
+        a, b = sorted((int(i[k]), int(j[k])))
+        raise MtcoreError(
+            f"{system}: frame {frame}: atoms {a} and {b} overlap (distance {float(d[k]):.2e} Å < {OVERLAP} Å)"
+        )
+
+
 def max_neighbor_counts(
-    coord: np.ndarray, box: Optional[np.ndarray], atype: np.ndarray, rcut: float, ntypes: int
+    coord: np.ndarray, box: Optional[np.ndarray], atype: np.ndarray, rcut: float, ntypes: int,
+    name: Optional[tuple[str, int]] = None,
 ) -> tuple[np.ndarray, int, float]:
-    """Per neighbour type: the largest count around any atom; also the largest total, min distance."""
+    """Per neighbour type: the largest count around any atom; also the largest total, min distance.
+    ``name`` (system, frame) is what an overlap error names."""
     i, j, _, d = frame_neighbor_list(coord, box, atype, rcut)
+    check_overlap(i, j, d, name)
     natoms = coord.shape[0]
     per = np.bincount(i.astype(np.int64) * ntypes + atype[j], minlength=natoms * ntypes).reshape(natoms, ntypes)
     total = per.sum(1)
@@ -67,7 +87,8 @@ class NeighborCache:
         hit = self._store.get(key)
         if hit is not None:
             return hit
-        i, j, img, _ = frame_neighbor_list(coord, box, atype, self.rcut)
+        i, j, img, d = frame_neighbor_list(coord, box, atype, self.rcut)
+        check_overlap(i, j, d, (str(system_id), int(frame)))
         entry = (i, j, img)
         size = i.nbytes + j.nbytes + img.nbytes
         if self.used + size <= self.budget:

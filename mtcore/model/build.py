@@ -43,8 +43,11 @@ def _settings_errors(where: str, kind: str) -> Iterator[None]:
     line naming the input section instead of a traceback from inside torch."""
     try:
         yield
-    except MtcoreError:
-        raise
+    except MtcoreError as exc:
+        text = str(exc)
+        if text.startswith(("model/", "shared layer", "fitting net", "loss")):
+            raise
+        raise MtcoreError(f"{where}: {text}") from None
     except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MtcoreError(f"{where}: cannot build a '{kind}' from these settings: {detail}") from None
@@ -73,6 +76,7 @@ def build_model(config: RunConfig, registry: Optional[Registry] = None) -> Multi
                 f"(se_e2_a, se_atten, or a hybrid containing one); '{config.model['descriptor']['type']}' has none"
             )
         heads[name] = fitting
+    manager.check_usage(heads)
     return MultiHeadModel(descriptor, heads, type_map, manager.module_dict(), manager.users)
 
 

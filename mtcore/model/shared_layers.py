@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mtcore.errors import MtcoreError
-from mtcore.model.mlp import Dense
+from mtcore.model.mlp import Block, Dense
 
 
 @dataclass
@@ -25,6 +25,7 @@ class _Owner:
     index: int
     shape: tuple[int, int]
     dtype: torch.dtype
+    activation: str
 
 
 @dataclass
@@ -72,7 +73,7 @@ class SharedLayerManager:
         if existing is None:
             layer = Dense(n_in, n_out, activation, dtype, generator)
             self.layers[key] = layer
-            self.owners[key] = _Owner(head, index, (n_in, n_out), dtype)
+            self.owners[key] = _Owner(head, index, (n_in, n_out), dtype, activation)
             self.users[key] = [head]
             return layer
         owner = self.owners[key]
@@ -83,12 +84,46 @@ class SharedLayerManager:
             )
         if owner.dtype != dtype:
             raise MtcoreError(
-                f"shared layer '{name}': head '{owner.head}' uses {owner.dtype} but head '{head}' uses {dtype}"
+                f"shared layer '{name}': head '{owner.head}' uses precision {str(owner.dtype).replace('torch.', '')} "
+                f"but head '{head}' uses {str(dtype).replace('torch.', '')}"
+            )
+        if _activation_kind(owner.activation) != _activation_kind(activation):
+            raise MtcoreError(
+                f"shared layer '{name}': head '{owner.head}' layer {owner.index} uses activation_function "
+                f"'{owner.activation}' but head '{head}' layer {index} uses '{activation}'; a shared layer computes "
+                "one function (use the same activation_function or different layer names)"
             )
         if head not in self.users[key]:
             self.users[key].append(head)
         return existing
 
+    def check_usage(self, heads: dict[str, nn.Module]) -> None:
+        """After every head is built: each shared layer must be applied the same way in every head
+        that uses it. The resnet timestep (``resnet_dt``) multiplies a layer's output in some
+        positions; a layer scaled by it in one head and not in another would compute two different
+        functions with one set of weights, so that is refused naming both heads."""
+        keys = {id(layer): key for key, layer in self.layers.items()}
+        seen: dict[str, tuple[str, bool]] = {}
+        for head, module in heads.items():
+            for block in module.modules():
+                if not isinstance(block, Block) or id(block.dense) not in keys:
+                    continue
+                key = keys[id(block.dense)]
+                uses = bool(block.use_timestep and block.dense.idt is not None)
+                first = seen.setdefault(key, (head, uses))
+                if first[1] != uses:
+                    name = key.split("/", 1)[0]
+                    with_dt, without = (first[0], head) if first[1] else (head, first[0])
+                    raise MtcoreError(
+                        f"shared layer '{name}': head '{with_dt}' scales it by a resnet timestep (resnet_dt) but head "
+                        f"'{without}' does not; give both heads the same resnet_dt (and layer widths) or different layer names"
+                    )
+
     def module_dict(self) -> nn.ModuleDict:
         """The shared layers as one ModuleDict (keys with '/' replaced), for the model to own."""
         return nn.ModuleDict({key.replace("/", "__").replace(".", "_"): layer for key, layer in self.layers.items()})
+
+
+def _activation_kind(name: str) -> str:
+    """Names that mean the same function (none/None/linear; gelu/gelu_tf) compare equal."""
+    return {"None": "none", "linear": "none", "gelu_tf": "gelu"}.get(name, name)

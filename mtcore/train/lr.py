@@ -22,8 +22,12 @@ class ExpDecay:
     numb_steps: int
 
     def __post_init__(self) -> None:
-        if self.start_lr <= 0 or self.stop_lr <= 0:
-            raise MtcoreError("learning_rate: start_lr and stop_lr must be positive")
+        if not (math.isfinite(self.start_lr) and math.isfinite(self.stop_lr)) or self.start_lr <= 0 or self.stop_lr <= 0:
+            raise MtcoreError("learning_rate: start_lr and stop_lr must be positive numbers")
+        if self.stop_lr > self.start_lr:
+            raise MtcoreError(f"learning_rate: stop_lr ({self.stop_lr:g}) is larger than start_lr ({self.start_lr:g})")
+        if self.numb_steps < 0:
+            raise MtcoreError(f"training/numb_steps: must be at least 0, got {self.numb_steps}")
         if self.decay_steps < 1:
             raise MtcoreError("learning_rate/decay_steps: must be at least 1")
         steps = max(1, self.numb_steps)

@@ -26,10 +26,50 @@ def detect(path: Path) -> bool:
 
 
 def _read_npy(path: Path) -> np.ndarray:
+    """A numeric .npy file as float64; anything else is one line naming the file."""
     try:
-        return np.load(path)
+        raw = np.load(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable file becomes one clear line
-        raise MtcoreError(f"{path}: cannot be read as a .npy array ({type(exc).__name__}: {exc})") from None
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise MtcoreError(f"{path}: cannot be read as a .npy array ({type(exc).__name__}: {detail})") from None
+    if not isinstance(raw, np.ndarray) or raw.dtype.kind not in "biuf":
+        kind = raw.dtype if isinstance(raw, np.ndarray) else type(raw).__name__
+        raise MtcoreError(f"{path}: holds {kind} values; expected real numbers")
+    if raw.ndim == 0:
+        raise MtcoreError(f"{path}: holds a single number; expected one row per frame")
+    return raw.astype(np.float64, copy=False)
+
+
+def _frames(path: Path, raw: np.ndarray, nframes: int, width: Optional[int] = None) -> np.ndarray:
+    """``raw`` as [nframes, values]. The first axis counts frames; a 1-D file is cut into frames of
+    ``width`` values (into ``nframes`` rows when the width is not fixed). A frame count that
+    differs from coord.npy's is reported as the two frame counts."""
+    if raw.ndim == 1:
+        if width is None:
+            width = raw.size // nframes if nframes and raw.size % nframes == 0 else raw.size
+        if width == 0 or raw.size % width:
+            raise MtcoreError(f"{path}: holds {raw.size} values, not a whole number of frames of {width} values")
+        raw = raw.reshape(-1, width)
+    if raw.shape[0] != nframes:
+        raise MtcoreError(f"{path}: has {raw.shape[0]} frames; coord.npy has {nframes}")
+    return raw.reshape(nframes, -1)
+
+
+def check_finite(path: Path, values: np.ndarray, per_atom: int = 0) -> None:
+    """Refuse NaN/inf: one vectorised test over the whole array; the message names the first bad
+    frame (and atom, for atomic arrays of ``per_atom`` values per atom) and how many are bad."""
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return
+    flat = values.reshape(values.shape[0], -1)
+    frame, column = (int(v) for v in np.argwhere(bad.reshape(flat.shape))[0])
+    value = flat[frame, column]
+    where = f"frame {frame}" + (f", atom {column // per_atom}" if per_atom else f", column {column}")
+    count = int(bad.sum())
+    raise MtcoreError(
+        f"{path}: non-finite value {value} at {where} ({count} non-finite value{'s' if count > 1 else ''} in the file); "
+        "fix or drop these frames"
+    )
 
 
 def _read_types(system: Path) -> np.ndarray:
@@ -56,7 +96,17 @@ def _type_mapping(system: Path, ntypes_in_file: int, type_map: Optional[list[str
                 "(add a type_map.raw to map elements by name)"
             )
         return np.arange(ntypes_in_file)
-    names = map_file.read_text().split()
+    try:
+        names = map_file.read_text().split()
+    except (OSError, ValueError) as exc:
+        raise MtcoreError(f"{map_file}: cannot be read as text ({exc})") from None
+    if not names:
+        raise MtcoreError(f"{map_file}: is empty; expected one element name per type")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise MtcoreError(
+            f"{map_file}: names {', '.join(repr(n) for n in repeated)} twice; each type needs its own element name"
+        )
     if len(names) < ntypes_in_file:
         raise MtcoreError(f"{map_file}: names {len(names)} types but type.raw uses {ntypes_in_file}")
     if type_map is None:
@@ -75,12 +125,9 @@ def _label(
     path = set_dir / f"{req.key}.npy"
     if not path.is_file():
         return None
-    raw = _read_npy(path).astype(np.float64)
-    if raw.ndim == 1 and nframes == 1 and raw.size != 1:
-        raw = raw.reshape(1, -1)
-    raw = raw.reshape(nframes, -1) if raw.size % max(nframes, 1) == 0 else raw
-    if raw.ndim != 2 or raw.shape[0] != nframes:
-        raise MtcoreError(f"{path}: has shape {raw.shape}; expected {nframes} frames as in coord.npy")
+    fixed = req.ndof if not req.atomic else (natoms * req.ndof if req.sel_types is None else None)
+    raw = _frames(path, _read_npy(path), nframes, fixed)
+    check_finite(path, raw, req.ndof if req.atomic and raw.shape[1] == natoms * req.ndof else 0)
     width = raw.shape[1]
     if not req.atomic:
         if width != req.ndof:
@@ -127,21 +174,26 @@ def load(path: Path, type_map: Optional[list[str]], requirements: list[DataRequi
         coord_file = set_dir / "coord.npy"
         if not coord_file.is_file():
             raise MtcoreError(f"{coord_file}: not found (every set folder needs coord.npy)")
-        coord = _read_npy(coord_file).astype(np.float64)
-        if coord.ndim == 1:
-            coord = coord.reshape(1, -1)
-        coord = coord.reshape(coord.shape[0], -1)
+        coord = _read_npy(coord_file)
+        if coord.shape[0] == 0 or coord.size == 0:
+            raise MtcoreError(f"{coord_file}: holds no frames (shape {coord.shape}); remove the empty set folder")
+        coord = coord.reshape(1, -1) if coord.ndim == 1 else coord.reshape(coord.shape[0], -1)
         if coord.shape[1] != 3 * natoms:
             raise MtcoreError(
                 f"{coord_file}: has {coord.shape[1]} values per frame but type.raw lists {natoms} atoms "
                 f"(expected {3 * natoms})"
             )
+        check_finite(coord_file, coord, 3)
         nframes = coord.shape[0]
         coords.append(coord.reshape(nframes, natoms, 3))
         sizes.append(nframes)
         real_types_file = set_dir / "real_atom_types.npy"
         if real_types_file.is_file():
-            real = _read_npy(real_types_file).astype(np.int64).reshape(nframes, -1)
+            real_raw = _frames(real_types_file, _read_npy(real_types_file), nframes, natoms)
+            check_finite(real_types_file, real_raw, 1)
+            if np.any(real_raw != np.round(real_raw)):
+                raise MtcoreError(f"{real_types_file}: atom types must be integers")
+            real = real_raw.astype(np.int64)
             if real.shape[1] != natoms:
                 raise MtcoreError(f"{real_types_file}: has {real.shape[1]} atoms per frame; expected {natoms}")
             if real.max() >= len(mapping):
@@ -154,11 +206,13 @@ def load(path: Path, type_map: Optional[list[str]], requirements: list[DataRequi
             box_file = set_dir / "box.npy"
             if not box_file.is_file():
                 raise MtcoreError(f"{box_file}: not found (add an empty 'nopbc' file for a non-periodic system)")
-            box = _read_npy(box_file).astype(np.float64).reshape(-1, 9)
-            if box.shape[0] != nframes:
-                raise MtcoreError(f"{box_file}: has {box.shape[0]} frames; coord.npy has {nframes}")
-            if np.any(np.abs(np.linalg.det(box.reshape(-1, 3, 3))) < 1e-8):
-                raise MtcoreError(f"{box_file}: a cell has zero volume")
+            box = _frames(box_file, _read_npy(box_file), nframes, 9)
+            if box.shape[1] != 9:
+                raise MtcoreError(f"{box_file}: has {box.shape[1]} values per frame; expected 9 (a 3x3 cell)")
+            check_finite(box_file, box)
+            flat = np.abs(np.linalg.det(box.reshape(-1, 3, 3))) < 1e-8
+            if flat.any():
+                raise MtcoreError(f"{box_file}: the cell of frame {int(np.argmax(flat))} has zero volume")
             boxes.append(box.reshape(nframes, 3, 3))
         for req in requirements:
             value = _label(set_dir, req, nframes, natoms, frame_types)

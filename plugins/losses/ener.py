@@ -72,6 +72,9 @@ class EnerLoss(Loss):
         metrics: bool = False,
     ) -> tuple[torch.Tensor, Dict[str, float]]:
         natoms = atype.shape[1]
+        # lr/start_lr lies in [0, 1] for a decaying schedule; clamping keeps every prefactor between
+        # its limit and start value whatever schedule a caller passes (never negative)
+        lr_ratio = min(max(float(lr_ratio), 0.0), 1.0)
         pref = {t: self.limit[t] + (self.start[t] - self.limit[t]) * lr_ratio for t in TERMS}
         loss = pred["energy"].new_zeros(())
         l2: Dict[str, Optional[torch.Tensor]] = {}
@@ -107,7 +110,7 @@ class EnerLoss(Loss):
                 loss = loss + pref["ae"] * l2["ae"]
         if not metrics:
             return loss, {}
-        values = {"rmse": math.sqrt(float(loss.detach()))}
+        values = {"rmse": math.sqrt(max(float(loss.detach()), 0.0))}
         for t in TERMS:
             if not self.active[t]:
                 continue

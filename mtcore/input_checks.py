@@ -1,0 +1,165 @@
+"""Value checks the dargs schema cannot express: ranges, names, and settings that must agree.
+
+dargs checks types and keys; these checks catch inputs of the right type that would otherwise
+train silently on something else (``neuron: []`` becoming the default widths, a negative step
+count, a learning rate that grows so loss prefactors go negative, duplicate element names) or fail
+deep inside numpy/torch with a traceback (a seed beyond 64 bits, a float layer width). Each error
+is one line naming the key path.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Optional
+
+from mtcore.errors import MtcoreError
+
+SEED_MAX = 2**63 - 1  # numpy and torch both take 0..2^63-1 (a signed 64-bit integer)
+
+# Head names become module names (no '.' in torch), file names (frozen_model_<head>.pth) and
+# lcurve column suffixes: letters, digits, '_' and '-', starting with a letter, digit or '_'.
+HEAD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_finite_numbers(node: Any, where: str = "") -> None:
+    """JSON has no NaN/Infinity, but Python's reader accepts them: refuse them anywhere."""
+    if isinstance(node, float) and not math.isfinite(node):
+        raise MtcoreError(f"{where or 'input'}: {node} is not a finite number")
+    if isinstance(node, dict):
+        for key, value in node.items():
+            check_finite_numbers(value, f"{where}/{key}" if where else str(key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            check_finite_numbers(value, f"{where}[{index}]")
+
+
+def check_head_name(name: Any, where: str = "model/fitting_net_dict") -> None:
+    if not isinstance(name, str) or not HEAD_NAME.fullmatch(name):
+        raise MtcoreError(
+            f"{where}: head name {name!r} is not allowed; use 1-64 letters, digits, '_' or '-' "
+            "(not starting with '-'); no '.', '/', spaces or control characters"
+        )
+
+
+def check_type_map(type_map: Any, where: str = "model/type_map") -> None:
+    if type_map is None:
+        return
+    if not isinstance(type_map, list) or not all(isinstance(n, str) for n in type_map):
+        raise MtcoreError(f'{where}: expected a list of element names (e.g. ["O", "H"]), got {type_map!r}')
+    for name in type_map:
+        if not name or name != name.strip() or any(c.isspace() for c in name):
+            raise MtcoreError(f"{where}: element name {name!r} is empty or contains spaces")
+    repeated = sorted({n for n in type_map if type_map.count(n) > 1})
+    if repeated:
+        raise MtcoreError(f"{where}: names {', '.join(repr(n) for n in repeated)} twice; each type needs its own name")
+
+
+def check_seed(value: Any, where: str) -> None:
+    if value is None:
+        return
+    if not _is_int(value) or not 0 <= value <= SEED_MAX:
+        raise MtcoreError(f"{where}: {value!r} is not a seed; use an integer from 0 to 2^63-1, or null for a random one")
+
+
+def check_neuron(value: Any, where: str) -> None:
+    if not isinstance(value, list) or not value:
+        raise MtcoreError(f"{where}: expected a non-empty list of layer widths, got {value!r}")
+    for width in value:
+        if not _is_int(width) or width < 1:
+            raise MtcoreError(f"{where}: layer widths must be positive integers, got {width!r}")
+
+
+def check_sel(value: Any, where: str) -> None:
+    """``sel``: a count, one count per type, "auto" or "auto:<factor>"."""
+    if isinstance(value, str):
+        if value == "auto":
+            return
+        if value.startswith("auto:"):
+            try:
+                if float(value[5:]) > 0:
+                    return
+            except ValueError:
+                pass
+        raise MtcoreError(f'{where}: {value!r} is not "auto", "auto:<factor>", a count or a list of counts per type')
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(_is_int(v) and v >= 0 for v in values):
+        raise MtcoreError(f"{where}: expected non-negative integer neighbour counts, got {value!r}")
+
+
+def check_network_settings(node: Any, where: str) -> None:
+    """Every ``neuron`` and ``seed`` inside a model section (descriptors, hybrids, fitting nets,
+    type embedding), wherever a plugin puts them."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{where}/{key}"
+            if key == "neuron" and value is not None:
+                check_neuron(value, path)
+            elif key == "seed":
+                check_seed(value, path)
+            elif key == "sel":
+                check_sel(value, path)
+            else:
+                check_network_settings(value, path)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            check_network_settings(value, f"{where}[{index}]")
+
+
+def check_learning_rate(section: dict, where: str) -> None:
+    start, stop = section.get("start_lr"), section.get("stop_lr")
+    for key, value in (("start_lr", start), ("stop_lr", stop)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise MtcoreError(f"{where}/{key}: must be a positive number, got {value!r}")
+    if stop > start:
+        raise MtcoreError(
+            f"{where}: stop_lr ({stop:g}) is larger than start_lr ({start:g}); the rate decays from start_lr "
+            "to stop_lr (loss prefactors move from start_pref to limit_pref with it)"
+        )
+    decay = section.get("decay_steps")
+    if decay is not None and (not _is_int(decay) or decay < 1):
+        raise MtcoreError(f"{where}/decay_steps: must be at least 1, got {decay!r}")
+
+
+def check_data_section(section: Optional[dict], where: str) -> None:
+    if section is None:
+        return
+    numb_btch = section.get("numb_btch")
+    if numb_btch is not None and (not _is_int(numb_btch) or numb_btch < 1):
+        raise MtcoreError(f"{where}/numb_btch: must be at least 1, got {numb_btch!r}")
+    systems = section.get("systems")
+    if isinstance(systems, list) and not systems:
+        raise MtcoreError(f"{where}/systems: empty; give at least one system folder")
+
+
+def check_training(training: dict) -> None:
+    steps = training.get("numb_steps")
+    if not _is_int(steps) or steps < 0:
+        raise MtcoreError(f"training/numb_steps: must be an integer of at least 0 (0: statistics only), got {steps!r}")
+    check_seed(training.get("seed"), "training/seed")
+    for key in ("disp_freq", "save_freq"):
+        value = training.get(key)
+        if value is not None and (not _is_int(value) or value < 0):
+            raise MtcoreError(f"training/{key}: must be a non-negative integer, got {value!r}")
+
+
+def check_model(model: dict) -> None:
+    check_type_map(model.get("type_map"))
+    nbatch = model.get("data_stat_nbatch")
+    if nbatch is not None and (not _is_int(nbatch) or nbatch < 1):
+        raise MtcoreError(f"model/data_stat_nbatch: must be at least 1, got {nbatch!r}")
+    for key in ("descriptor", "type_embedding", "fitting_net"):
+        if model.get(key) is not None:
+            check_network_settings(model[key], f"model/{key}")
+
+
+def check_loss(section: dict, where: str) -> None:
+    """Loss prefactors (``start_pref_*``, ``limit_pref_*``, ``pref``, ``pref_atomic``) weigh squared
+    errors: a negative one would reward errors."""
+    for key, value in section.items():
+        if key.startswith(("start_pref", "limit_pref", "pref")) and isinstance(value, (int, float)) and value < 0:
+            raise MtcoreError(f"{where}/{key}: must not be negative, got {value!r}")

@@ -1,0 +1,391 @@
+"""The bad-input matrix (issue 18): every bad input or bad data file gives ONE line naming the key
+or file, exit code 1, and no traceback, through the CLI in-process.
+
+Each case starts from a tiny valid run (a 4-frame copy of the water system data_0, a small
+se_e2_a + ener net, numb_steps 1) and breaks one thing. Every case must fail before training
+starts, so the whole matrix runs in seconds. A few non-matrix tests at the end check what is
+accepted on purpose (numb_steps 0, the batch_size warning, --debug, JSON without NaN).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from helpers import WATER
+from mtcore.cli import app
+
+NFRAMES = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_system(tmp_path_factory) -> Path:
+    """data_0 cut to its first 4 frames (192 atoms), written once per module."""
+    target = tmp_path_factory.mktemp("tiny") / "sys"
+    (target / "set.000").mkdir(parents=True)
+    for name in ("type.raw", "type_map.raw"):
+        shutil.copy(WATER / "data_0" / name, target / name)
+    for npy in (WATER / "data_0" / "set.000").glob("*.npy"):
+        np.save(target / "set.000" / npy.name, np.load(npy)[:NFRAMES].astype(np.float64))
+    return target
+
+
+def base_doc(system: Path) -> dict:
+    return {
+        "model": {
+            "type_map": ["O", "H"],
+            "descriptor": {"type": "se_e2_a", "sel": [46, 92], "rcut": 6.0, "rcut_smth": 0.5, "neuron": [4, 8],
+                           "axis_neuron": 2, "seed": 1},
+            "fitting_net": {"neuron": [8], "seed": 2},
+        },
+        "learning_rate": {"type": "exp", "start_lr": 1e-3, "stop_lr": 1e-5, "decay_steps": 10},
+        "loss": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1},
+        "training": {
+            "training_data": {"systems": [str(system)], "batch_size": 1},
+            "numb_steps": 1,
+            "seed": 1,
+            "disp_freq": 1,
+            "save_freq": 1,
+        },
+    }
+
+
+def multi_doc(system: Path, names=("a", "b")) -> dict:
+    doc = base_doc(system)
+    fitting = doc["model"].pop("fitting_net")
+    loss = doc.pop("loss")
+    data = doc["training"].pop("training_data")
+    doc["model"]["fitting_net_dict"] = {n: dict(fitting, layer_name=["l0", None]) for n in names}
+    doc["loss_dict"] = {n: dict(loss) for n in names}
+    doc["training"]["data_dict"] = {n: {"training_data": dict(data)} for n in names}
+    return doc
+
+
+# --- small mutators ------------------------------------------------------------------------------
+def put(path: str, value):
+    """Set doc[path] (keys separated by '/'; creates nothing)."""
+
+    def mutate(doc, system, tmp):
+        *parents, last = path.split("/")
+        node = doc
+        for key in parents:
+            node = node[key]
+        node[last] = copy.deepcopy(value)
+
+    return mutate
+
+
+def drop(path: str):
+    def mutate(doc, system, tmp):
+        *parents, last = path.split("/")
+        node = doc
+        for key in parents:
+            node = node[key]
+        del node[last]
+
+    return mutate
+
+
+def npy(name: str, change: Callable[[np.ndarray], np.ndarray]):
+    """Rewrite set.000/<name>.npy with change(old)."""
+
+    def mutate(doc, system, tmp):
+        path = system / "set.000" / f"{name}.npy"
+        np.save(path, change(np.load(path)))
+
+    return mutate
+
+
+def with_value(index, value):
+    def change(a):
+        a = a.copy()
+        a[index] = value
+        return a
+
+    return change
+
+
+def write(relative: str, text):
+    def mutate(doc, system, tmp):
+        path = system / relative
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(text)
+
+    return mutate
+
+
+def remove(relative: str):
+    def mutate(doc, system, tmp):
+        path = system / relative
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    return mutate
+
+
+def truncate(name: str):
+    def mutate(doc, system, tmp):
+        path = system / "set.000" / f"{name}.npy"
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+    return mutate
+
+
+def both(*mutators):
+    def mutate(doc, system, tmp):
+        for m in mutators:
+            m(doc, system, tmp)
+
+    return mutate
+
+
+def multi(*mutators, names=("a", "b")):
+    """Start from the two-head multi-task input, then apply mutators."""
+
+    def mutate(doc, system, tmp):
+        doc.clear()
+        doc.update(multi_doc(system, names))
+        for m in mutators:
+            m(doc, system, tmp)
+
+    return mutate
+
+
+def overlap(frame: int, i: int, j: int):
+    def mutate(doc, system, tmp):
+        path = system / "set.000" / "coord.npy"
+        coord = np.load(path).reshape(NFRAMES, -1, 3)
+        coord[frame, j] = coord[frame, i] + 1e-4
+        np.save(path, coord.reshape(NFRAMES, -1))
+
+    return mutate
+
+
+def symlink_loop(doc, system, tmp):
+    root = tmp / "tree"
+    root.mkdir()
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (root / "self").symlink_to(root / "self")
+    shutil.copytree(system, root / "real")
+    doc["training"]["training_data"]["systems"] = [str(root / "self")]
+
+
+def no_system_below(doc, system, tmp):
+    (tmp / "empty").mkdir()
+    doc["training"]["training_data"]["systems"] = str(tmp / "empty")
+
+
+def second_set_without_force(doc, system, tmp):
+    shutil.copytree(system / "set.000", system / "set.001")
+    (system / "set.001" / "force.npy").unlink()
+
+
+def raw_input(text: str):
+    def mutate(doc, system, tmp):
+        doc.clear()
+        doc["__raw__"] = text
+
+    return mutate
+
+
+# --- the matrix ----------------------------------------------------------------------------------
+# (id, mutator, regex the one line must match, CLI args; default: train input.json)
+TRAIN = ["train", "input.json"]
+CASES: list[tuple[str, Callable, str, Optional[list]]] = [
+    # the input document: sections missing in turn
+    ("missing-model", drop("model"), r"model", None),
+    ("missing-training", drop("training"), r"training", None),
+    ("missing-descriptor", drop("model/descriptor"), r"descriptor", None),
+    ("missing-fitting_net", drop("model/fitting_net"), r"model/fitting_net", None),
+    ("missing-training_data", drop("training/training_data"), r"training/training_data", None),
+    ("missing-numb_steps", drop("training/numb_steps"), r"numb_steps", None),
+    ("missing-systems", drop("training/training_data/systems"), r"systems", None),
+    ("missing-type_map", drop("model/type_map"), r"model/type_map", None),
+    ("missing-descriptor-type", drop("model/descriptor/type"), r"model/descriptor.*type", None),
+    ("not-json", raw_input('{"model": '), r"input.json: not valid JSON", None),
+    ("json-list", raw_input("[1, 2]"), r"input.json: the input must be a JSON object", None),
+    ("json-nan", put("learning_rate/start_lr", math.nan), r"learning_rate/start_lr.*(NaN|nan|finite)", None),
+    ("json-inf", put("model/descriptor/rcut", math.inf), r"model/descriptor/rcut.*(inf|finite)", None),
+    ("input-missing", lambda d, s, t: None, r"nowhere.json: input file not found", ["train", "nowhere.json"]),
+    # wrong types in each nested dict
+    ("model-int", put("model", 5), r"model", None),
+    ("training-list", put("training", []), r"training", None),
+    ("descriptor-int", put("model/descriptor", 5), r"model/descriptor", None),
+    ("descriptor-unknown-type", put("model/descriptor/type", "se_xyz"), r"descriptor.*se_xyz", None),
+    ("fitting-int", put("model/fitting_net", 5), r"model/fitting_net", None),
+    ("fitting-unknown-type", put("model/fitting_net/type", "nope"), r"fitting_net.*nope", None),
+    ("sel-str", put("model/descriptor/sel", "x"), r"model/descriptor/sel", None),
+    ("sel-list-str", put("model/descriptor/sel", ["a", "b"]), r"model/descriptor/sel", None),
+    ("sel-wrong-length", put("model/descriptor/sel", [46, 92, 3]), r"model/descriptor/sel", None),
+    ("sel-negative", put("model/descriptor/sel", [-1, 92]), r"model/descriptor/sel", None),
+    ("rcut-str", put("model/descriptor/rcut", "6"), r"rcut", None),
+    ("rcut_smth-above-rcut", put("model/descriptor/rcut_smth", 7.0), r"rcut_smth", None),
+    ("neuron-str", put("model/descriptor/neuron", "abc"), r"model/descriptor.*neuron", None),
+    ("descriptor-neuron-empty", put("model/descriptor/neuron", []), r"model/descriptor/neuron", None),
+    ("fitting-neuron-empty", put("model/fitting_net/neuron", []), r"model/fitting_net/neuron", None),
+    ("fitting-neuron-float", put("model/fitting_net/neuron", [64.5]), r"model/fitting_net/neuron.*64.5", None),
+    ("descriptor-neuron-float", put("model/descriptor/neuron", [4, 8.5]), r"model/descriptor/neuron.*8.5", None),
+    ("neuron-bool", put("model/fitting_net/neuron", [True]), r"model/fitting_net/neuron", None),
+    ("activation-unknown", put("model/fitting_net/activation_function", "swish9"), r"activation_function.*swish9", None),
+    ("precision-unknown", put("model/descriptor/precision", "float8"), r"precision.*float8", None),
+    ("axis_neuron-big", put("model/descriptor/axis_neuron", 1000), r"model/descriptor/axis_neuron", None),
+    ("type_map-str", put("model/type_map", "O H"), r"model/type_map", None),
+    ("type_map-ints", put("model/type_map", [1, 2]), r"model/type_map", None),
+    ("type_map-duplicates", put("model/type_map", ["O", "O"]), r"model/type_map.*'O'.*(twice|duplicate)", None),
+    ("type_map-empty-name", put("model/type_map", ["O", ""]), r"model/type_map", None),
+    ("training_data-list", put("training/training_data", [1]), r"training_data", None),
+    ("systems-int", put("training/training_data/systems", 5), r"systems", None),
+    ("systems-list-of-int", put("training/training_data/systems", [5]), r"systems", None),
+    ("systems-missing-folder", put("training/training_data/systems", ["/nowhere/x"]), r"systems: /nowhere/x: folder not found", None),
+    ("systems-empty-list", put("training/training_data/systems", []), r"systems", None),
+    ("systems-no-system-below", no_system_below, r"systems: no data system found below", None),
+    ("systems-symlink-loop", symlink_loop, r"systems.*self.*(symlink|link) loop", None),
+    ("batch_size-zero", put("training/training_data/batch_size", 0), r"batch_size", None),
+    ("batch_size-negative", put("training/training_data/batch_size", -3), r"batch_size", None),
+    ("batch_size-word", put("training/training_data/batch_size", "huge"), r"batch_size.*huge", None),
+    ("batch_size-auto-bad", put("training/training_data/batch_size", "auto:x"), r"batch_size.*auto:x", None),
+    ("batch_size-list-length", put("training/training_data/batch_size", [1, 2]), r"batch_size", None),
+    ("batch_size-list-zero", put("training/training_data/batch_size", [0]), r"batch_size", None),
+    ("sys_probs-length", put("training/training_data/sys_probs", [0.5, 0.5]), r"sys_probs", None),
+    ("auto_prob-unknown", put("training/training_data/auto_prob", "prob_magic"), r"auto_prob.*prob_magic", None),
+    ("numb_steps-negative", put("training/numb_steps", -5), r"training/numb_steps.*-5", None),
+    ("numb_steps-str", put("training/numb_steps", "many"), r"numb_steps", None),
+    ("numb_steps-float", put("training/numb_steps", 1.5), r"numb_steps", None),
+    ("numb_btch-zero", lambda d, s, t: d["training"].update(validation_data={"systems": [str(s)], "numb_btch": 0}),
+     r"validation_data/numb_btch", None),
+    ("seed-huge", put("training/seed", 2**70), r"training/seed.*2\^63", None),
+    ("seed-negative", put("training/seed", -1), r"training/seed.*-1", None),
+    ("seed-descriptor-huge", put("model/descriptor/seed", 2**70), r"model/descriptor/seed", None),
+    ("seed-fitting-negative", put("model/fitting_net/seed", -7), r"model/fitting_net/seed", None),
+    ("seed-str", put("training/seed", "abc"), r"seed", None),
+    ("data_stat_nbatch-zero", put("model/data_stat_nbatch", 0), r"model/data_stat_nbatch", None),
+    ("learning_rate-int", put("learning_rate", 5), r"learning_rate", None),
+    ("start_lr-str", put("learning_rate/start_lr", "x"), r"learning_rate.*start_lr", None),
+    ("start_lr-negative", put("learning_rate/start_lr", -1.0), r"learning_rate/start_lr", None),
+    ("stop_lr-above-start_lr", put("learning_rate/stop_lr", 1e-2), r"learning_rate: stop_lr .* start_lr", None),
+    ("decay_steps-zero", put("learning_rate/decay_steps", 0), r"learning_rate/decay_steps", None),
+    ("loss-int", put("loss", 5), r"loss", None),
+    ("loss-pref-str", put("loss/start_pref_e", "x"), r"loss.*start_pref_e", None),
+    ("loss-pref-negative", put("loss/start_pref_f", -1.0), r"loss/start_pref_f", None),
+    ("loss-all-zero", both(*(put(f"loss/{w}_pref_{t}", 0) for w in ("start", "limit") for t in "ef")), r"loss.*prefactor", None),
+    ("unknown-key", put("model/descriptor/rcutt", 6.0), r"model/descriptor: undefined key `rcutt`", None),
+    # multi-task: head names, dict types, shared layers
+    ("head-dot", multi(names=(".", "b")), r"fitting_net_dict.*'\.'", None),
+    ("head-dotdot", multi(names=("..", "b")), r"fitting_net_dict.*'\.\.'", None),
+    ("head-empty", multi(names=("", "b")), r"fitting_net_dict.*''", None),
+    ("head-slash", multi(names=("a/b", "b")), r"fitting_net_dict.*'a/b'", None),
+    ("head-space", multi(names=("a b", "b")), r"fitting_net_dict.*'a b'", None),
+    ("head-control", multi(names=("a\x01", "b")), r"fitting_net_dict.*'a\\x01'", None),
+    ("head-dot-inside", multi(names=("v1.2", "b")), r"fitting_net_dict.*'v1.2'", None),
+    ("fitting_net_dict-list", multi(put("model/fitting_net_dict", [1])), r"model/fitting_net_dict", None),
+    ("data_dict-unknown-head", multi(put("training/data_dict/c", {})), r"training/data_dict.*'c'", None),
+    ("loss_dict-int", multi(put("loss_dict", 5)), r"loss_dict", None),
+    ("learning_rate_dict-stop-above-start", multi(put("learning_rate_dict", {"b": {"start_lr": 1e-3, "stop_lr": 1.0}})),
+     r"learning_rate_dict/b: stop_lr .* start_lr", None),
+    ("shared-activation", multi(put("model/fitting_net_dict/b/activation_function", "relu")),
+     r"shared layer 'l0'.*'a'.*'b'.*activation", None),
+    ("shared-precision", multi(put("model/fitting_net_dict/b/precision", "float32")), r"shared layer 'l0'.*'a'.*'b'", None),
+    ("shared-resnet_dt", multi(put("model/fitting_net_dict/a/neuron", [8, 8]), put("model/fitting_net_dict/b/neuron", [8, 8]),
+                               put("model/fitting_net_dict/a/layer_name", [None, "l1", None]),
+                               put("model/fitting_net_dict/b/layer_name", [None, "l1", None]),
+                               put("model/fitting_net_dict/b/resnet_dt", False)),
+     r"shared layer 'l1'.*'a'.*'b'.*(timestep|resnet_dt)", None),
+    ("shared-shape", multi(put("model/fitting_net_dict/b/neuron", [16])), r"shared layer 'l0'.*'a'.*'b'", None),
+    ("layer_name-length", multi(put("model/fitting_net_dict/b/layer_name", ["l0"])), r"'b'.*layer_name", None),
+    ("mixed-single-multi", multi(put("loss", {"type": "ener"})), r"cannot be mixed", None),
+    # data files
+    ("energy-nan", npy("energy", with_value(2, np.nan)), r"energy.npy: .*nan.* frame 2", None),
+    ("energy-inf", npy("energy", with_value(1, np.inf)), r"energy.npy: .*inf.* frame 1", None),
+    ("force-nan", npy("force", with_value((3, 3 * 7 + 1), np.nan)), r"force.npy: .*nan.* frame 3.* atom 7", None),
+    ("force-inf", npy("force", with_value((0, 5), -np.inf)), r"force.npy: .*inf.* frame 0.* atom 1", None),
+    ("coord-nan", npy("coord", with_value((1, 3 * 10), np.nan)), r"coord.npy: .*nan.* frame 1.* atom 10", None),
+    ("box-inf", npy("box", with_value((2, 0), np.inf)), r"box.npy: .*inf.* frame 2", None),
+    ("virial-nan", both(put("loss/start_pref_v", 1.0),
+                        lambda d, s, t: np.save(s / "set.000" / "virial.npy", with_value((1, 4), np.nan)(np.zeros((NFRAMES, 9))))),
+     r"virial.npy: .*nan.* frame 1", None),
+    ("energy-truncated", truncate("energy"), r"energy.npy: cannot be read", None),
+    ("coord-truncated", truncate("coord"), r"coord.npy: cannot be read", None),
+    ("coord-garbage", write("set.000/coord.npy", b"not a numpy file"), r"coord.npy: cannot be read", None),
+    ("coord-strings", npy("coord", lambda a: np.array(["a"] * a.size).reshape(a.shape)), r"coord.npy: .*(dtype|numbers)", None),
+    ("energy-object", lambda d, s, t: np.save(s / "set.000" / "energy.npy", np.array([{}, 1], dtype=object), allow_pickle=True),
+     r"energy.npy: cannot be read", None),
+    ("energy-complex", npy("energy", lambda a: a.astype(np.complex128)), r"energy.npy: .*(dtype|numbers)", None),
+    ("force-fewer-frames", npy("force", lambda a: a[:2]), r"force.npy: has 2 frames; coord.npy has 4", None),
+    ("force-more-frames", npy("force", lambda a: np.concatenate([a, a])), r"force.npy: has 8 frames; coord.npy has 4", None),
+    ("energy-fewer-frames", npy("energy", lambda a: a[:3]), r"energy.npy: has 3 frames; coord.npy has 4", None),
+    ("energy-two-per-frame", npy("energy", lambda a: np.stack([a, a], 1)), r"energy.npy: has 2 values per frame; expected 1", None),
+    ("force-wrong-width", npy("force", lambda a: a[:, :-3]), r"force.npy: has 573 values per frame; expected 576", None),
+    ("force-flat", npy("force", lambda a: a.reshape(-1)[:-1]), r"force.npy", None),
+    ("box-fewer-frames", npy("box", lambda a: a[:1]), r"box.npy: has 1 frames?; coord.npy has 4", None),
+    ("box-six-values", npy("box", lambda a: a[:, :6]), r"box.npy: has 6 values per frame; expected 9", None),
+    ("box-flat-odd", npy("box", lambda a: a.reshape(-1)[:-2]), r"box.npy", None),
+    ("box-zero-volume", npy("box", lambda a: np.zeros_like(a)), r"box.npy: the cell of frame 0 has zero volume", None),
+    ("box-missing", remove("set.000/box.npy"), r"box.npy: not found", None),
+    ("coord-missing", remove("set.000/coord.npy"), r"coord.npy: not found", None),
+    ("coord-wrong-width", npy("coord", lambda a: a[:, :-3]), r"coord.npy: has 573 values per frame but type.raw lists 192", None),
+    ("coord-zero-frames", npy("coord", lambda a: a[:0]), r"coord.npy: .*(no|0) frames", None),
+    ("coord-scalar", npy("coord", lambda a: np.float64(1.0)), r"coord.npy", None),
+    ("overlap", both(put("model/descriptor/sel", "auto"), overlap(2, 5, 9)), r"sys.*frame 2.*atoms 5 and 9", None),
+    ("overlap-fixed-sel", overlap(1, 3, 4), r"sys.*frame 1.*atoms 3 and 4", None),
+    ("no-set-folder", remove("set.000"), r"no set\.\* folder", None),
+    ("set-missing-label", second_set_without_force, r"force.npy is missing in set.001", None),
+    ("type-raw-words", write("type.raw", "O H H\n"), r"type.raw: expected whitespace-separated integer", None),
+    ("type-raw-float", write("type.raw", "0 1.5\n"), r"type.raw: expected whitespace-separated integer", None),
+    ("type-raw-empty", write("type.raw", ""), r"type.raw: lists no atoms", None),
+    ("type-raw-negative", write("type.raw", " ".join(["-1"] * 192)), r"type.raw: atom types must be non-negative", None),
+    ("type-raw-missing", remove("type.raw"), r"not a (deepmd/npy system|data system)", None),
+    ("type-raw-binary", write("type.raw", b"\xff\xfe\x00"), r"type.raw", None),
+    ("type_map-raw-empty", write("type_map.raw", ""), r"type_map.raw: (is empty|names no)", None),
+    ("type_map-raw-duplicates", write("type_map.raw", "O\nO\n"), r"type_map.raw: .*'O'.*(twice|duplicate)", None),
+    ("type_map-raw-unknown", write("type_map.raw", "O\nC\n"), r"type_map.raw: element 'C' is not in the model's type_map", None),
+    ("type_map-raw-too-short", write("type_map.raw", "O\n"), r"type_map.raw: names 1 types but type.raw uses 2", None),
+    ("too-many-types", both(remove("type_map.raw"), put("model/type_map", ["O"]), put("model/descriptor/sel", [46])),
+     r"type.raw: uses 2 types but the model's type_map has 1", None),
+    # other commands
+    ("test-negative-n", lambda d, s, t: None, r"-n/--numb-test.*-5", ["test", "-m", "x.pth", "-n", "-5"]),
+    ("test-missing-model", lambda d, s, t: None, r"nothere.pth", ["test", "-m", "nothere.pth"]),
+    ("freeze-missing-checkpoint", lambda d, s, t: None, r"nowhere", ["freeze", "-c", "nowhere"]),
+    ("show-missing", lambda d, s, t: None, r"nothing.pt", ["show", "nothing.pt"]),
+    ("restart-missing", lambda d, s, t: None, r"gone.pt", ["train", "--restart", "gone.pt"]),
+]
+
+
+def invoke(args: list, cwd: Path, monkeypatch, env: Optional[dict] = None):
+    monkeypatch.chdir(cwd)
+    return CliRunner().invoke(app, args, env=env)
+
+
+@pytest.mark.parametrize("case, mutate, expected, args", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line(case, mutate, expected, args, tiny_system, tmp_path, monkeypatch):
+    system = tmp_path / "sys"
+    shutil.copytree(tiny_system, system)
+    doc = base_doc(system)
+    mutate(doc, system, tmp_path)
+    if "__raw__" in doc:
+        (tmp_path / "input.json").write_text(doc["__raw__"])
+    else:
+        (tmp_path / "input.json").write_text(json.dumps(doc))
+    result = invoke(args or TRAIN, tmp_path, monkeypatch)
+    everything = result.stdout + result.stderr
+    assert "Traceback" not in everything, everything
+    assert result.exit_code == 1, (result.exit_code, everything, result.exception)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, everything
+    assert lines[0].startswith("error: "), lines[0]
+    assert re.search(expected, lines[0]), lines[0]
+    if os.environ.get("MTCORE_SHOW_LINES"):
+        print(f"\n{case}: {lines[0]}")
+    assert not result.stdout.strip(), result.stdout  # failed before anything was printed or trained
+    assert not list(tmp_path.glob("model.ckpt*")), "nothing may be written"
