@@ -253,7 +253,8 @@ def _read(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001
-        raise MtcoreError(f"{path}: cannot be read as an mtcore checkpoint ({type(exc).__name__}: {exc})") from None
+        reason = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        raise MtcoreError(f"{path}: cannot be read as an mtcore checkpoint ({type(exc).__name__}: {reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise MtcoreError(f"{path}: not an mtcore checkpoint")
     stored = state.get(DIGEST_KEY)
@@ -282,7 +283,7 @@ def _index_folder(folder: Path) -> Path:
     return folder
 
 
-def _first_intact(folder: Path, names: list[str], failed: list[str], start: Optional[Path] = None) -> dict:
+def _first_intact(folder: Path, names: list[str], failed: list[str], start: Any = None) -> dict:
     """The first checkpoint of ``names`` that loads and verifies; warns when it is not the first."""
     first = str(start) if start is not None else None
     for name in names:
@@ -328,7 +329,8 @@ def load_checkpoint(path: Path) -> dict:
         position = next((i for i, n in enumerate(names) if (folder / n).resolve() == real), None)
         if position is None or position + 1 >= len(names):
             raise
-        return _first_intact(folder, names[position + 1 :], [str(exc)], start=path)
+        shown = f"{path} (-> {os.readlink(path)})" if path.is_symlink() else path
+        return _first_intact(folder, names[position + 1 :], [str(exc)], start=shown)
 
 
 def latest_checkpoint(folder: Path) -> Path:
