@@ -389,3 +389,178 @@ def test_bad_input_is_one_line(case, mutate, expected, args, tiny_system, tmp_pa
         print(f"\n{case}: {lines[0]}")
     assert not result.stdout.strip(), result.stdout  # failed before anything was printed or trained
     assert not list(tmp_path.glob("model.ckpt*")), "nothing may be written"
+
+
+def test_the_matrix_is_large():
+    assert len(CASES) >= 80
+
+
+# --- what is accepted on purpose ------------------------------------------------------------------
+def _write(tmp_path: Path, doc: dict) -> None:
+    (tmp_path / "input.json").write_text(json.dumps(doc))
+
+
+def test_numb_steps_0_computes_statistics_and_saves(tiny_system, tmp_path, monkeypatch):
+    """numb_steps 0 is allowed (DeePMD-kit: statistics only): exit 0, a step-0 checkpoint that
+    holds the statistics-derived energy bias, no training step."""
+    import torch
+
+    doc = base_doc(tiny_system)
+    doc["training"]["numb_steps"] = 0
+    _write(tmp_path, doc)
+    result = invoke(TRAIN, tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    state = torch.load(tmp_path / "model.ckpt-0.pt", weights_only=False)
+    assert state["step"] == 0
+    bias = state["model"]["heads.default.bias_atom_e"]
+    assert torch.all(torch.isfinite(bias)) and float(bias.abs().max()) > 1.0  # water: about -94 and -187 eV
+
+
+def test_batch_size_beyond_the_frames_warns_once_naming_the_system(tiny_system, tmp_path, monkeypatch):
+    doc = base_doc(tiny_system)
+    doc["training"]["training_data"]["batch_size"] = 50
+    _write(tmp_path, doc)
+    result = invoke(TRAIN, tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    warned = [line for line in result.stderr.splitlines() if "batch_size" in line]
+    assert len(warned) == 1, result.stderr
+    assert warned[0].startswith("warning: training/training_data/batch_size: 50 is more than the 4 frames of")
+    assert str(tiny_system) in warned[0]
+
+
+def test_a_link_loop_below_a_systems_folder_ends_and_finds_each_system_once(tiny_system, tmp_path):
+    from mtcore.data.loading import expand_systems
+    from mtcore.plugins import get_registry
+
+    root = tmp_path / "tree"
+    root.mkdir()
+    shutil.copytree(tiny_system, root / "real")
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (root / "linked").symlink_to(tiny_system, target_is_directory=True)
+    found = expand_systems(str(root), get_registry(), "t")
+    assert sorted(p.name for p in found) == ["linked", "real"]
+
+
+@pytest.mark.parametrize("ratio", [-3.0, 0.0, 0.4, 1.0, 7.0])
+def test_loss_prefactors_stay_between_limit_and_start(ratio):
+    """Whatever lr ratio a schedule gives, the ener loss weighs each term between its limit and
+    start prefactor (a growing rate made the energy prefactor negative)."""
+    import torch
+
+    from mtcore_builtins.losses.ener import EnerLoss
+
+    params = {f"{w}_pref_{t}": 0.0 for w in ("start", "limit") for t in ("e", "f", "v", "ae", "pf")}
+    params.update(start_pref_e=0.02, limit_pref_e=1.0)
+    loss = EnerLoss(params, "h")
+    natoms = 3
+    pred = {"energy": torch.tensor([[2.0]], dtype=torch.float64)}
+    label = {"energy": torch.tensor([[0.0]], dtype=torch.float64)}
+    value, metrics = loss(pred, label, {"energy": 1.0}, torch.zeros(1, natoms, dtype=torch.long), ratio, metrics=True)
+    pref = float(value) * natoms / 4.0
+    clamped = min(max(ratio, 0.0), 1.0)
+    assert abs(pref - (1.0 + (0.02 - 1.0) * clamped)) < 1e-12
+    assert 0.02 - 1e-12 <= pref <= 1.0 + 1e-12
+    assert math.isfinite(metrics["rmse"])
+
+
+def test_a_growing_learning_rate_is_refused_by_the_schedule_too():
+    from mtcore.errors import MtcoreError
+    from mtcore.train.lr import ExpDecay
+
+    with pytest.raises(MtcoreError, match="stop_lr"):
+        ExpDecay(1e-3, 1e-2, 10, 100)
+    with pytest.raises(MtcoreError, match="numb_steps"):
+        ExpDecay(1e-3, 1e-5, 10, -5)
+
+
+def test_valid_head_names_are_accepted(tiny_system, tmp_path, monkeypatch):
+    from mtcore.config import normalize
+
+    config = normalize(multi_doc(tiny_system, names=("ccsd-t", "wB97M_D3", "2")), tmp_path)
+    assert list(config.heads) == ["ccsd-t", "wB97M_D3", "2"]
+
+
+def test_shared_layers_with_the_same_function_under_two_names_are_accepted(tiny_system, tmp_path):
+    """'none' and 'linear' are one function: sharing is fine (the check compares functions)."""
+    from mtcore.config import normalize
+    from mtcore.model.build import build_model
+
+    doc = multi_doc(tiny_system)
+    doc["model"]["fitting_net_dict"]["a"]["activation_function"] = "linear"
+    doc["model"]["fitting_net_dict"]["b"]["activation_function"] = "none"
+    model = build_model(normalize(doc, tmp_path))
+    assert model.heads["a"].nets[0].blocks[0].dense is model.heads["b"].nets[0].blocks[0].dense
+
+
+# --- --debug and internal errors -------------------------------------------------------------------
+def _break_config(monkeypatch, exc: Exception) -> None:
+    import mtcore.config
+
+    def broken(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(mtcore.config, "load_config", broken)
+
+
+def test_an_internal_error_is_one_line_without_debug(tmp_path, monkeypatch):
+    _break_config(monkeypatch, ZeroDivisionError("boom\nsecond line"))
+    result = invoke(["train", "input.json"], tmp_path, monkeypatch, env={"MTCORE_DEBUG": ""})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 1
+    assert lines == ["internal error: ZeroDivisionError: boom ... (run with --debug for the traceback)"]
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, how):
+    _break_config(monkeypatch, ZeroDivisionError("boom"))
+    args = ["--debug", "train", "input.json"] if how == "flag" else ["train", "input.json"]
+    result = invoke(args, tmp_path, monkeypatch, env={"MTCORE_DEBUG": "1" if how == "env" else ""})
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr and "ZeroDivisionError: boom" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "internal error: ZeroDivisionError: boom"
+
+
+def test_debug_shows_the_traceback_of_a_user_error_too(tmp_path, monkeypatch):
+    result = invoke(["--debug", "train", "nowhere.json"], tmp_path, monkeypatch, env={"MTCORE_DEBUG": ""})
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: nowhere.json: input file not found"
+
+
+def test_messages_are_printed_verbatim(tmp_path, monkeypatch):
+    """Rich markup and emoji codes in a message (paths, 'a:b:w') are not interpreted."""
+    from mtcore.errors import MtcoreError
+
+    _break_config(monkeypatch, MtcoreError("odd [bold]path[/bold] :b: [/]"))
+    result = invoke(["train", "input.json"], tmp_path, monkeypatch, env={"MTCORE_DEBUG": ""})
+    assert result.stderr.strip() == "error: odd [bold]path[/bold] :b: [/]"
+
+
+# --- mtcore test --json -------------------------------------------------------------------------
+def test_json_output_has_null_and_a_reason_instead_of_nan(tmp_path, monkeypatch):
+    import mtcore.evaluate as evaluate
+
+    bad = evaluate.ErrorStat()
+    bad.add(np.array([1.0, np.nan]))
+    good = evaluate.ErrorStat()
+    good.add(np.array([1.0, -3.0]))
+    result_ = evaluate.TestResult("sys", 2, {"Energy": bad, "Force": good})
+
+    def fake_run_test(*args, **kwargs):
+        return [result_], {"Energy": bad, "Force": good, "Virial": evaluate.ErrorStat()}
+
+    monkeypatch.setattr(evaluate, "run_test", fake_run_test)
+    result = invoke(["test", "-m", "m.pth", "--json"], tmp_path, monkeypatch)
+    assert result.exit_code == 0, result.stderr
+
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    report = json.loads(result.stdout, parse_constant=no_constants)
+    energy = report["combined"]["Energy"]
+    assert energy["mae"] is None and energy["rmse"] is None and "not finite" in energy["why"]
+    assert report["combined"]["Virial"] == {"mae": None, "rmse": None, "why": "no values were compared"}
+    force = report["combined"]["Force"]
+    assert set(force) == {"mae", "rmse"}
+    assert abs(force["mae"] - 2.0) < 1e-12 and abs(force["rmse"] - math.sqrt(5.0)) < 1e-12
+    assert report["systems"][0]["errors"]["Energy"]["mae"] is None
