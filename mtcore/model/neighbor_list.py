@@ -7,6 +7,12 @@ model must run with nothing but torch, so it carries this builder. Both return t
 
 sorted by (center, neighbour type, distance, neighbour index). Descriptors rely on that order to
 keep the nearest ``sel`` neighbours of each type without sorting again.
+
+:func:`build_neighbor_list` uses cell lists (binning): atoms are sorted into bins at least rcut
+wide (measured perpendicular to the cell faces, so triclinic cells work too) and each atom is
+compared with the atoms of its own and the neighbouring bins only, so the cost grows linearly
+with the atom count. :func:`build_neighbor_list_reference` is the former all-pairs builder, kept
+as the reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -16,18 +22,22 @@ from typing import List, Optional, Tuple
 import torch
 
 
-def _image_range(box: torch.Tensor, rcut: float) -> torch.Tensor:
-    """Integer cell images (as float rows) that can hold a neighbour within rcut of the cell."""
+def _face_spacing(box: torch.Tensor) -> torch.Tensor:
+    """Distances between opposite faces of the cell, one per cell vector: [3]."""
     a, b, c = box[0], box[1], box[2]
     volume = torch.abs(torch.dot(a, torch.linalg.cross(b, c)))
-    spacing = torch.stack(
+    return torch.stack(
         [
             volume / torch.linalg.norm(torch.linalg.cross(b, c)),
             volume / torch.linalg.norm(torch.linalg.cross(c, a)),
             volume / torch.linalg.norm(torch.linalg.cross(a, b)),
         ]
     )
-    nmax = torch.ceil(rcut / spacing).to(torch.long)
+
+
+def _image_range(box: torch.Tensor, rcut: float) -> torch.Tensor:
+    """Integer cell images (as float rows) that can hold a neighbour within rcut of the cell."""
+    nmax = torch.ceil(rcut / _face_spacing(box)).to(torch.long)
     n0, n1, n2 = int(nmax[0]), int(nmax[1]), int(nmax[2])
     r0 = torch.arange(-n0, n0 + 1, dtype=box.dtype, device=box.device)
     r1 = torch.arange(-n1, n1 + 1, dtype=box.dtype, device=box.device)
@@ -42,26 +52,32 @@ def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return d2.clamp_min(0.0)
 
 
+def _sort_pairs(
+    center: torch.Tensor, neighbor: torch.Tensor, image: torch.Tensor, dist: torch.Tensor, atype: torch.Tensor, ntypes: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order pairs by (center, neighbour type, distance, neighbour index); distances come along."""
+    order = torch.argsort(neighbor, stable=True)
+    order = order.index_select(0, torch.argsort(dist.index_select(0, order), stable=True))
+    key = center.index_select(0, order) * ntypes + atype.index_select(0, neighbor.index_select(0, order))
+    order = order.index_select(0, torch.argsort(key, stable=True))
+    return center.index_select(0, order), neighbor.index_select(0, order), image.index_select(0, order), dist.index_select(0, order)
+
+
 def sort_neighbor_list(
     center: torch.Tensor, neighbor: torch.Tensor, image: torch.Tensor, dist: torch.Tensor, atype: torch.Tensor, ntypes: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Order pairs by (center, neighbour type, distance, neighbour index)."""
-    order = torch.argsort(neighbor, stable=True)
-    order = order[torch.argsort(dist[order], stable=True)]
-    key = center[order] * ntypes + atype[neighbor[order]]
-    order = order[torch.argsort(key, stable=True)]
-    return center[order], neighbor[order], image[order]
+    c, n, img, _ = _sort_pairs(center, neighbor, image, dist, atype, ntypes)
+    return c, n, img
 
 
-def build_neighbor_list(
+def build_neighbor_list_reference(
     coord: torch.Tensor, atype: torch.Tensor, box: Optional[torch.Tensor], rcut: float, ntypes: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All pairs (i, j, image) with |r_ij| < rcut for one frame; coord [n, 3], box [3, 3] or None.
+    """All pairs by comparing every atom with every atom of every image: O(n²), the reference.
 
-    Periodic images of every atom are included (also of the centre itself), so cells smaller
-    than 2·rcut work. Coordinates need not be wrapped into the cell. Cost is O(n²) in time and
-    is chunked over centres to bound memory; distances come from one matmul per chunk, and the
-    pairs it finds near rcut are checked again with exact differences.
+    Chunked over centres to bound memory; distances come from one matmul per chunk, and the pairs
+    it finds near rcut are checked again with exact differences.
     """
     n = coord.shape[0]
     device = coord.device
@@ -77,7 +93,6 @@ def build_neighbor_list(
         images = _image_range(box, rcut)
         shifts = images @ box
     nimg = images.shape[0]
-    # candidate neighbours: every atom in every image, flattened as (image, atom)
     cand = (wrapped.unsqueeze(0) + shifts.unsqueeze(1)).reshape(-1, 3)
     zero_image = int(torch.nonzero(torch.all(images == 0.0, dim=1))[0, 0])
     chunk = max(1, 4_000_000 // max(1, nimg * n))
@@ -88,7 +103,6 @@ def build_neighbor_list(
     rc2 = rcut * rcut
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
-        # candidates by the fast (matmul) distances with a margin, then the exact test on those
         rough = _squared_distances(wrapped[start:stop], cand)
         hits = torch.nonzero(rough < rc2 * (1.0 + 1e-8) + 1e-8)
         ii, kk = hits[:, 0], hits[:, 1]
@@ -101,14 +115,185 @@ def build_neighbor_list(
         gi, jj, img, d2 = gi[real], jj[real], img[real], d2[real]
         centers.append(gi)
         neighbors.append(jj)
-        # image in the frame of the unwrapped input coordinates
         image_rows.append(images[img] + cell_of[gi] - cell_of[jj])
         dists.append(torch.sqrt(d2))
-    center = torch.cat(centers)
-    neighbor = torch.cat(neighbors)
-    image = torch.cat(image_rows)
-    dist = torch.cat(dists)
-    return sort_neighbor_list(center, neighbor, image, dist, atype, ntypes)
+    return sort_neighbor_list(torch.cat(centers), torch.cat(neighbors), torch.cat(image_rows), torch.cat(dists), atype, ntypes)
+
+
+def _cap_bins(nbins: torch.Tensor, cap: int) -> torch.Tensor:
+    """Fewer, wider bins when a sparse system would have far more bins than atoms."""
+    while int(nbins[0]) * int(nbins[1]) * int(nbins[2]) > cap:
+        k = int(torch.argmax(nbins))
+        nbins[k] = (nbins[k] + 1) // 2
+    return nbins
+
+
+def _offsets(reach: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every bin offset within ``reach`` bins along each axis: [K, 3] (long)."""
+    r0, r1, r2 = int(reach[0]), int(reach[1]), int(reach[2])
+    grid = torch.meshgrid(
+        torch.arange(-r0, r0 + 1, device=device),
+        torch.arange(-r1, r1 + 1, device=device),
+        torch.arange(-r2, r2 + 1, device=device),
+        indexing="ij",
+    )
+    return torch.stack([grid[0].reshape(-1), grid[1].reshape(-1), grid[2].reshape(-1)], dim=1)
+
+
+# Atoms sorted into bins, everything a pair search needs: positions wrapped into the cell, the
+# cell each atom came from, its bin, bins per axis, search reach (bins), atoms in bin order,
+# atoms per bin, first slot of each bin, bin strides, cell vectors, periodic or not.
+CellBins = Tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool,
+]
+
+
+def bin_atoms(coord: torch.Tensor, box: Optional[torch.Tensor], rcut: float) -> CellBins:
+    """Sort one frame's atoms into bins at least rcut wide along each face normal (O(n)).
+
+    A neighbour within rcut is then at most ``reach`` bins away along each axis (1, or more along
+    an axis where the cell is narrower than rcut, where the search wraps to further images).
+    Without a box the bins cover the atoms' bounding box and nothing wraps.
+    """
+    n = coord.shape[0]
+    device = coord.device
+    dtype = coord.dtype
+    cap = 8 * n + 64
+    if box is not None:
+        frac = coord @ torch.linalg.inv(box)
+        cell_of = torch.floor(frac)
+        unit = frac - cell_of  # in [0, 1]
+        pos = unit @ box
+        spacing = _face_spacing(box)
+        nbins = _cap_bins(torch.clamp(torch.floor(spacing / rcut), min=1.0).to(torch.long), cap)
+        # bins are spacing/nbins wide (≥ rcut unless the cell is narrower than rcut)
+        reach = torch.ceil(rcut * nbins.to(dtype) / spacing).to(torch.long).clamp(min=1)
+        cell_vectors = box
+    else:
+        lo = coord.min(0).values if n > 0 else torch.zeros(3, dtype=dtype, device=device)
+        span = coord.max(0).values - lo if n > 0 else torch.zeros(3, dtype=dtype, device=device)
+        nbins = _cap_bins(torch.clamp(torch.floor(span / rcut), min=1.0).to(torch.long), cap)
+        width = torch.maximum(span / nbins.to(dtype), torch.full_like(span, rcut))
+        unit = (coord - lo) / (width * nbins.to(dtype))
+        pos = coord
+        cell_of = torch.zeros(n, 3, dtype=dtype, device=device)
+        reach = torch.ones(3, dtype=torch.long, device=device)
+        cell_vectors = torch.zeros(3, 3, dtype=dtype, device=device)  # unused: no images
+    bin3 = torch.minimum(torch.floor(unit * nbins.to(dtype)).to(torch.long).clamp(min=0), nbins - 1)
+    strides = torch.stack([nbins[1] * nbins[2], nbins[2], torch.ones_like(nbins[0])])
+    nbin_total = int(nbins[0]) * int(nbins[1]) * int(nbins[2])
+    bin_of = (bin3 * strides).sum(1)
+    by_bin = torch.argsort(bin_of, stable=True)
+    counts = torch.bincount(bin_of, minlength=nbin_total)
+    starts = torch.cumsum(counts, 0) - counts
+    return pos, cell_of, bin3, nbins, reach, by_bin, counts, starts, strides, cell_vectors, box is not None
+
+
+def spatial_order(bins: CellBins) -> torch.Tensor:
+    """The atoms in Z-order (Morton) of their bins: consecutive runs are compact blocks of space,
+    so a chunk of atoms taken from this order needs few neighbours from outside itself."""
+    bin3 = bins[2]
+    key = torch.zeros(bin3.shape[0], dtype=torch.long, device=bin3.device)
+    for bit in range(20):
+        for axis in range(3):
+            key = key | (((bin3[:, axis] >> bit) & 1) << (3 * bit + (2 - axis)))
+    return torch.argsort(key, stable=True)
+
+
+def pairs_of(
+    bins: CellBins, centres: torch.Tensor, atype: torch.Tensor, rcut: float, ntypes: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(center, neighbor, image, distance) of the pairs within rcut around ``centres`` (atom
+    indices), sorted by (center, neighbour type, distance, neighbour index).
+
+    Each centre is compared with the atoms of the bins within ``reach``: a loop over those bin
+    offsets (27 in a cell wider than 2·rcut), vectorised over centres and candidates.
+    """
+    pos, cell_of, bin3, nbins, reach, by_bin, counts, starts, strides, cell_vectors, periodic = bins
+    device = pos.device
+    dtype = pos.dtype
+    m = centres.shape[0]
+    rc2 = rcut * rcut
+    # positions in bin order, one contiguous column per axis: candidates are gathered per column
+    px = pos[:, 0].index_select(0, by_bin)
+    py = pos[:, 1].index_select(0, by_bin)
+    pz = pos[:, 2].index_select(0, by_bin)
+    home = bin3.index_select(0, centres)
+    mine = pos.index_select(0, centres)
+    centers: List[torch.Tensor] = []
+    neighbors: List[torch.Tensor] = []
+    image_rows: List[torch.Tensor] = []
+    dists: List[torch.Tensor] = []
+    for offset in _offsets(reach, device):
+        raw = home + offset
+        if periodic:
+            wrap = torch.div(raw, nbins, rounding_mode="floor")
+            other = raw - wrap * nbins
+            many = counts.index_select(0, (other * strides).sum(1))
+            img = wrap.to(dtype)
+            # the centre moved by minus the image shift: r_ij = pos_j - (pos_i - wrap_i @ box)
+            q = mine - img @ cell_vectors
+            moved = (wrap != 0).any(1)
+        else:
+            valid = ((raw >= 0) & (raw < nbins)).all(1)
+            other = torch.minimum(raw.clamp(min=0), nbins - 1)
+            many = torch.where(valid, counts.index_select(0, (other * strides).sum(1)), torch.zeros_like(centres))
+            img = torch.zeros(m, 3, dtype=dtype, device=device)
+            q = mine
+            moved = torch.zeros(m, dtype=torch.bool, device=device)
+        total = int(many.sum())
+        if total == 0:
+            continue
+        first = torch.cumsum(many, 0) - many
+        base = starts.index_select(0, (other * strides).sum(1)) - first
+        slot = torch.arange(total, device=device) + torch.repeat_interleave(base, many, output_size=total)
+        row = torch.repeat_interleave(torch.arange(m, device=device), many, output_size=total)
+        dx = px.index_select(0, slot) - q[:, 0].index_select(0, row)
+        dy = py.index_select(0, slot) - q[:, 1].index_select(0, row)
+        dz = pz.index_select(0, slot) - q[:, 2].index_select(0, row)
+        d2 = dx * dx + dy * dy + dz * dz
+        idx = torch.nonzero(d2 < rc2).squeeze(1)
+        ri = row.index_select(0, idx)
+        ci = centres.index_select(0, ri)
+        cj = by_bin.index_select(0, slot.index_select(0, idx))
+        d2 = d2.index_select(0, idx)
+        real = torch.nonzero((cj != ci) | moved.index_select(0, ri)).squeeze(1)  # not the atom itself
+        ri, ci, cj, d2 = ri.index_select(0, real), ci.index_select(0, real), cj.index_select(0, real), d2.index_select(0, real)
+        centers.append(ci)
+        neighbors.append(cj)
+        # image in the frame of the input (unwrapped) coordinates
+        image_rows.append(img.index_select(0, ri) + cell_of.index_select(0, ci) - cell_of.index_select(0, cj))
+        dists.append(torch.sqrt(d2))
+    if len(centers) == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty, torch.zeros(0, 3, dtype=dtype, device=device), torch.zeros(0, dtype=dtype, device=device)
+    return _sort_pairs(torch.cat(centers), torch.cat(neighbors), torch.cat(image_rows), torch.cat(dists), atype, ntypes)
+
+
+def neighbor_pairs(
+    coord: torch.Tensor, atype: torch.Tensor, box: Optional[torch.Tensor], rcut: float, ntypes: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(center, neighbor, image, distance) of all pairs within rcut of one frame, sorted; cell lists.
+
+    coord [n, 3] (need not be wrapped into the cell), box [3, 3] or None (no periodicity).
+    Periodic images of every atom are included (also of the centre itself), so cells smaller than
+    2·rcut work.
+    """
+    centres = torch.arange(coord.shape[0], device=coord.device)
+    return pairs_of(bin_atoms(coord, box, rcut), centres, atype, rcut, ntypes)
+
+
+def build_neighbor_list(
+    coord: torch.Tensor, atype: torch.Tensor, box: Optional[torch.Tensor], rcut: float, ntypes: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All pairs (i, j, image) with |r_ij| < rcut for one frame; coord [n, 3], box [3, 3] or None.
+
+    Linear in n (cell lists, :func:`neighbor_pairs`); same pairs and order as
+    :func:`build_neighbor_list_reference`.
+    """
+    c, nb, img, _ = neighbor_pairs(coord, atype, box, rcut, ntypes)
+    return c, nb, img
 
 
 def neighbor_rank(center: torch.Tensor, ntype: torch.Tensor, natoms: int, ntypes: int) -> torch.Tensor:
