@@ -23,7 +23,7 @@ import numpy as np
 from mtcore.data.loading import expand_systems, load_system
 from mtcore.data.requirements import DataRequirement
 from mtcore.errors import MtcoreError
-from mtcore.infer import DeepPotential
+from mtcore.infer import DeepPotential, _renumber_frames
 from mtcore.plugins import get_registry
 
 
@@ -107,22 +107,21 @@ class DetailWriter:
 
 
 def _evaluate_frames(pot: DeepPotential, system, nframes: int, chunk: int) -> dict[str, np.ndarray]:
-    """Predictions for the first ``nframes`` frames, ``chunk`` at a time; frames whose atom
-    types differ (mixed-type data) are evaluated one by one."""
+    """Predictions for the first ``nframes`` frames, ``chunk`` at a time (types per frame, so
+    mixed-type data batches too; the model bounds its memory by evaluating large frames in atom
+    chunks itself)."""
     preds: dict[str, list] = {}
     atypes = np.asarray(system.atypes)
     for start in range(0, nframes, chunk):
         stop = min(nframes, start + chunk)
-        if np.all(atypes[start:stop] == atypes[start]):
-            groups = [(start, stop)]
-        else:
-            groups = [(f, f + 1) for f in range(start, stop)]
-        for a, b in groups:
-            box = None if system.boxes is None else system.boxes[a:b]
-            params = {k: system.labels[k][a:b] for k in ("fparam", "aparam") if k in system.labels}
-            out = pot.evaluate(system.coords[a:b], box, atypes[a], **params)
-            for key, value in out.items():
-                preds.setdefault(key, []).append(value)
+        box = None if system.boxes is None else system.boxes[start:stop]
+        params = {k: system.labels[k][start:stop] for k in ("fparam", "aparam") if k in system.labels}
+        try:
+            out = pot.evaluate(system.coords[start:stop], box, atypes[start:stop], **params)
+        except MtcoreError as exc:
+            raise MtcoreError(f"{system.path}: {_renumber_frames(str(exc), list(range(start, stop)))}") from None
+        for key, value in out.items():
+            preds.setdefault(key, []).append(value)
     return {k: np.concatenate(v) for k, v in preds.items()}
 
 

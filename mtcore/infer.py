@@ -51,6 +51,46 @@ def _from_checkpoint(path: Path, head: Optional[str], device: str):
     return module, meta
 
 
+def _is_frame_list(atypes) -> bool:
+    """A list of per-frame type arrays (frames of different sizes), not one frame's types."""
+    return isinstance(atypes, (list, tuple)) and len(atypes) > 0 and np.ndim(atypes[0]) == 1
+
+
+def _finite(name: str, values: np.ndarray, per_atom: Optional[bool] = None) -> np.ndarray:
+    """Refuse NaN/inf by name: an atom with a NaN coordinate would silently drop out of the
+    neighbour list and leave a finite, wrong energy."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        where = np.argwhere(bad)[0]
+        value = values[tuple(where)]
+        if per_atom is None:
+            raise MtcoreError(f"{name}: holds a non-finite value ({value})")
+        place = f"frame {where[0]}, atom {where[1]}" if per_atom else f"frame {where[0]}"
+        raise MtcoreError(f"{name}: {place} holds a non-finite value ({value})")
+    return values
+
+
+_INPUT_ERRORS = ("coord:", "box:", "atype:", "fparam", "aparam", "this model needs", "unknown head")
+
+
+def _module_message(exc: Exception) -> Optional[str]:
+    """The one line a frozen module raised about its input, without TorchScript's traceback
+    around it; None for anything else (a genuine failure keeps its traceback)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    for prefix in ("builtins.RuntimeError: ", "RuntimeError: "):
+        if last.startswith(prefix):
+            last = last[len(prefix):]
+    return last if last.startswith(_INPUT_ERRORS) else None
+
+
+def _renumber_frames(message: str, members: list[int]) -> str:
+    """Frame numbers inside a batched call → the caller's frame numbers."""
+    import re
+
+    return re.sub(r"frame (\d+)", lambda m: f"frame {members[int(m.group(1))]}" if int(m.group(1)) < len(members) else m.group(0), message)
+
+
 class DeepPotential:
     """A frozen model (one head, or a united model with ``head`` chosen)."""
 
@@ -92,16 +132,21 @@ class DeepPotential:
         return float(self.metadata["rcut"])
 
     def _types(self, atypes: Sequence) -> torch.Tensor:
-        values = list(np.asarray(atypes).reshape(-1)) if not isinstance(atypes, torch.Tensor) else atypes.tolist()
-        if values and isinstance(values[0], str):
-            try:
-                values = [self.type_map.index(v) for v in values]
-            except ValueError as exc:
-                raise MtcoreError(f"atypes: {exc}; the model's type_map is {self.type_map}") from None
-        array = np.asarray(values, dtype=np.int64)
+        if isinstance(atypes, torch.Tensor):
+            atypes = atypes.detach().cpu().numpy()
+        array = np.asarray(atypes)
+        if array.dtype.kind in "UO" and array.size:  # element names
+            names = array.reshape(-1).tolist()
+            unknown = sorted({str(v) for v in names if v not in self.type_map})
+            if unknown:
+                raise MtcoreError(f"atypes: {', '.join(unknown)} not in the model's type_map {self.type_map}")
+            array = np.asarray([self.type_map.index(v) for v in names], dtype=np.int64).reshape(array.shape)
+        elif array.size and array.dtype.kind not in "iu":
+            raise MtcoreError(f"atypes: must be integer type indices or element names, got {array.dtype} values")
+        array = array.astype(np.int64)
         if array.size and (array.min() < 0 or array.max() >= len(self.type_map)):
             raise MtcoreError(f"atypes: type indices must lie in 0..{len(self.type_map) - 1} ({self.type_map})")
-        return torch.as_tensor(array).reshape(np.shape(atypes) if not isinstance(atypes, list) else (-1,))
+        return torch.as_tensor(array)
 
     @property
     def numb_fparam(self) -> int:
@@ -129,24 +174,79 @@ class DeepPotential:
         shape = (nframes, size) if name == "fparam" else (nframes, natoms, size)
         return torch.as_tensor(np.ascontiguousarray(array).reshape(shape))
 
-    def evaluate(self, coords, box, atypes, virial: bool = True, fparam=None, aparam=None) -> dict[str, np.ndarray]:
+    def evaluate(self, coords, box, atypes, virial: bool = True, fparam=None, aparam=None):
         """coords [N,3] / [B,N,3] / [B,3N] (Å); box None, [3,3], [9], [B,9] or [B,3,3]; atypes [N]
-        (type indices or element names); fparam / aparam for a model trained with them. Returns
-        numpy arrays with a leading frame axis."""
-        coord = torch.as_tensor(np.asarray(coords, dtype=np.float64))
+        or [B,N] (type indices or element names); fparam / aparam for a model trained with them.
+        Returns numpy arrays with a leading frame axis.
+
+        Frames of different sizes: pass lists (``coords``, ``atypes``, ``box`` with one entry per
+        frame, ``None`` for a frame without a cell; ``fparam``/``aparam`` lists too) and get a list
+        with one result per frame, each as ``evaluate`` of that frame alone would return it.
+        """
+        if _is_frame_list(atypes):
+            return self._evaluate_list(coords, box, atypes, virial, fparam, aparam)
         types = self._types(atypes)
         natoms = types.shape[-1]
+        coord = np.asarray(coords, dtype=np.float64)
+        if natoms == 0 or coord.size % (3 * natoms):
+            raise MtcoreError(f"coords: {coord.size} values do not make frames of {natoms} atoms x 3")
         coord = coord.reshape(-1, natoms, 3)
+        _finite("coords", coord, per_atom=True)
         nframes = coord.shape[0]
-        cell = None if box is None else torch.as_tensor(np.asarray(box, dtype=np.float64)).reshape(-1, 3, 3)
+        cell = None
+        if box is not None:
+            cell = np.asarray(box, dtype=np.float64)
+            if cell.size not in (9, 9 * nframes):
+                raise MtcoreError(f"box: {cell.size} values; expected 9 per frame for {nframes} frame(s)")
+            cell = _finite("box", cell.reshape(-1, 9), per_atom=False)
+            cell = torch.as_tensor(cell).reshape(-1, 3, 3)
         fp = self._parameters("fparam", fparam, self.numb_fparam, nframes, natoms)
         ap = self._parameters("aparam", aparam, self.numb_aparam, nframes, natoms)
-        if self.united:
-            out = self.module(coord, types, cell, self.head, virial, fp, ap)
-        else:
-            out = self.module(coord, types, cell, virial, fp, ap)
+        try:
+            if self.united:
+                out = self.module(torch.as_tensor(coord), types, cell, self.head, virial, fp, ap)
+            else:
+                out = self.module(torch.as_tensor(coord), types, cell, virial, fp, ap)
+        except (torch.jit.Error, RuntimeError) as exc:
+            message = _module_message(exc)
+            if message is None:
+                raise
+            raise MtcoreError(message) from None
         return {k: v.cpu().numpy() for k, v in out.items()}
 
+    def _evaluate_list(self, coords, box, atypes, virial, fparam, aparam) -> list:
+        """Frames of different sizes, gathered by atom count (and cell or not) into batched calls."""
+        nframes = len(atypes)
+        for name, values in (("coords", coords), ("box", box), ("fparam", fparam), ("aparam", aparam)):
+            if values is not None and (not isinstance(values, (list, tuple)) or len(values) != nframes):
+                raise MtcoreError(f"{name}: with a list of atypes, give a list of {nframes} entries (one per frame)")
+        groups: dict[tuple, list[int]] = {}
+        for f in range(nframes):
+            natoms = int(np.size(atypes[f]))
+            has_box = box is not None and box[f] is not None
+            groups.setdefault((natoms, has_box), []).append(f)
+        results: list = [None] * nframes
+        for (natoms, has_box), members in groups.items():
+            def stack(values):
+                if values is None:
+                    return None
+                return np.stack([np.asarray(values[f], dtype=np.float64).reshape(-1) for f in members])
+
+            for f in members:
+                if np.size(coords[f]) != 3 * natoms:
+                    raise MtcoreError(f"coords: frame {f} has {np.size(coords[f])} values for {natoms} atoms")
+                if not np.isfinite(np.asarray(coords[f], dtype=np.float64)).all():
+                    atom = int(np.argwhere(~np.isfinite(np.asarray(coords[f], dtype=np.float64).reshape(natoms, 3)))[0, 0])
+                    raise MtcoreError(f"coords: frame {f}, atom {atom} holds a non-finite value")
+            coord = np.stack([np.asarray(coords[f], dtype=np.float64).reshape(natoms, 3) for f in members])
+            types = np.stack([np.asarray(atypes[f]).reshape(-1) for f in members])
+            try:
+                out = self.evaluate(coord, stack(box) if has_box else None, types, virial, stack(fparam), stack(aparam))
+            except MtcoreError as exc:
+                raise MtcoreError(_renumber_frames(str(exc), members)) from None
+            for k, f in enumerate(members):
+                results[f] = {key: value[k : k + 1] for key, value in out.items()}
+        return results
 
 def load(path: Union[str, Path], head: Optional[str] = None, device: str = "cpu") -> DeepPotential:
     return DeepPotential(path, head=head, device=device)

@@ -6,6 +6,17 @@ builder; ``forward(coord, atype, box=None)`` takes coordinates [N,3] or [B,N,3],
 [B, N, na] for a head trained with frame/atomic parameters) and returns ``energy``, ``force``,
 ``virial``, ``atom_energy`` for energy heads, or the global and atomic tensors for tensor heads.
 The united model holds every head and takes the head's name as an argument.
+
+Scaling: neighbours come from cell lists (linear in atoms), and a frame is evaluated in chunks
+of at most ``chunk_atoms`` centre atoms (spatially compact blocks, plus the neighbours they need
+from outside as "ghosts"): the energy is a sum of atomic energies, so each chunk's energy is
+differentiated on its own and forces and virials are accumulated. Memory is bounded by the chunk,
+not the frame. Small frames of one call are gathered into one chunk instead.
+
+``forward_extended`` takes a neighbour list from outside, as MD engines hold it: extended
+coordinates (local atoms first, then ghosts), types, the ghost → local ``mapping`` and pairs
+([P, 2] local centre, extended neighbour) or a per-atom list ([nloc, nnei], -1 padded), full
+(both directions). Inputs are checked and refused with a one-line RuntimeError.
 """
 
 from __future__ import annotations
@@ -17,26 +28,77 @@ from torch import nn
 
 from mtcore.model.descriptor import Descriptor
 from mtcore.model.fitting import Fitting
-from mtcore.model.geometry import finish_outputs, prepare_geometry
-from mtcore.model.model import with_parameters
-from mtcore.model.neighbor_list import build_neighbor_list
+from mtcore.model.neighbor_list import CellBins, _sort_pairs, bin_atoms, build_neighbor_list, pairs_of, spatial_order
+
+MIN_DISTANCE = 1e-6  # Å: closer atoms are an input error (the environment is singular); see _check_distances
+
+
+def _check_types(atype: torch.Tensor, ntypes: int, name: str) -> None:
+    if atype.is_floating_point() or atype.is_complex() or atype.dtype == torch.bool:
+        raise RuntimeError(name + ": atom types must be integer type indices, got " + str(atype.dtype))
+    flat = atype.reshape(-1)
+    bad = torch.nonzero((flat < 0) | (flat >= ntypes)).squeeze(1)
+    if bad.numel() > 0:
+        k = int(bad[0])
+        raise RuntimeError(name + ": type index " + str(int(flat[k])) + " (position " + str(k) + ") is outside 0.."
+                           + str(ntypes - 1))
+
+
+def _check_finite(value: torch.Tensor, name: str, labels: List[str]) -> None:
+    """NaN/inf refused, naming where: an atom with a NaN coordinate would otherwise drop out of
+    the neighbour list and leave a finite, wrong energy."""
+    bad = ~torch.isfinite(value)
+    if bool(bad.any()):
+        where: List[int] = torch.nonzero(bad)[0].tolist()
+        place: List[str] = []
+        for k in range(len(labels)):
+            place.append(labels[k] + " " + str(where[k]))
+        raise RuntimeError(name + ": " + ", ".join(place) + " holds a non-finite value (" + str(float(value[bad][0])) + ")")
 
 
 def _frames(
-    coord: torch.Tensor, atype: torch.Tensor, box: Optional[torch.Tensor]
+    coord: torch.Tensor, atype: torch.Tensor, box: Optional[torch.Tensor], ntypes: int
 ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    if coord.dim() == 2:
-        coord = coord.unsqueeze(0)
-    coord = coord.reshape(coord.shape[0], -1, 3).to(torch.float64)
+    """Shapes normalised to [B, N, 3], [B, N], [B, 3, 3] (float64), and every input checked."""
+    _check_types(atype, ntypes, "atype")
+    if atype.dim() == 0 or atype.dim() > 2:
+        raise RuntimeError("atype: expected [N] or [B, N] type indices, got " + str(atype.dim()) + " dimensions")
+    natoms = atype.shape[-1]
+    if natoms == 0:
+        raise RuntimeError("atype: no atoms")
+    if coord.numel() % (3 * natoms) != 0:
+        raise RuntimeError("coord: " + str(coord.numel()) + " values do not make frames of " + str(natoms) + " atoms x 3")
+    coord = coord.reshape(-1, natoms, 3).to(torch.float64)
+    _check_finite(coord, "coord", ["frame", "atom"])
     nframes = coord.shape[0]
     if atype.dim() == 1:
         atype = atype.unsqueeze(0).expand(nframes, -1)
+    elif atype.shape[0] != nframes:
+        raise RuntimeError("atype: types for " + str(atype.shape[0]) + " frames, coordinates for " + str(nframes))
     atype = atype.to(torch.long)
     if box is not None:
+        if box.numel() % 9 != 0:
+            raise RuntimeError("box: expected 9 values per frame, got " + str(box.numel()))
         box = box.to(torch.float64).reshape(-1, 3, 3)
         if box.shape[0] == 1 and nframes > 1:
             box = box.expand(nframes, 3, 3)
+        if box.shape[0] != nframes:
+            raise RuntimeError("box: cells for " + str(box.shape[0]) + " frames, coordinates for " + str(nframes))
+        _check_finite(box, "box", ["frame"])
+        volume = torch.abs(torch.linalg.det(box))
+        if bool((volume < 1e-6).any()):
+            frame = int(torch.nonzero(volume < 1e-6)[0, 0])
+            raise RuntimeError("box: the cell of frame " + str(frame) + " has no volume (" + str(float(volume[frame])) + " Å³)")
     return coord, atype, box
+
+
+def _check_distances(dist: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor, where: str) -> None:
+    """Coincident atoms make the environment singular (NaN): refuse them by name."""
+    if dist.numel() > 0:
+        k = int(torch.argmin(dist))
+        if float(dist[k]) < 1e-6:  # MIN_DISTANCE (TorchScript takes no module globals)
+            raise RuntimeError("coord: atoms " + str(int(center[k])) + " and " + str(int(neighbor[k])) + where
+                               + " are " + str(float(dist[k])) + " Å apart (coincident atoms)")
 
 
 def batch_neighbor_list(
@@ -58,22 +120,38 @@ def batch_neighbor_list(
     return torch.cat(centers), torch.cat(neighbors), torch.cat(images)
 
 
-class FrozenModel(nn.Module):
-    """One head, ready for ``torch.jit.script``."""
+def _with_ghosts(
+    loc: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor, total: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A chunk as its own small system: its atoms ``loc`` (ascending) first, then the neighbours
+    it needs from outside (ghosts); returns (atoms of the sub-system, renumbered pairs)."""
+    nloc = loc.shape[0]
+    device = loc.device
+    lookup = torch.full((total,), -1, dtype=torch.long, device=device)
+    lookup[loc] = torch.arange(nloc, device=device)
+    seen = torch.zeros(total, dtype=torch.bool, device=device)
+    seen[neighbor] = True
+    seen[loc] = False
+    ghosts = torch.nonzero(seen).squeeze(1)
+    lookup[ghosts] = torch.arange(nloc, nloc + ghosts.shape[0], device=device)
+    return torch.cat([loc, ghosts]), lookup.index_select(0, center), lookup.index_select(0, neighbor)
 
-    def __init__(self, descriptor: Descriptor, fitting: Fitting, type_map: List[str], head: str, metadata: str):
+
+class _Evaluator(nn.Module):
+    """What the single-head and the united model share: checks, neighbour lists, chunked passes."""
+
+    def __init__(self, descriptor: Descriptor, type_map: List[str], metadata: str):
         super().__init__()
         self.descriptor = descriptor
-        self.fitting = fitting
-        odef = fitting.output_def()
         self.type_map: List[str] = list(type_map)
         self.ntypes = len(type_map)
         self.rcut = float(descriptor.get_rcut())
-        self.head = head
-        self.global_key = odef.global_key
-        self.atomic_key = odef.atomic_key
-        self.conservative = odef.conservative
         self.metadata = metadata
+        # centre atoms per pass: ~0.1-0.2 MB each for se_e2_a water (float64), so memory is bounded
+        self.chunk_atoms: int = 2048
+
+    def _atomic(self, desc: Dict[str, torch.Tensor], atype: torch.Tensor, head: str) -> torch.Tensor:
+        raise RuntimeError("not implemented")
 
     @torch.jit.export
     def get_type_map(self) -> List[str]:
@@ -84,12 +162,314 @@ class FrozenModel(nn.Module):
         return self.rcut
 
     @torch.jit.export
-    def get_head(self) -> str:
-        return self.head
-
-    @torch.jit.export
     def get_metadata(self) -> str:
         return self.metadata
+
+    @torch.jit.export
+    def set_chunk_atoms(self, atoms: int) -> None:
+        """Centre atoms evaluated per pass: fewer bound memory tighter, more amortise overhead."""
+        self.chunk_atoms = max(1, atoms)
+
+    def _pass(
+        self,
+        coord: torch.Tensor,
+        atype: torch.Tensor,
+        frame: torch.Tensor,
+        nloc: int,
+        center: torch.Tensor,
+        neighbor: torch.Tensor,
+        image: Optional[torch.Tensor],
+        box: Optional[torch.Tensor],
+        nframes: int,
+        head: str,
+        conservative: bool,
+        want_virial: bool,
+        fparam: Optional[torch.Tensor],
+        aparam: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One chunk: atoms ``coord`` [M, 3] of which the first ``nloc`` are centres; pairs sorted
+        by centre. Returns (atomic outputs of the centres, -dE/dx of all M atoms, virial [B, 9])."""
+        leaf = coord.detach().requires_grad_(conservative)
+        strain = torch.zeros(nframes, 3, 3, dtype=coord.dtype, device=coord.device)
+        strain.requires_grad_(want_virial)
+        deform = strain + torch.eye(3, dtype=coord.dtype, device=coord.device)
+        if want_virial:
+            if nframes == 1:
+                x = leaf @ deform[0]
+            else:
+                x = torch.bmm(leaf.unsqueeze(1), deform.index_select(0, frame)).squeeze(1)
+        else:
+            x = leaf
+        if image is None or box is None:
+            shift = torch.zeros(center.shape[0], 3, dtype=coord.dtype, device=coord.device)
+        else:
+            cell = torch.bmm(box, deform) if want_virial else box
+            if nframes == 1:
+                shift = image.to(coord.dtype) @ cell[0]
+            else:
+                pair_frame = frame.index_select(0, center)
+                shift = torch.bmm(image.to(coord.dtype).unsqueeze(1), cell.index_select(0, pair_frame)).squeeze(1)
+        desc = self.descriptor(x, atype, center, neighbor, shift)
+        local: Dict[str, torch.Tensor] = {}
+        for key, value in desc.items():
+            local[key] = value[:nloc]  # descriptor outputs are per atom; the centres come first
+        if fparam is not None:
+            local["fparam"] = fparam.reshape(nframes, -1).to(torch.float64).index_select(0, frame[:nloc])
+        if aparam is not None:
+            local["aparam"] = aparam.to(torch.float64)
+        atomic = self._atomic(local, atype[:nloc], head).to(coord.dtype)
+        atomic = atomic.reshape(nloc, -1)
+        force = torch.zeros_like(coord)
+        virial = torch.zeros(nframes, 9, dtype=coord.dtype, device=coord.device)
+        if conservative and atomic.requires_grad:
+            inputs: List[torch.Tensor] = [leaf]
+            if want_virial:
+                inputs.append(strain)
+            grads = torch.autograd.grad([atomic.sum()], inputs, allow_unused=True)
+            g_coord = grads[0]
+            if g_coord is not None:
+                force = -g_coord
+            if want_virial:
+                g_strain = grads[1]
+                if g_strain is not None:
+                    virial = -g_strain.transpose(1, 2).reshape(nframes, 9)
+        return atomic.detach(), force.detach(), virial.detach()
+
+    def _evaluate(
+        self,
+        coord: torch.Tensor,
+        atype: torch.Tensor,
+        box: Optional[torch.Tensor],
+        head: str,
+        conservative: bool,
+        do_virial: bool,
+        fparam: Optional[torch.Tensor],
+        aparam: Optional[torch.Tensor],
+        global_key: str,
+        atomic_key: str,
+    ) -> Dict[str, torch.Tensor]:
+        coord, atype, box = _frames(coord, atype, box, self.ntypes)
+        nframes, natoms = atype.shape[0], atype.shape[1]
+        total = nframes * natoms
+        want_virial = conservative and do_virial
+        device = coord.device
+        flat = coord.reshape(total, 3)
+        flat_type = atype.reshape(total)
+        frame_of = torch.div(torch.arange(total, device=device), natoms, rounding_mode="floor")
+        flat_aparam: Optional[torch.Tensor] = None
+        if aparam is not None:
+            flat_aparam = aparam.reshape(total, -1)
+        force = torch.zeros(total, 3, dtype=coord.dtype, device=device)
+        virial = torch.zeros(nframes, 9, dtype=coord.dtype, device=device)
+        atomic_parts: List[torch.Tensor] = []
+        loc_parts: List[torch.Tensor] = []
+        # chunks: spatial blocks of a large frame; several small frames share one
+        pending: List[Tuple[int, torch.Tensor]] = []
+        pending_atoms = 0
+        bins_of: List[CellBins] = []
+        for b in range(nframes):
+            frame_box: Optional[torch.Tensor] = None
+            if box is not None:
+                frame_box = box[b]
+            bins = bin_atoms(coord[b], frame_box, self.rcut)
+            bins_of.append(bins)
+            pieces: List[torch.Tensor] = []
+            if natoms <= self.chunk_atoms:
+                pieces.append(torch.arange(natoms, device=device))
+            else:
+                order = spatial_order(bins)
+                for start in range(0, natoms, self.chunk_atoms):
+                    pieces.append(torch.sort(order[start : start + self.chunk_atoms]).values)
+            for piece in pieces:
+                if len(pending) > 0 and pending_atoms + piece.shape[0] > self.chunk_atoms:
+                    self._chunk(pending, bins_of, flat, flat_type, frame_of, natoms, box, nframes, head, conservative,
+                                want_virial, fparam, flat_aparam, atomic_parts, loc_parts, force, virial)
+                    pending = []
+                    pending_atoms = 0
+                pending.append((b, piece))
+                pending_atoms += piece.shape[0]
+        self._chunk(pending, bins_of, flat, flat_type, frame_of, natoms, box, nframes, head, conservative,
+                    want_virial, fparam, flat_aparam, atomic_parts, loc_parts, force, virial)
+        atomic_all = torch.cat(atomic_parts)
+        atomic_all = torch.zeros(total, atomic_all.shape[1], dtype=atomic_all.dtype, device=device).index_copy(
+            0, torch.cat(loc_parts), atomic_all
+        )
+        atomic3 = atomic_all.reshape(nframes, natoms, -1)
+        out: Dict[str, torch.Tensor] = {global_key: atomic3.sum(1), atomic_key: atomic3}
+        if conservative:
+            out["force"] = force.reshape(nframes, natoms, 3)
+            if want_virial:
+                out["virial"] = virial
+            out["atom_energy"] = atomic3.reshape(nframes, natoms)
+            out["energy"] = out["energy"].reshape(nframes)
+        return out
+
+    def _chunk(
+        self,
+        pending: List[Tuple[int, torch.Tensor]],
+        bins_of: List[CellBins],
+        flat: torch.Tensor,
+        flat_type: torch.Tensor,
+        frame_of: torch.Tensor,
+        natoms: int,
+        box: Optional[torch.Tensor],
+        nframes: int,
+        head: str,
+        conservative: bool,
+        want_virial: bool,
+        fparam: Optional[torch.Tensor],
+        aparam: Optional[torch.Tensor],
+        atomic_parts: List[torch.Tensor],
+        loc_parts: List[torch.Tensor],
+        force: torch.Tensor,
+        virial: torch.Tensor,
+    ) -> None:
+        """Pairs of the chunk's centres, the chunk as a system with ghosts, one pass; the results
+        are added to the accumulators (lists appended, force and virial in place)."""
+        locs: List[torch.Tensor] = []
+        centers: List[torch.Tensor] = []
+        neighbors: List[torch.Tensor] = []
+        images: List[torch.Tensor] = []
+        for item in pending:
+            b, piece = item
+            frame_types = flat_type[b * natoms : (b + 1) * natoms]
+            c, nb, img, dist = pairs_of(bins_of[b], piece, frame_types, self.rcut, self.ntypes)
+            _check_distances(dist, c, nb, " of frame " + str(b))
+            locs.append(piece + b * natoms)
+            centers.append(c + b * natoms)
+            neighbors.append(nb + b * natoms)
+            images.append(img)
+        loc = torch.cat(locs)
+        ext, center, neighbor = _with_ghosts(loc, torch.cat(centers), torch.cat(neighbors), flat.shape[0])
+        chunk_aparam: Optional[torch.Tensor] = None
+        if aparam is not None:
+            chunk_aparam = aparam.index_select(0, loc)
+        atomic, f_ext, vir = self._pass(
+            flat.index_select(0, ext), flat_type.index_select(0, ext), frame_of.index_select(0, ext), loc.shape[0],
+            center, neighbor, torch.cat(images), box, nframes, head, conservative, want_virial, fparam, chunk_aparam,
+        )
+        atomic_parts.append(atomic)
+        loc_parts.append(loc)
+        force.index_add_(0, ext, f_ext)
+        virial.add_(vir)
+
+    def _extended(
+        self,
+        extended_coord: torch.Tensor,
+        extended_atype: torch.Tensor,
+        nloc: int,
+        mapping: torch.Tensor,
+        pairs: Optional[torch.Tensor],
+        nlist: Optional[torch.Tensor],
+        head: str,
+        conservative: bool,
+        do_virial: bool,
+        fparam: Optional[torch.Tensor],
+        aparam: Optional[torch.Tensor],
+        global_key: str,
+        atomic_key: str,
+    ) -> Dict[str, torch.Tensor]:
+        """One frame from an external neighbour list (see the module docstring)."""
+        _check_types(extended_atype, self.ntypes, "extended_atype")
+        atype = extended_atype.reshape(-1).to(torch.long)
+        nall = atype.shape[0]
+        if extended_coord.numel() != 3 * nall:
+            raise RuntimeError("extended_coord: expected " + str(nall) + " atoms x 3 values, got " + str(extended_coord.numel()))
+        coord = extended_coord.reshape(nall, 3).to(torch.float64)
+        _check_finite(coord, "extended_coord", ["atom"])
+        device = coord.device
+        if nloc < 1 or nloc > nall:
+            raise RuntimeError("nloc: " + str(nloc) + " local atoms among " + str(nall) + " extended atoms")
+        mapping = mapping.reshape(-1)
+        if mapping.is_floating_point() or mapping.dtype == torch.bool or mapping.shape[0] != nall:
+            raise RuntimeError("mapping: expected " + str(nall) + " integer local indices (one per extended atom)")
+        mapping = mapping.to(torch.long)
+        if bool(((mapping < 0) | (mapping >= nloc)).any()):
+            raise RuntimeError("mapping: local indices must lie in 0.." + str(nloc - 1))
+        if pairs is not None:
+            if pairs.is_floating_point() or pairs.dim() != 2 or pairs.shape[1] != 2:
+                raise RuntimeError("pairs: expected integer [P, 2] (local centre, extended neighbour)")
+            center = pairs[:, 0].to(torch.long)
+            neighbor = pairs[:, 1].to(torch.long)
+        elif nlist is not None:
+            if nlist.is_floating_point() or nlist.dim() != 2 or nlist.shape[0] != nloc:
+                raise RuntimeError("nlist: expected integer [nloc, nnei] extended indices, -1 for empty slots")
+            table = nlist.to(torch.long)
+            filled = table >= 0
+            center = torch.arange(nloc, device=device).unsqueeze(1).expand(nloc, table.shape[1])[filled]
+            neighbor = table[filled]
+        else:
+            raise RuntimeError("forward_extended: give the neighbours as pairs or as nlist")
+        if center.numel() > 0:
+            if int(center.min()) < 0 or int(center.max()) >= nloc:
+                raise RuntimeError("pairs: centres must be local atoms 0.." + str(nloc - 1))
+            if int(neighbor.min()) < 0 or int(neighbor.max()) >= nall:
+                raise RuntimeError("pairs: neighbours must be extended atoms 0.." + str(nall - 1))
+        keep = torch.nonzero(neighbor != center).squeeze(1)
+        center, neighbor = center.index_select(0, keep), neighbor.index_select(0, keep)
+        rij = coord.index_select(0, neighbor) - coord.index_select(0, center)
+        dist = torch.linalg.vector_norm(rij, dim=1)
+        keep = torch.nonzero(dist < self.rcut).squeeze(1)  # engines add a skin; the model does not
+        center, neighbor, dist = center.index_select(0, keep), neighbor.index_select(0, keep), dist.index_select(0, keep)
+        _check_distances(dist, center, neighbor, " (extended indices)")
+        zero = torch.zeros(center.shape[0], 3, dtype=coord.dtype, device=device)
+        center, neighbor, zero, dist = _sort_pairs(center, neighbor, zero, dist, atype, self.ntypes)
+        want_virial = conservative and do_virial
+        frame = torch.zeros(nall, dtype=torch.long, device=device)
+        force = torch.zeros(nall, 3, dtype=coord.dtype, device=device)
+        virial = torch.zeros(1, 9, dtype=coord.dtype, device=device)
+        counts = torch.bincount(center, minlength=nloc)
+        ends = torch.cumsum(counts, 0)
+        parts: List[torch.Tensor] = []
+        for lo in range(0, nloc, self.chunk_atoms):
+            hi = min(nloc, lo + self.chunk_atoms)
+            first = 0 if lo == 0 else int(ends[lo - 1])
+            last = int(ends[hi - 1])
+            loc = torch.arange(lo, hi, device=device)
+            if lo == 0 and hi == nloc:
+                ext, c, nb = torch.arange(nall, device=device), center, neighbor
+            else:
+                ext, c, nb = _with_ghosts(loc, center[first:last], neighbor[first:last], nall)
+            chunk_aparam: Optional[torch.Tensor] = None
+            if aparam is not None:
+                chunk_aparam = aparam.reshape(nloc, -1)[lo:hi]
+            atomic, f_ext, vir = self._pass(
+                coord.index_select(0, ext), atype.index_select(0, ext), frame.index_select(0, ext), hi - lo, c, nb,
+                None, None, 1, head, conservative, want_virial, fparam, chunk_aparam,
+            )
+            parts.append(atomic)
+            force.index_add_(0, ext, f_ext)
+            virial = virial + vir
+        atomic = torch.cat(parts).unsqueeze(0)
+        out: Dict[str, torch.Tensor] = {global_key: atomic.sum(1), atomic_key: atomic}
+        if conservative:
+            out["extended_force"] = force.unsqueeze(0)
+            out["force"] = torch.zeros(nloc, 3, dtype=coord.dtype, device=device).index_add(0, mapping, force).unsqueeze(0)
+            if want_virial:
+                out["virial"] = virial
+            out["atom_energy"] = atomic.reshape(1, nloc)
+            out["energy"] = out["energy"].reshape(1)
+        return out
+
+
+class FrozenModel(_Evaluator):
+    """One head, ready for ``torch.jit.script``."""
+
+    def __init__(self, descriptor: Descriptor, fitting: Fitting, type_map: List[str], head: str, metadata: str):
+        super().__init__(descriptor, type_map, metadata)
+        self.fitting = fitting
+        odef = fitting.output_def()
+        self.head = head
+        self.global_key = odef.global_key
+        self.atomic_key = odef.atomic_key
+        self.conservative = odef.conservative
+
+    def _atomic(self, desc: Dict[str, torch.Tensor], atype: torch.Tensor, head: str) -> torch.Tensor:
+        return self.fitting(desc, atype)
+
+    @torch.jit.export
+    def get_head(self) -> str:
+        return self.head
 
     def forward(
         self,
@@ -100,56 +480,53 @@ class FrozenModel(nn.Module):
         fparam: Optional[torch.Tensor] = None,
         aparam: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
-        coord, atype, box = _frames(coord, atype, box)
-        nframes, natoms = atype.shape[0], atype.shape[1]
-        center, neighbor, image = batch_neighbor_list(coord, atype, box, self.rcut, self.ntypes)
-        want_grad = self.conservative
-        want_virial = self.conservative and do_virial
-        flat, shift, leaf, strain = prepare_geometry(coord, box, center, image, want_grad, want_virial)
-        atype_flat = atype.reshape(-1)
-        desc = with_parameters(self.descriptor(flat, atype_flat, center, neighbor, shift), nframes, natoms, fparam, aparam)
-        atomic = self.fitting(desc, atype_flat)
-        out = finish_outputs(
-            atomic, nframes, natoms, self.global_key, self.atomic_key, self.conservative, leaf, strain,
-            want_grad, want_virial, False,
-        )
-        if self.conservative:
-            out["atom_energy"] = out[self.atomic_key].reshape(nframes, natoms)
-            out["energy"] = out["energy"].reshape(nframes)
-        return {k: v.detach() for k, v in out.items()}
+        return self._evaluate(coord, atype, box, self.head, self.conservative, do_virial, fparam, aparam,
+                              self.global_key, self.atomic_key)
+
+    @torch.jit.export
+    def forward_extended(
+        self,
+        extended_coord: torch.Tensor,
+        extended_atype: torch.Tensor,
+        nloc: int,
+        mapping: torch.Tensor,
+        pairs: Optional[torch.Tensor] = None,
+        nlist: Optional[torch.Tensor] = None,
+        do_virial: bool = True,
+        fparam: Optional[torch.Tensor] = None,
+        aparam: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """One frame with the neighbours an MD engine already has; ``force`` is folded onto the
+        local atoms through ``mapping``, ``extended_force`` is per extended atom."""
+        return self._extended(extended_coord, extended_atype, nloc, mapping, pairs, nlist, self.head, self.conservative,
+                              do_virial, fparam, aparam, self.global_key, self.atomic_key)
 
 
-class UnitedModel(nn.Module):
+class UnitedModel(_Evaluator):
     """Every head in one file; ``forward(coord, atype, box, head)``."""
 
     def __init__(self, descriptor: Descriptor, heads: Dict[str, Fitting], type_map: List[str], metadata: str):
-        super().__init__()
-        self.descriptor = descriptor
+        super().__init__(descriptor, type_map, metadata)
         self.heads = nn.ModuleDict(heads)
         self.head_names: List[str] = list(heads.keys())
-        self.type_map: List[str] = list(type_map)
-        self.ntypes = len(type_map)
-        self.rcut = float(descriptor.get_rcut())
         self.global_keys: Dict[str, str] = {k: f.output_def().global_key for k, f in heads.items()}
         self.atomic_keys: Dict[str, str] = {k: f.output_def().atomic_key for k, f in heads.items()}
         self.conservative: Dict[str, bool] = {k: f.output_def().conservative for k, f in heads.items()}
-        self.metadata = metadata
 
-    @torch.jit.export
-    def get_type_map(self) -> List[str]:
-        return self.type_map
+    def _atomic(self, desc: Dict[str, torch.Tensor], atype: torch.Tensor, head: str) -> torch.Tensor:
+        atomic = torch.zeros(0)
+        for name, fitting in self.heads.items():
+            if name == head:
+                atomic = fitting(desc, atype)
+        return atomic
 
-    @torch.jit.export
-    def get_rcut(self) -> float:
-        return self.rcut
+    def _check_head(self, head: str) -> None:
+        if head not in self.head_names:
+            raise RuntimeError("unknown head '" + head + "'; heads: " + ", ".join(self.head_names))
 
     @torch.jit.export
     def get_heads(self) -> List[str]:
         return self.head_names
-
-    @torch.jit.export
-    def get_metadata(self) -> str:
-        return self.metadata
 
     def forward(
         self,
@@ -161,25 +538,24 @@ class UnitedModel(nn.Module):
         fparam: Optional[torch.Tensor] = None,
         aparam: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
-        if head not in self.head_names:
-            raise RuntimeError("unknown head '" + head + "'; heads: " + ", ".join(self.head_names))
-        coord, atype, box = _frames(coord, atype, box)
-        nframes, natoms = atype.shape[0], atype.shape[1]
-        center, neighbor, image = batch_neighbor_list(coord, atype, box, self.rcut, self.ntypes)
-        conservative = self.conservative[head]
-        want_virial = conservative and do_virial
-        flat, shift, leaf, strain = prepare_geometry(coord, box, center, image, conservative, want_virial)
-        atype_flat = atype.reshape(-1)
-        desc = with_parameters(self.descriptor(flat, atype_flat, center, neighbor, shift), nframes, natoms, fparam, aparam)
-        atomic = torch.zeros(0)
-        for name, fitting in self.heads.items():
-            if name == head:
-                atomic = fitting(desc, atype_flat)
-        out = finish_outputs(
-            atomic, nframes, natoms, self.global_keys[head], self.atomic_keys[head], conservative, leaf, strain,
-            conservative, want_virial, False,
-        )
-        if conservative:
-            out["atom_energy"] = out[self.atomic_keys[head]].reshape(nframes, natoms)
-            out["energy"] = out["energy"].reshape(nframes)
-        return {k: v.detach() for k, v in out.items()}
+        self._check_head(head)
+        return self._evaluate(coord, atype, box, head, self.conservative[head], do_virial, fparam, aparam,
+                              self.global_keys[head], self.atomic_keys[head])
+
+    @torch.jit.export
+    def forward_extended(
+        self,
+        extended_coord: torch.Tensor,
+        extended_atype: torch.Tensor,
+        nloc: int,
+        mapping: torch.Tensor,
+        pairs: Optional[torch.Tensor] = None,
+        nlist: Optional[torch.Tensor] = None,
+        head: str = "",
+        do_virial: bool = True,
+        fparam: Optional[torch.Tensor] = None,
+        aparam: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        self._check_head(head)
+        return self._extended(extended_coord, extended_atype, nloc, mapping, pairs, nlist, head, self.conservative[head],
+                              do_virial, fparam, aparam, self.global_keys[head], self.atomic_keys[head])
