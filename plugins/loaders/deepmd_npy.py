@@ -51,7 +51,8 @@ def _frames(path: Path, raw: np.ndarray, nframes: int, width: Optional[int] = No
             raise MtcoreError(f"{path}: holds {raw.size} values, not a whole number of frames of {width} values")
         raw = raw.reshape(-1, width)
     if raw.shape[0] != nframes:
-        raise MtcoreError(f"{path}: has {raw.shape[0]} frames; coord.npy has {nframes}")
+        count = raw.shape[0]
+        raise MtcoreError(f"{path}: has {count} frame{'' if count == 1 else 's'}; coord.npy has {nframes}")
     return raw.reshape(nframes, -1)
 
 
