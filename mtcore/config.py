@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,19 +191,30 @@ def detect_mode(doc: dict) -> bool:
     return False
 
 
+def _absolute(path: str, base_dir: Path) -> str:
+    """``path`` made absolute against the input's folder; a link loop is left for the loader to
+    name (resolving it would raise from inside pathlib)."""
+    if Path(path).is_absolute():
+        return path
+    try:
+        return str((base_dir / path).resolve())
+    except (RuntimeError, OSError):
+        return os.path.abspath(base_dir / path)
+
+
 def _absolute_systems(section: Optional[dict], base_dir: Path) -> Optional[dict]:
     if section is None:
         return None
     out = dict(section)
     systems = out["systems"]
     if isinstance(systems, str):
-        out["systems"] = str((base_dir / systems).resolve()) if not Path(systems).is_absolute() else systems
+        out["systems"] = _absolute(systems, base_dir)
     else:
         resolved = []
         for s in systems:
             if not isinstance(s, str):
                 raise MtcoreError(f"systems: expected folder paths (strings), got {s!r}")
-            resolved.append(str((base_dir / s).resolve()) if not Path(s).is_absolute() else s)
+            resolved.append(_absolute(s, base_dir))
         out["systems"] = resolved
     return out
 

@@ -182,6 +182,12 @@ def symlink_loop(doc, system, tmp):
     doc["training"]["training_data"]["systems"] = [str(root / "self")]
 
 
+def relative_symlink_loop(doc, system, tmp):
+    (tmp / "a").symlink_to(tmp / "b")
+    (tmp / "b").symlink_to(tmp / "a")
+    doc["training"]["training_data"]["systems"] = ["a"]
+
+
 def no_system_below(doc, system, tmp):
     (tmp / "empty").mkdir()
     doc["training"]["training_data"]["systems"] = str(tmp / "empty")
@@ -250,6 +256,7 @@ CASES: list[tuple[str, Callable, str, Optional[list]]] = [
     ("systems-list-of-int", put("training/training_data/systems", [5]), r"systems", None),
     ("systems-missing-folder", put("training/training_data/systems", ["/nowhere/x"]), r"systems: /nowhere/x: folder not found", None),
     ("systems-empty-list", put("training/training_data/systems", []), r"systems", None),
+    ("systems-relative-link-loop", relative_symlink_loop, r"training/training_data/systems: .*/a: is a symlink loop", None),
     ("systems-no-system-below", no_system_below, r"systems: no data system found below", None),
     ("systems-symlink-loop", symlink_loop, r"systems.*self.*(symlink|link) loop", None),
     ("batch_size-zero", put("training/training_data/batch_size", 0), r"batch_size", None),
