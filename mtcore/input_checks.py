@@ -10,7 +10,9 @@ is one line naming the key path.
 from __future__ import annotations
 
 import math
+import os
 import re
+from pathlib import Path
 from typing import Any, Optional
 
 from mtcore.errors import MtcoreError
@@ -103,6 +105,8 @@ def check_network_settings(node: Any, where: str) -> None:
                 check_seed(value, path)
             elif key == "sel":
                 check_sel(value, path)
+            elif key == "rcut_smth" and isinstance(value, (int, float)) and value < 0:
+                raise MtcoreError(f"{path}: must be between 0 and rcut, got {value!r}")
             else:
                 check_network_settings(value, path)
     elif isinstance(node, list):
@@ -145,6 +149,9 @@ def check_training(training: dict) -> None:
         value = training.get(key)
         if value is not None and (not _is_int(value) or value < 0):
             raise MtcoreError(f"training/{key}: must be a non-negative integer, got {value!r}")
+    disp_file = training.get("disp_file")
+    if disp_file is not None and (not disp_file.strip() or disp_file.endswith(("/", os.sep)) or Path(disp_file).is_dir()):
+        raise MtcoreError(f"training/disp_file: {disp_file!r} is a folder; give a file name (e.g. 'lcurve.out')")
 
 
 def check_model(model: dict) -> None:
@@ -163,3 +170,6 @@ def check_loss(section: dict, where: str) -> None:
     for key, value in section.items():
         if key.startswith(("start_pref", "limit_pref", "pref")) and isinstance(value, (int, float)) and value < 0:
             raise MtcoreError(f"{where}/{key}: must not be negative, got {value!r}")
+    relative_f = section.get("relative_f")
+    if isinstance(relative_f, (int, float)) and relative_f <= 0:
+        raise MtcoreError(f"{where}/relative_f: must be positive (it is added to |F| in the denominator), got {relative_f!r}")

@@ -102,6 +102,9 @@ def system_probabilities(
     if sys_probs is not None:
         if len(sys_probs) != n:
             raise MtcoreError(f"{where}/sys_probs: has {len(sys_probs)} entries for {n} systems")
+        for value in sys_probs:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise MtcoreError(f"{where}/sys_probs: entries must be numbers (negative: share the rest), got {value!r}")
         probs = np.asarray(sys_probs, dtype=np.float64)
         given = probs >= 0
         rest = 1.0 - probs[given].sum()
@@ -127,6 +130,8 @@ def system_probabilities(
         except ValueError:
             raise MtcoreError(f"{where}/auto_prob: '{auto_prob}' blocks must look like 'start:stop:weight'") from None
         total = sum(w for _, _, w in weights)
+        if any(not math.isfinite(w) or w < 0 for _, _, w in weights) or not total > 0:
+            raise MtcoreError(f"{where}/auto_prob: '{auto_prob}' block weights must be non-negative with a positive sum")
         for lo, hi, w in weights:
             if not (0 <= lo < hi <= n):
                 raise MtcoreError(f"{where}/auto_prob: block {lo}:{hi} is outside the {n} systems")
