@@ -316,6 +316,8 @@ CASES: list[tuple[str, Callable, str, Optional[list]]] = [
      r"shared layer 'l1'.*'a'.*'b'.*(timestep|resnet_dt)", None),
     ("shared-shape", multi(put("model/fitting_net_dict/b/neuron", [16])), r"shared layer 'l0'.*'a'.*'b'", None),
     ("layer_name-length", multi(put("model/fitting_net_dict/b/layer_name", ["l0"])), r"'b'.*layer_name", None),
+    ("layer_name-empty", multi(put("model/fitting_net_dict/a/layer_name", ["", None])), r"'a'.*layer_name entry ''", None),
+    ("layer_name-slash", multi(put("model/fitting_net_dict/a/layer_name", ["x/y", None])), r"'a'.*layer_name entry 'x/y'", None),
     ("mixed-single-multi", multi(put("loss", {"type": "ener"})), r"cannot be mixed", None),
     # data files
     ("energy-nan", npy("energy", with_value(2, np.nan)), r"energy.npy: .*nan.* frame 2", None),
@@ -355,6 +357,7 @@ CASES: list[tuple[str, Callable, str, Optional[list]]] = [
     ("set-missing-label", second_set_without_force, r"force.npy is missing in set.001", None),
     ("type-raw-words", write("type.raw", "O H H\n"), r"type.raw: expected whitespace-separated integer", None),
     ("type-raw-float", write("type.raw", "0 1.5\n"), r"type.raw: expected whitespace-separated integer", None),
+    ("type-raw-huge-int", write("type.raw", "99999999999999999999999 " * 192), r"type.raw: expected whitespace-separated integer", None),
     ("type-raw-empty", write("type.raw", ""), r"type.raw: lists no atoms", None),
     ("type-raw-negative", write("type.raw", " ".join(["-1"] * 192)), r"type.raw: atom types must be non-negative", None),
     ("type-raw-missing", remove("type.raw"), r"not a (deepmd/npy system|data system)", None),

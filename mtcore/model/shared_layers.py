@@ -51,6 +51,8 @@ class SharedLayerManager:
         for entry in layer_name:
             if entry is not None and not isinstance(entry, str):
                 raise MtcoreError(f"fitting net '{head}': layer_name entries must be strings or null, got {entry!r}")
+            if entry is not None and (not entry.strip() or "/" in entry):
+                raise MtcoreError(f"fitting net '{head}': layer_name entry {entry!r} must be a non-empty name without '/' (or null)")
         return layer_name
 
     def dense(

@@ -78,7 +78,7 @@ def _read_types(system: Path) -> np.ndarray:
     try:
         text = path.read_text()
         types = np.array([int(v) for v in text.split()], dtype=np.int64)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, OverflowError) as exc:
         raise MtcoreError(f"{path}: expected whitespace-separated integer atom types ({exc})") from None
     if types.size == 0:
         raise MtcoreError(f"{path}: lists no atoms")
