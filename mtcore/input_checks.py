@@ -97,6 +97,9 @@ def check_network_settings(node: Any, where: str) -> None:
     """Every ``neuron`` and ``seed`` inside a model section (descriptors, hybrids, fitting nets,
     type embedding), wherever a plugin puts them."""
     if isinstance(node, dict):
+        rcut = node.get("rcut")
+        if isinstance(rcut, (int, float)) and not isinstance(rcut, bool) and not rcut > 0:
+            raise MtcoreError(f"{where}/rcut: must be a positive distance, got {rcut}")
         for key, value in node.items():
             path = f"{where}/{key}"
             if key == "neuron" and value is not None:

@@ -392,8 +392,9 @@ CASES: list[tuple[str, Callable, str, Optional[list]]] = [
 
 
 def invoke(args: list, cwd: Path, monkeypatch, env: Optional[dict] = None):
+    """The CLI in-process, in ``cwd``; MTCORE_DEBUG from the caller's shell does not leak in."""
     monkeypatch.chdir(cwd)
-    return CliRunner().invoke(app, args, env=env)
+    return CliRunner().invoke(app, args, env={"MTCORE_DEBUG": "", **(env or {})})
 
 
 @pytest.mark.parametrize("case, mutate, expected, args", CASES, ids=[c[0] for c in CASES])
