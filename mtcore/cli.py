@@ -229,7 +229,7 @@ def _json_stat(stat) -> dict:
     if bad:
         out["why"] = (
             "no values were compared" if not getattr(stat, "count", 1)
-            else "not finite: the model predicted, or a label holds, NaN or inf for some frame"
+            else "not finite: the model predicted NaN or inf for some frame (labels are checked for NaN/inf on load)"
         )
     return out
 
