@@ -105,11 +105,12 @@ def test_chunked_evaluation_equals_one_pass(frozen):
     module, _ = frozen
     coord, atype, box = _replicated(2)
     coord = coord + torch.tensor(np.random.default_rng(5).normal(0, 0.05, coord.shape))
+    default = module.chunk_atoms
     module.set_chunk_atoms(100_000)
     whole = module(coord, atype, box)
     module.set_chunk_atoms(150)  # 11 spatial chunks, each with ghosts from the others
     chunked = module(coord, atype, box)
-    module.set_chunk_atoms(2048)
+    module.set_chunk_atoms(default)
     for key in ("energy", "force", "virial", "atom_energy"):
         assert torch.allclose(whole[key], chunked[key], atol=TOL, rtol=0), key
     # and the replica of a frame has 8 times its energy and the same forces
@@ -126,9 +127,10 @@ def test_several_small_frames_share_a_pass_and_equal_one_by_one(frozen):
     frames = [water_frame(i) for i in range(3)]
     coords = torch.stack([f[0] for f in frames])
     boxes = torch.stack([f[2] for f in frames])
+    default = module.chunk_atoms
     module.set_chunk_atoms(400)  # two frames per pass, then one
     together = module(coords, frames[0][1], boxes)
-    module.set_chunk_atoms(2048)
+    module.set_chunk_atoms(default)
     for i, (c, t, b) in enumerate(frames):
         alone = module(c, t, b)
         for key in ("energy", "force", "virial", "atom_energy"):
@@ -170,9 +172,10 @@ def test_external_neighbour_list_equals_forward(frozen):
         table = torch.full((nloc, int(counts.max()) + 3), -1, dtype=torch.long)
         slot = torch.arange(pairs.shape[0]) - (torch.cumsum(counts, 0) - counts)[pairs[:, 0]]
         table[pairs[:, 0], slot] = pairs[:, 1]
+        default = module.chunk_atoms
         module.set_chunk_atoms(50)
         out = module.forward_extended(ext, ext_type, nloc, mapping, nlist=table)
-        module.set_chunk_atoms(2048)
+        module.set_chunk_atoms(default)
         for key in ("energy", "force", "virial", "atom_energy"):
             assert torch.allclose(out[key], ref[key], atol=TOL, rtol=0), key
 

@@ -121,10 +121,20 @@ def batch_neighbor_list(
 
 
 def _with_ghosts(
-    loc: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor, total: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A chunk as its own small system: its atoms ``loc`` (ascending) first, then the neighbours
-    it needs from outside (ghosts); returns (atoms of the sub-system, renumbered pairs)."""
+    loc: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor, atype: torch.Tensor, total: int, ntypes: int
+) -> Tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A chunk as its own small system, the neighbours it needs from outside (ghosts) included
+    without making them atoms of the descriptor.
+
+    The descriptor sees the chunk's atoms ``loc`` (ascending) and at most one extra atom per
+    type; a pair whose neighbour is a ghost g points at a "proxy" atom k of g's type and its
+    shift carries the rest, x_g - x_k (so r_ij = x_k - x_i + shift = x_g - x_i; forces reach g
+    through the shift). Descriptors see neighbours only through r_ij and their type, so this is
+    the same environment, while per-atom memory stays that of the chunk, not of its ghost shell.
+
+    Returns (atoms: chunk, extras, ghosts as indices of the frame set, number of descriptor atoms,
+    centre, neighbour (descriptor atom), source (the real neighbour, an index into atoms)).
+    """
     nloc = loc.shape[0]
     device = loc.device
     lookup = torch.full((total,), -1, dtype=torch.long, device=device)
@@ -133,8 +143,29 @@ def _with_ghosts(
     seen[neighbor] = True
     seen[loc] = False
     ghosts = torch.nonzero(seen).squeeze(1)
-    lookup[ghosts] = torch.arange(nloc, nloc + ghosts.shape[0], device=device)
-    return torch.cat([loc, ghosts]), lookup.index_select(0, center), lookup.index_select(0, neighbor)
+    local_types = atype.index_select(0, loc)
+    ghost_types = atype.index_select(0, ghosts)
+    proxy = torch.zeros(ntypes, dtype=torch.long, device=device)
+    extras: List[torch.Tensor] = []
+    for t in range(ntypes):
+        mine = torch.nonzero(local_types == t)
+        if mine.shape[0] > 0:
+            proxy[t] = mine[0, 0]
+        else:
+            theirs = torch.nonzero(ghost_types == t)
+            if theirs.shape[0] > 0:  # no atom of this type in the chunk: one ghost becomes a real atom
+                proxy[t] = nloc + len(extras)
+                extras.append(ghosts[theirs[0, 0]].reshape(1))
+    ndesc = nloc + len(extras)
+    ghost_slot = torch.full((total,), -1, dtype=torch.long, device=device)
+    ghost_slot[ghosts] = torch.arange(ndesc, ndesc + ghosts.shape[0], device=device)
+    near = lookup.index_select(0, neighbor)
+    inside = near >= 0
+    stand_in = torch.where(inside, near, proxy.index_select(0, atype.index_select(0, neighbor)))
+    source = torch.where(inside, near, ghost_slot.index_select(0, neighbor))
+    extras.insert(0, loc)
+    extras.append(ghosts)
+    return torch.cat(extras), ndesc, lookup.index_select(0, center), stand_in, source
 
 
 class _Evaluator(nn.Module):
@@ -147,8 +178,10 @@ class _Evaluator(nn.Module):
         self.ntypes = len(type_map)
         self.rcut = float(descriptor.get_rcut())
         self.metadata = metadata
-        # centre atoms per pass: ~0.1-0.2 MB each for se_e2_a water (float64), so memory is bounded
-        self.chunk_atoms: int = 2048
+        # centre atoms per pass: about 1 MB each for se_e2_a water in float64 (pairs, embedding
+        # activations and their gradients), so a pass stays near 1 GB whatever the frame size;
+        # passes of 512-2048 atoms run at the same speed per atom
+        self.chunk_atoms: int = 1024
 
     def _atomic(self, desc: Dict[str, torch.Tensor], atype: torch.Tensor, head: str) -> torch.Tensor:
         raise RuntimeError("not implemented")
@@ -176,8 +209,10 @@ class _Evaluator(nn.Module):
         atype: torch.Tensor,
         frame: torch.Tensor,
         nloc: int,
+        ndesc: int,
         center: torch.Tensor,
         neighbor: torch.Tensor,
+        source: torch.Tensor,
         image: Optional[torch.Tensor],
         box: Optional[torch.Tensor],
         nframes: int,
@@ -187,8 +222,10 @@ class _Evaluator(nn.Module):
         fparam: Optional[torch.Tensor],
         aparam: Optional[torch.Tensor],
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One chunk: atoms ``coord`` [M, 3] of which the first ``nloc`` are centres; pairs sorted
-        by centre. Returns (atomic outputs of the centres, -dE/dx of all M atoms, virial [B, 9])."""
+        """One chunk: atoms ``coord`` [M, 3]; the first ``nloc`` are centres, the first ``ndesc``
+        the descriptor's atoms, the rest ghosts reached through ``source`` (see :func:`_with_ghosts`);
+        pairs sorted by centre. Returns (atomic outputs of the centres, -dE/dx of all M atoms,
+        virial [B, 9])."""
         leaf = coord.detach().requires_grad_(conservative)
         strain = torch.zeros(nframes, 3, 3, dtype=coord.dtype, device=coord.device)
         strain.requires_grad_(want_virial)
@@ -209,7 +246,9 @@ class _Evaluator(nn.Module):
             else:
                 pair_frame = frame.index_select(0, center)
                 shift = torch.bmm(image.to(coord.dtype).unsqueeze(1), cell.index_select(0, pair_frame)).squeeze(1)
-        desc = self.descriptor(x, atype, center, neighbor, shift)
+        if ndesc < coord.shape[0]:  # ghosts: the pair's shift carries x_ghost - x_proxy
+            shift = shift + (x.index_select(0, source) - x.index_select(0, neighbor))
+        desc = self.descriptor(x[:ndesc], atype[:ndesc], center, neighbor, shift)
         local: Dict[str, torch.Tensor] = {}
         for key, value in desc.items():
             local[key] = value[:nloc]  # descriptor outputs are per atom; the centres come first
@@ -340,13 +379,14 @@ class _Evaluator(nn.Module):
             neighbors.append(nb + b * natoms)
             images.append(img)
         loc = torch.cat(locs)
-        ext, center, neighbor = _with_ghosts(loc, torch.cat(centers), torch.cat(neighbors), flat.shape[0])
+        ext, ndesc, center, neighbor, source = _with_ghosts(loc, torch.cat(centers), torch.cat(neighbors), flat_type,
+                                                            flat.shape[0], self.ntypes)
         chunk_aparam: Optional[torch.Tensor] = None
         if aparam is not None:
             chunk_aparam = aparam.index_select(0, loc)
         atomic, f_ext, vir = self._pass(
-            flat.index_select(0, ext), flat_type.index_select(0, ext), frame_of.index_select(0, ext), loc.shape[0],
-            center, neighbor, torch.cat(images), box, nframes, head, conservative, want_virial, fparam, chunk_aparam,
+            flat.index_select(0, ext), flat_type.index_select(0, ext), frame_of.index_select(0, ext), loc.shape[0], ndesc,
+            center, neighbor, source, torch.cat(images), box, nframes, head, conservative, want_virial, fparam, chunk_aparam,
         )
         atomic_parts.append(atomic)
         loc_parts.append(loc)
@@ -426,16 +466,13 @@ class _Evaluator(nn.Module):
             first = 0 if lo == 0 else int(ends[lo - 1])
             last = int(ends[hi - 1])
             loc = torch.arange(lo, hi, device=device)
-            if lo == 0 and hi == nloc:
-                ext, c, nb = torch.arange(nall, device=device), center, neighbor
-            else:
-                ext, c, nb = _with_ghosts(loc, center[first:last], neighbor[first:last], nall)
+            ext, ndesc, c, nb, src = _with_ghosts(loc, center[first:last], neighbor[first:last], atype, nall, self.ntypes)
             chunk_aparam: Optional[torch.Tensor] = None
             if aparam is not None:
                 chunk_aparam = aparam.reshape(nloc, -1)[lo:hi]
             atomic, f_ext, vir = self._pass(
-                coord.index_select(0, ext), atype.index_select(0, ext), frame.index_select(0, ext), hi - lo, c, nb,
-                None, None, 1, head, conservative, want_virial, fparam, chunk_aparam,
+                coord.index_select(0, ext), atype.index_select(0, ext), frame.index_select(0, ext), hi - lo, ndesc, c, nb,
+                src, None, None, 1, head, conservative, want_virial, fparam, chunk_aparam,
             )
             parts.append(atomic)
             force.index_add_(0, ext, f_ext)
