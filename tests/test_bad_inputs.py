@@ -432,7 +432,7 @@ def _write(tmp_path: Path, doc: dict) -> None:
 
 def test_numb_steps_0_computes_statistics_and_saves(tiny_system, tmp_path, monkeypatch):
     """numb_steps 0 is allowed (DeePMD-kit: statistics only): exit 0, a step-0 checkpoint that
-    holds the statistics-derived energy bias, no training step."""
+    holds the statistics-derived energy bias, no training step; it freezes like any other."""
     import torch
 
     doc = base_doc(tiny_system)
@@ -444,6 +444,9 @@ def test_numb_steps_0_computes_statistics_and_saves(tiny_system, tmp_path, monke
     assert state["step"] == 0
     bias = state["model"]["heads.default.bias_atom_e"]
     assert torch.all(torch.isfinite(bias)) and float(bias.abs().max()) > 1.0  # water: about -94 and -187 eV
+    frozen = invoke(["freeze", "-o", "zero.pth"], tmp_path, monkeypatch)
+    assert frozen.exit_code == 0, frozen.stdout + frozen.stderr
+    assert (tmp_path / "zero.pth").is_file()
 
 
 def test_batch_size_beyond_the_frames_warns_once_naming_the_system(tiny_system, tmp_path, monkeypatch):
