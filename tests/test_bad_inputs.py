@@ -597,3 +597,35 @@ def test_json_output_has_null_and_a_reason_instead_of_nan(tmp_path, monkeypatch)
     assert set(force) == {"mae", "rmse"}
     assert abs(force["mae"] - 2.0) < 1e-12 and abs(force["rmse"] - math.sqrt(5.0)) < 1e-12
     assert report["systems"][0]["errors"]["Energy"]["mae"] is None
+
+
+@pytest.mark.parametrize("what", ["coords", "boxes", "energy", "no_frames", "type"])
+def test_any_loader_s_output_is_checked(what, tiny_system):
+    """The checks do not depend on the deepmd/npy loader: a third-party loader that hands over
+    NaN, no frames or types beyond the type_map gets the same one-line refusal."""
+    from types import SimpleNamespace
+
+    from mtcore.data.loading import load_system
+    from mtcore.data.system import SystemData
+    from mtcore.errors import MtcoreError
+
+    coords = np.zeros((2, 3, 3))
+    coords[:, :, 0] = [0.0, 1.0, 2.0]
+    system = SystemData("fake", np.zeros((2, 3), dtype=np.int64), coords, np.tile(np.eye(3) * 10, (2, 1, 1)),
+                        {"energy": np.zeros((2, 1))}, [2])
+    expected = {"coords": "coordinates hold NaN", "boxes": "cells hold NaN", "energy": "energy hold NaN",
+                "no_frames": "no frames", "type": "atom types outside 0..1"}[what]
+    if what == "coords":
+        system.coords[1, 2, 1] = np.nan
+    elif what == "boxes":
+        system.boxes[0, 0, 0] = np.inf
+    elif what == "energy":
+        system.labels["energy"][1, 0] = np.nan
+    elif what == "no_frames":
+        system = SystemData("fake", np.zeros((0, 3), dtype=np.int64), np.zeros((0, 3, 3)), None)
+    else:
+        system.atypes[0, 1] = 5
+    loader = SimpleNamespace(detect=lambda path: True, load=lambda *args: system)
+    registry = SimpleNamespace(entries=lambda kind: [SimpleNamespace(registration=loader)], names=lambda kind: ["fake"])
+    with pytest.raises(MtcoreError, match=expected):
+        load_system(Path("fake"), ["O", "H"], [], "set", registry)

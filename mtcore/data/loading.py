@@ -91,7 +91,28 @@ def load_system(
     if loader is None:
         names = ", ".join(registry.names("data_loader")) or "none installed"
         raise MtcoreError(f"{path}: not a data system any loader recognises (formats: {names}; deepmd/npy needs type.raw)")
-    return loader.load(path, type_map, requirements, set_prefix)
+    system = loader.load(path, type_map, requirements, set_prefix)
+    check_system(system, len(type_map) if type_map else None)
+    return system
+
+
+def check_system(system: SystemData, ntypes: Optional[int] = None) -> None:
+    """What every loader must deliver, checked whatever the format: frames, finite numbers,
+    types inside the type_map. Loaders give more precise messages (the file); this is the net
+    under third-party loaders. One vectorised pass per array."""
+    if system.nframes == 0 or system.natoms == 0:
+        raise MtcoreError(f"{system.path}: holds no frames or no atoms")
+    arrays = [("coordinates", system.coords), ("cells", system.boxes)] + sorted(system.labels.items())
+    for name, values in arrays:
+        if values is None:
+            continue
+        bad = ~np.isfinite(np.asarray(values))
+        if bad.any():
+            frame = int(np.argwhere(bad)[0][0])
+            raise MtcoreError(f"{system.path}: {name} hold NaN or inf (first in frame {frame})")
+    atypes = np.asarray(system.atypes)
+    if ntypes is not None and atypes.size and (atypes.max() >= ntypes or atypes.min() < -1):
+        raise MtcoreError(f"{system.path}: atom types outside 0..{ntypes - 1} (the model's type_map)")
 
 
 def load_dataset(
