@@ -21,6 +21,7 @@ import numpy as np
 
 from mtcore.errors import MtcoreError
 from mtcore.md.geometry import cell_for, virial_to_stress, wrap_positions
+from mtcore.md.parameters import check_parameters
 
 try:
     from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
@@ -89,24 +90,13 @@ class MtcoreCalculator(Calculator):
         return self.potential.type_map
 
     def set(self, **kwargs: Any) -> dict:
-        for key, size in (("fparam", self.potential.numb_fparam), ("aparam", self.potential.numb_aparam)):
-            if key in kwargs:
-                self._check_parameter(key, kwargs[key], size)
+        if "fparam" in kwargs or "aparam" in kwargs:
+            check_parameters(self.potential, kwargs.get("fparam", self.parameters.get("fparam")),
+                             kwargs.get("aparam", self.parameters.get("aparam")))
         changed = super().set(**kwargs)
         if changed:
             self.reset()
         return changed
-
-    def _check_parameter(self, key: str, value: Any, size: int) -> None:
-        """Catch a missing or unwanted fparam/aparam when the calculator is made, not at step 1."""
-        head = self.potential.head
-        if size == 0 and value is not None:
-            raise MtcoreError(f"{key}: head '{head}' was trained without {key}; drop {key}=")
-        if size > 0 and value is None:
-            per = "frame" if key == "fparam" else "atom"
-            raise MtcoreError(f"{key}: head '{head}' needs {key} ({size} per {per}); pass {key}= to MtcoreCalculator")
-        if key == "fparam" and value is not None and np.size(value) != size:
-            raise MtcoreError(f"fparam: head '{head}' takes {size} value(s), got {np.size(value)}")
 
     def get_property(self, name: str, atoms=None, allow_calculation: bool = True):
         if name not in self.implemented_properties:

