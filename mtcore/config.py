@@ -141,7 +141,6 @@ def _check_sections(doc: dict) -> None:
     for missing in ("model", "training"):
         if missing not in doc:
             raise MtcoreError(f"{missing}: section missing; an input needs model, training (and usually learning_rate, loss)")
-    check_type_map(doc["model"].get("type_map"))
     if doc["model"].get("descriptor") is None:
         raise MtcoreError("model/descriptor: missing; give the shared descriptor (e.g. {\"type\": \"se_e2_a\", ...})")
 
@@ -252,12 +251,26 @@ def _unknown_keys(section: str, keys, heads: list[str]) -> None:
         )
 
 
-def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None) -> RunConfig:
-    """Validate and normalise an input document (as loaded from JSON) into a RunConfig."""
+def _run_check(check_fn, *args) -> None:
+    check_fn(*args)
+
+
+def _skip_check(check_fn, *args) -> None:
+    pass
+
+
+def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None, check_values: bool = True) -> RunConfig:
+    """Validate and normalise an input document (as loaded from JSON) into a RunConfig.
+
+    ``check_values=False`` skips the value checks of :mod:`mtcore.input_checks` (ranges, seeds,
+    duplicate names): a document stored in an earlier checkpoint is rebuilt as it was trained,
+    even if a newer release refuses some of its values for new runs."""
     registry = registry or get_registry()
     doc = copy.deepcopy(doc)
-    check_finite_numbers(doc)
+    verify = _run_check if check_values else _skip_check
+    verify(check_finite_numbers, doc)
     _check_sections(doc)
+    verify(check_type_map, doc["model"].get("type_map"))
     multi = detect_mode(doc)
     if isinstance(doc.get("training"), dict) and doc["training"].get("mixed_precision"):
         warnings.warn(
@@ -274,12 +287,12 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None) ->
         loss = checked.get("loss") or _default_loss(registry, fitting, "loss")
         checked["loss"] = loss
         checked["learning_rate"] = check(learning_rate_argument(), checked.get("learning_rate") or {}, "learning_rate")
-        check_model(checked["model"])
-        check_training(training)
-        check_learning_rate(checked["learning_rate"], "learning_rate")
-        check_loss(loss, "loss")
-        check_data_section(training["training_data"], "training/training_data")
-        check_data_section(training["validation_data"], "training/validation_data")
+        verify(check_model, checked["model"])
+        verify(check_training, training)
+        verify(check_learning_rate, checked["learning_rate"], "learning_rate")
+        verify(check_loss, loss, "loss")
+        verify(check_data_section, training["training_data"], "training/training_data")
+        verify(check_data_section, training["validation_data"], "training/validation_data")
         head = HeadConfig(
             SINGLE_HEAD,
             fitting,
@@ -332,12 +345,12 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None) ->
         entry["training_data"] = _absolute_systems(entry.get("training_data"), base_dir)
         entry["validation_data"] = _absolute_systems(entry.get("validation_data"), base_dir)
         datas[h] = entry
-    check_model(checked["model"])
-    check_training(checked["training"])
+    verify(check_model, checked["model"])
+    verify(check_training, checked["training"])
     for h in heads:
-        check_network_settings(fittings[h], "model/fitting_net_dict/" + h)
+        verify(check_network_settings, fittings[h], "model/fitting_net_dict/" + h)
         for part in ("training_data", "validation_data"):
-            check_data_section(datas.get(h, {}).get(part), f"training/data_dict/{h}/{part}")
+            verify(check_data_section, datas.get(h, {}).get(part), f"training/data_dict/{h}/{part}")
     probabilities = _normalise_weights(heads, with_data, weights)
     losses = {}
     for h in heads:
@@ -345,14 +358,14 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None) ->
             losses[h] = check(loss_argument(registry, h), loss_dict[h] or {}, "loss_dict/" + h)
         else:
             losses[h] = _default_loss(registry, fittings[h], "loss_dict/" + h)
-        check_loss(losses[h], "loss_dict/" + h)
+        verify(check_loss, losses[h], "loss_dict/" + h)
     shared_lr = check(learning_rate_argument(), checked.get("learning_rate") or {}, "learning_rate")
-    check_learning_rate(shared_lr, "learning_rate")
+    verify(check_learning_rate, shared_lr, "learning_rate")
     lrs = {}
     for h in heads:
         if lr_dict is not None and h in lr_dict:
             lrs[h] = check(learning_rate_argument(h), lr_dict[h] or {}, "learning_rate_dict/" + h)
-            check_learning_rate(lrs[h], "learning_rate_dict/" + h)
+            verify(check_learning_rate, lrs[h], "learning_rate_dict/" + h)
         else:
             lrs[h] = shared_lr
     checked["model"]["fitting_net_dict"] = fittings
@@ -410,7 +423,7 @@ def config_from_document(document: dict, registry: Optional[Registry] = None) ->
         doc.get("training", {}).pop("data_dict", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return normalize(doc, Path("/"), registry)
+        return normalize(doc, Path("/"), registry, check_values=False)
 
 
 def single_task_document(document: dict, head: str) -> dict:

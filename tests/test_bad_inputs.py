@@ -629,3 +629,17 @@ def test_any_loader_s_output_is_checked(what, tiny_system):
     registry = SimpleNamespace(entries=lambda kind: [SimpleNamespace(registration=loader)], names=lambda kind: ["fake"])
     with pytest.raises(MtcoreError, match=expected):
         load_system(Path("fake"), ["O", "H"], [], "set", registry)
+
+
+def test_a_stored_document_is_rebuilt_as_trained(tiny_system):
+    """Value checks apply to new inputs; a checkpoint's stored document (here with a negative
+    descriptor seed, which torch accepted) is still rebuilt for --restart and freeze."""
+    from mtcore.config import config_from_document, normalize
+    from mtcore.errors import MtcoreError
+
+    doc = base_doc(tiny_system)
+    doc["model"]["descriptor"]["seed"] = -7
+    with pytest.raises(MtcoreError, match="model/descriptor/seed"):
+        normalize(doc, Path("/"))
+    config = config_from_document(doc)
+    assert config.model["descriptor"]["seed"] == -7
