@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from mtcore.errors import MtcoreError
 
-SEED_MAX = 2**63 - 1  # numpy and torch both take 0..2^63-1 (a signed 64-bit integer)
+SEED_MAX = 2**63 - 1  # accepted by numpy (any n >= 0) and torch (up to 2^64-1) alike, and fits an int64
 
 # Head names become module names (no '.' in torch), file names (frozen_model_<head>.pth) and
 # lcurve column suffixes: letters, digits, '_' and '-', starting with a letter, digit or '_'.

@@ -5,6 +5,7 @@ Each case starts from a tiny valid run (a 4-frame copy of the water system data_
 se_e2_a + ener net, numb_steps 1) and breaks one thing. Every case must fail before training
 starts, so the whole matrix runs in seconds. A few non-matrix tests at the end check what is
 accepted on purpose (numb_steps 0, the batch_size warning, --debug, JSON without NaN).
+To read every message: MTCORE_SHOW_LINES=1 pytest -s tests/test_bad_inputs.py
 """
 
 from __future__ import annotations
