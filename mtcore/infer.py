@@ -218,8 +218,8 @@ class DeepPotential:
         """Frames of different sizes, gathered by atom count (and cell or not) into batched calls."""
         nframes = len(atypes)
         for name, values in (("coords", coords), ("box", box), ("fparam", fparam), ("aparam", aparam)):
-            if values is not None and (not isinstance(values, (list, tuple)) or len(values) != nframes):
-                raise MtcoreError(f"{name}: with a list of atypes, give a list of {nframes} entries (one per frame)")
+            if values is not None and (not hasattr(values, "__len__") or len(values) != nframes):
+                raise MtcoreError(f"{name}: with a list of atypes, give {nframes} entries (one per frame)")
         groups: dict[tuple, list[int]] = {}
         for f in range(nframes):
             natoms = int(np.size(atypes[f]))

@@ -48,3 +48,25 @@ def test_vesin_and_torch_builders_agree(case):
         assert np.all(np.diff(key) >= 0)
         same = np.diff(key) == 0
         assert np.all(np.diff(d)[same] >= -1e-12)
+
+
+@pytest.mark.parametrize("case", ["water", "unwrapped", "small_cell", "open_cluster"])
+def test_cell_lists_equal_the_all_pairs_reference(case):
+    """The linear-time builder frozen models carry gives the former all-pairs builder's pairs."""
+    from mtcore.model.neighbor_list import build_neighbor_list_reference
+
+    coord, atype, box = water_frame(1)
+    rcut = 6.0
+    if case == "unwrapped":
+        coord = coord - box[2] * 4 + box[0] * 0.5
+    if case == "small_cell":
+        coord, atype = coord[:9] * 0.25, atype[:9]
+        box = torch.tensor([[3.5, 0.0, 0.0], [1.2, 3.2, 0.0], [-0.7, 0.9, 2.9]], dtype=torch.float64)  # triclinic
+        rcut = 5.5
+    if case == "open_cluster":
+        coord, atype, box = coord[:70], atype[:70], None
+    got = build_neighbor_list(coord, atype, box, rcut, 2)
+    ref = build_neighbor_list_reference(coord, atype, box, rcut, 2)
+    assert len(ref[0]) > 0
+    assert _pairs(*got) == _pairs(*ref)
+    assert torch.equal(got[0], ref[0]) and torch.equal(atype[got[1]], atype[ref[1]])  # same (centre, type) layout

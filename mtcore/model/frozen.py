@@ -35,13 +35,14 @@ MIN_DISTANCE = 1e-6  # Å: closer atoms are an input error (the environment is s
 
 def _check_types(atype: torch.Tensor, ntypes: int, name: str) -> None:
     if atype.is_floating_point() or atype.is_complex() or atype.dtype == torch.bool:
-        raise RuntimeError(name + ": atom types must be integer type indices, got " + str(atype.dtype))
+        message = name + ": atom types must be integer type indices, got " + str(atype.dtype)
+        raise RuntimeError(message)
     flat = atype.reshape(-1)
     bad = torch.nonzero((flat < 0) | (flat >= ntypes)).squeeze(1)
     if bad.numel() > 0:
         k = int(bad[0])
-        raise RuntimeError(name + ": type index " + str(int(flat[k])) + " (position " + str(k) + ") is outside 0.."
-                           + str(ntypes - 1))
+        message = name + ": type index " + str(int(flat[k])) + " (position " + str(k) + ") is outside 0.." + str(ntypes - 1)
+        raise RuntimeError(message)
 
 
 def _check_finite(value: torch.Tensor, name: str, labels: List[str]) -> None:
@@ -53,7 +54,8 @@ def _check_finite(value: torch.Tensor, name: str, labels: List[str]) -> None:
         place: List[str] = []
         for k in range(len(labels)):
             place.append(labels[k] + " " + str(where[k]))
-        raise RuntimeError(name + ": " + ", ".join(place) + " holds a non-finite value (" + str(float(value[bad][0])) + ")")
+        message = name + ": " + ", ".join(place) + " holds a non-finite value (" + str(float(value[bad][0])) + ")"
+        raise RuntimeError(message)
 
 
 def _frames(
@@ -97,8 +99,9 @@ def _check_distances(dist: torch.Tensor, center: torch.Tensor, neighbor: torch.T
     if dist.numel() > 0:
         k = int(torch.argmin(dist))
         if float(dist[k]) < 1e-6:  # MIN_DISTANCE (TorchScript takes no module globals)
-            raise RuntimeError("coord: atoms " + str(int(center[k])) + " and " + str(int(neighbor[k])) + where
-                               + " are " + str(float(dist[k])) + " Å apart (coincident atoms)")
+            message = ("coord: atoms " + str(int(center[k])) + " and " + str(int(neighbor[k])) + where + " are "
+                       + str(float(dist[k])) + " Å apart (coincident atoms)")
+            raise RuntimeError(message)
 
 
 def batch_neighbor_list(
