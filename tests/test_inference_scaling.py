@@ -122,6 +122,18 @@ def test_chunked_evaluation_equals_one_pass(frozen):
     assert torch.allclose(exact["force"][0, :192], small["force"][0], atol=TOL)
 
 
+def test_forces_also_under_no_grad(frozen):
+    module, _ = frozen
+    coord, atype, box = water_frame(1)
+    ref = module(coord, atype, box)
+    with torch.no_grad():
+        out = module(coord, atype, box)
+        assert not torch.is_grad_enabled()
+    assert float(ref["force"].abs().max()) > 0
+    assert torch.allclose(out["force"], ref["force"], atol=TOL, rtol=0)
+    assert torch.allclose(out["virial"], ref["virial"], atol=TOL, rtol=0)
+
+
 def test_several_small_frames_share_a_pass_and_equal_one_by_one(frozen):
     module, _ = frozen
     frames = [water_frame(i) for i in range(3)]

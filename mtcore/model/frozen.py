@@ -229,6 +229,9 @@ class _Evaluator(nn.Module):
         the descriptor's atoms, the rest ghosts reached through ``source`` (see :func:`_with_ghosts`);
         pairs sorted by centre. Returns (atomic outputs of the centres, -dE/dx of all M atoms,
         virial [B, 9])."""
+        grad_mode = torch.is_grad_enabled()
+        if conservative:
+            torch.set_grad_enabled(True)  # forces are gradients, also when called under torch.no_grad()
         leaf = coord.detach().requires_grad_(conservative)
         strain = torch.zeros(nframes, 3, 3, dtype=coord.dtype, device=coord.device)
         strain.requires_grad_(want_virial)
@@ -275,6 +278,7 @@ class _Evaluator(nn.Module):
                 g_strain = grads[1]
                 if g_strain is not None:
                     virial = -g_strain.transpose(1, 2).reshape(nframes, 9)
+        torch.set_grad_enabled(grad_mode)
         return atomic.detach(), force.detach(), virial.detach()
 
     def _evaluate(
