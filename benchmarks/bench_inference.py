@@ -123,7 +123,8 @@ def main() -> None:
             row = run_child(atoms, precision, repeats, args.chunk)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\nOMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"\nOMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; load average at the end {load} (others' processes count)")
     header = "| atoms | precision | ms / frame | ms / atom | × 192-atom time | peak RSS (GB) |"
     print(header if args.markdown else header.replace("|", " "))
     if args.markdown:

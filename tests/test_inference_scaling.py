@@ -13,7 +13,7 @@ from helpers import ENER, SE_E2_A, model_with_stats, small_input, water_frame
 from mtcore import infer
 from mtcore.data.neighbors import frame_neighbor_list
 from mtcore.errors import MtcoreError
-from mtcore.freeze import METADATA_FILE, head_metadata
+from mtcore.freeze import METADATA_FILE
 from mtcore.model.frozen import FrozenModel
 from mtcore.model.neighbor_list import build_neighbor_list, build_neighbor_list_reference
 
@@ -83,9 +83,7 @@ def frozen(tmp_path_factory):
     """A small se_e2_a water model with statistics, scripted and saved as ``mtcore freeze`` would."""
     workdir = tmp_path_factory.mktemp("scaling")
     doc = small_input(workdir, descriptor=SE_E2_A, fitting=ENER)
-    model, config = model_with_stats(doc)
-    document = json.loads(json.dumps(doc))
-    document["model"]["descriptor"] = SE_E2_A
+    model, _ = model_with_stats(doc)
     meta = {"format": "mtcore-frozen", "kind": "single", "head": "default", "type_map": ["O", "H"], "rcut": 6.0,
             "output": {"conservative": True}, "inputs": [], "test_quantities": []}
     module = torch.jit.script(FrozenModel(model.descriptor, model.heads["default"], ["O", "H"], "default", json.dumps(meta)))
