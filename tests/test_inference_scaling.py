@@ -79,11 +79,17 @@ def test_cell_lists_on_a_replicated_water_box_keep_the_order():
 
 
 @pytest.fixture(scope="module")
-def frozen(tmp_path_factory):
-    """A small se_e2_a water model with statistics, scripted and saved as ``mtcore freeze`` would."""
+def water_model(tmp_path_factory):
+    """A small se_e2_a water model with statistics (no training: weights do not matter here)."""
     workdir = tmp_path_factory.mktemp("scaling")
-    doc = small_input(workdir, descriptor=SE_E2_A, fitting=ENER)
-    model, _ = model_with_stats(doc)
+    return model_with_stats(small_input(workdir, descriptor=SE_E2_A, fitting=ENER))[0]
+
+
+@pytest.fixture(scope="module")
+def frozen(water_model, tmp_path_factory):
+    """The model scripted and saved as ``mtcore freeze`` would."""
+    workdir = tmp_path_factory.mktemp("frozen")
+    model = water_model
     meta = {"format": "mtcore-frozen", "kind": "single", "head": "default", "type_map": ["O", "H"], "rcut": 6.0,
             "output": {"conservative": True}, "inputs": [], "test_quantities": []}
     module = torch.jit.script(FrozenModel(model.descriptor, model.heads["default"], ["O", "H"], "default", json.dumps(meta)))
@@ -256,3 +262,18 @@ def test_evaluate_takes_a_list_of_frames_of_different_sizes(frozen):
     bad[2][100, 2] = np.nan
     with pytest.raises(MtcoreError, match=r"coords: frame 2, atom 100"):
         pot.evaluate(bad, boxes, atypes)
+
+
+def test_united_model_takes_external_neighbours_per_head(frozen, water_model):
+    from mtcore.model.frozen import UnitedModel
+
+    module, _ = frozen
+    fitting = water_model.heads["default"]  # the same weights as two heads
+    united = torch.jit.script(UnitedModel(water_model.descriptor, {"a": fitting, "b": fitting}, ["O", "H"], "{}"))
+    coord, atype, box = water_frame(3)
+    ref = module(coord, atype, box)
+    ext, ext_type, mapping, pairs = _extended_system(coord, atype, box, 6.0)
+    out = united.forward_extended(ext, ext_type, coord.shape[0], mapping, pairs=pairs, head="b")
+    for key in ("energy", "force", "virial", "atom_energy"):
+        assert torch.allclose(out[key], ref[key], atol=TOL, rtol=0), key
+    assert "unknown head 'c'" in _message(lambda: united.forward_extended(ext, ext_type, 192, mapping, pairs=pairs, head="c"))
