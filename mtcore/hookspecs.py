@@ -22,7 +22,25 @@ builder. The objects the builders return follow the base classes named below:
 Modules built by plugins must be TorchScript-scriptable: ``mtcore freeze`` scripts the model so
 that plain ``torch`` can load it without mtcore installed.
 
-Bump :data:`PLUGIN_API_VERSION` when a hook or a context changes incompatibly.
+What the core checks (one line naming the plugin's distribution and entry point, never a
+traceback):
+
+* every hook returns a *list* (or tuple) of registrations of its own class. A bare registration
+  is accepted with a warning (the intent is unambiguous); ``None``, another type, or an item of
+  the wrong class skips that item or hook with a warning, so one broken plugin never stops the
+  others or unrelated commands. A hook that raises is skipped the same way.
+* a registration has a non-empty string ``name``, ``aliases`` as a list/tuple of strings (a bare
+  string is refused: it would be read letter by letter) and callables where callables are due.
+* builders return instances of the base classes above (``torch.nn.Module`` subclasses);
+  anything else is an error naming the input section, the component and its distribution.
+* a name (or alias) registered by two distributions is *ambiguous*: commands that do not use
+  it are unaffected, and using it is an error listing both distributions.
+
+Checkpoints and frozen files record which distribution (and version) provided each component
+used (see :mod:`mtcore.provenance`), so a missing plugin is named when they are loaded.
+
+Bump :data:`PLUGIN_API_VERSION` when a hook or a context changes incompatibly (these checks
+only enforce what the contract already said, so it stays 1).
 """
 
 from __future__ import annotations
@@ -198,8 +216,9 @@ class DataLoaderRegistration:
 def mtcore_descriptors() -> "list[DescriptorRegistration]":
     """Return the descriptors this plugin provides.
 
-    Called once when the registry is built. A name (or alias) that another plugin also
-    registers is an error naming both distributions.
+    Called once when the registry is built. Return a list, even of one. A name (or alias)
+    that another distribution also registers is ambiguous: an error listing both, raised only
+    where an input, a checkpoint or a command uses that name.
     """
 
 
@@ -216,6 +235,37 @@ def mtcore_losses() -> "list[LossRegistration]":
 @hookspec
 def mtcore_data_loaders() -> "list[DataLoaderRegistration]":
     """Return the data formats this plugin can read."""
+
+
+_CALLABLES = {
+    "DescriptorRegistration": ("arguments", "build"),
+    "FittingRegistration": ("arguments", "build"),
+    "LossRegistration": ("arguments", "build"),
+    "DataLoaderRegistration": ("detect", "load"),
+}
+
+
+def registration_problem(value: Any) -> Optional[str]:
+    """What is wrong with a registration's fields, in words; None when it is usable.
+
+    Checked when the registry is built, so a plugin mistake is named at once instead of
+    surfacing as a traceback when the component is first used."""
+    name = getattr(value, "name", None)
+    if not isinstance(name, str) or not name.strip():
+        return f"its name must be a non-empty string, got {name!r}"
+    aliases = getattr(value, "aliases", ())
+    if isinstance(aliases, str) or not isinstance(aliases, (list, tuple)):
+        return f"'{name}': aliases must be a list or tuple of strings, got {aliases!r}"
+    bad = [a for a in aliases if not isinstance(a, str) or not a.strip()]
+    if bad:
+        return f"'{name}': aliases must be non-empty strings, got {bad[0]!r}"
+    for field_name in _CALLABLES.get(type(value).__name__, ()):
+        if not callable(getattr(value, field_name, None)):
+            return f"'{name}': {field_name} must be callable, got {getattr(value, field_name, None)!r}"
+    update = getattr(value, "update_sel", None)
+    if update is not None and not callable(update):
+        return f"'{name}': update_sel must be callable or None, got {update!r}"
+    return None
 
 
 def describe(value: Any) -> str:

@@ -134,62 +134,203 @@ def _source_of(pm: pluggy.PluginManager, plugin: Any) -> PluginSource:
     return PluginSource(name, "?", name)
 
 
-class Registry:
-    """Everything the registered plugins provide, by kind and name (aliases resolved)."""
+def _label(source: PluginSource) -> str:
+    return f"package '{source.distribution}' (entry point '{source.entry_point}')"
 
-    def __init__(self, entries: Iterable[Registered]):
-        self._by_kind: dict[str, dict[str, Registered]] = {kind: {} for kind in KINDS}
-        self._alias: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
+
+def _hook_registrations(kind: str, result: Any, source: PluginSource, problems: list[str]) -> list[Any]:
+    """The usable registrations of one hook answer; each problem becomes one warning line.
+
+    A bare registration is accepted (with a warning): what the author meant is unambiguous.
+    None, a non-list, items of the wrong class and malformed registrations are skipped, so one
+    broken plugin never stops the others or commands that do not need it."""
+    hook, cls = _HOOK_OF_KIND[kind], _CLASS_OF_KIND[kind]
+    where = f"mtcore plugin {_label(source)}: {hook}()"
+
+    def problem(text: str) -> None:
+        problems.append(f"{where} {text}")
+        warnings.warn(f"{where} {text}", stacklevel=4)
+
+    if isinstance(result, cls):
+        warnings.warn(f"{where} returned a bare {cls.__name__}; accepted, but return a list of them", stacklevel=4)
+        result = [result]
+    if not isinstance(result, (list, tuple)):
+        problem(f"returned {type(result).__name__}; expected a list of {cls.__name__} (nothing registered from it)")
+        return []
+    usable = []
+    for item in result:
+        if not isinstance(item, cls):
+            problem(f"returned a {type(item).__name__} in its list; expected {cls.__name__} (skipped)")
+            continue
+        bad = hookspecs.registration_problem(item)
+        if bad is not None:
+            problem(f"registration skipped: {bad}")
+            continue
+        usable.append(item)
+    return usable
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """One selectable ``type`` value of a kind, as the schema sees it (``.name``/``.registration``
+    like :class:`Registered`): the name (or first unambiguous alias) of one registration, or an
+    ambiguous label whose use is refused with the clash message."""
+
+    name: str
+    registration: Any
+
+
+@dataclass(frozen=True)
+class _SchemaView:
+    name: str
+    arguments: Any
+    aliases: tuple[str, ...] = ()
+    doc: str = ""
+
+
+class Registry:
+    """Everything the registered plugins provide, by kind and name (aliases resolved).
+
+    A label (name or alias) registered by two entries is *ambiguous*: listed, but resolving it
+    raises a :class:`PluginError` naming both distributions; every other label works."""
+
+    def __init__(self, entries: Iterable[Registered], problems: Iterable[str] = ()):
+        self._entries: dict[str, list[Registered]] = {kind: [] for kind in KINDS}
+        self._owners: dict[str, dict[str, list[Registered]]] = {kind: {} for kind in KINDS}
+        self.problems: list[str] = list(problems)
         for entry in entries:
-            self._add(entry)
+            self._entries[entry.kind].append(entry)
+            for label in dict.fromkeys((entry.name, *entry.aliases)):
+                self._owners[entry.kind].setdefault(label, []).append(entry)
 
     @classmethod
     def from_plugin_manager(cls, pm: pluggy.PluginManager) -> "Registry":
         entries: list[Registered] = []
+        problems: list[str] = []
         for kind in KINDS:
             hook = getattr(pm.hook, _HOOK_OF_KIND[kind])
             for impl in hook.get_hookimpls():
-                result = impl.function()
-                for registration in result or []:
-                    if not isinstance(registration, _CLASS_OF_KIND[kind]):
-                        raise PluginError(
-                            f"plugin {_source_of(pm, impl.plugin).distribution} returned "
-                            f"{type(registration).__name__} from {_HOOK_OF_KIND[kind]}; expected "
-                            f"{_CLASS_OF_KIND[kind].__name__}"
-                        )
-                    entries.append(Registered(kind, registration, _source_of(pm, impl.plugin)))
-        return cls(entries)
+                source = _source_of(pm, impl.plugin)
+                try:
+                    result = impl.function()
+                except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the others
+                    text = (str(exc).strip().splitlines() or [""])[0]
+                    message = f"mtcore plugin {_label(source)}: {_HOOK_OF_KIND[kind]}() failed and is skipped: {type(exc).__name__}: {text}"
+                    problems.append(message)
+                    warnings.warn(message, stacklevel=2)
+                    continue
+                for registration in _hook_registrations(kind, result, source, problems):
+                    entries.append(Registered(kind, registration, source))
+        return cls(entries, problems)
 
-    def _add(self, entry: Registered) -> None:
-        names = self._alias[entry.kind]
+    # -- ambiguity ---------------------------------------------------------------------------
+    def clashes(self, kind: str) -> dict[str, list[Registered]]:
+        """Ambiguous labels of ``kind`` → the entries that register them."""
+        return {label: owners for label, owners in self._owners[kind].items() if len(owners) > 1}
+
+    def clash_note(self, entry: Registered) -> str:
+        """'' or a short note for ``list-plugins``: which of its labels other packages also register."""
+        notes = []
+        for label in dict.fromkeys((entry.name, *entry.aliases)):
+            others = [o.source.distribution for o in self._owners[entry.kind].get(label, []) if o is not entry]
+            if others:
+                notes.append(f"'{label}' also in {', '.join(others)}")
+        return "ambiguous: " + "; ".join(notes) if notes else ""
+
+    def clash_message(self, kind: str, label: str) -> str:
+        owners = self._owners[kind][label]
+        listed = " and ".join(f"{_label(o.source)} {o.source.version}" for o in owners)
+        return (f"{kind} '{label}' is registered by more than one package: {listed}; "
+                f"uninstall one of them (or select entry points with MTCORE_PLUGINS)")
+
+    def _tag(self, entry: Registered) -> Optional[str]:
+        """The label that selects ``entry``: its name, or its first unambiguous alias."""
         for label in (entry.name, *entry.aliases):
-            if label in names:
-                other = self._by_kind[entry.kind][names[label]]
-                raise PluginError(
-                    f"{entry.kind} '{label}' is registered twice: by {other.source.distribution} "
-                    f"({other.source.entry_point}) and by {entry.source.distribution} "
-                    f"({entry.source.entry_point}); uninstall one of them"
-                )
-            names[label] = entry.name
-        self._by_kind[entry.kind][entry.name] = entry
+            if len(self._owners[entry.kind][label]) == 1:
+                return label
+        return None
 
+    # -- lookup ------------------------------------------------------------------------------
     def names(self, kind: str) -> list[str]:
-        return list(self._by_kind[kind])
+        return [tag for tag in (self._tag(e) for e in self._entries[kind]) if tag is not None]
 
     def entries(self, kind: Optional[str] = None) -> list[Registered]:
+        """Every registration (ambiguous ones included), for listing."""
         kinds = [kind] if kind else list(KINDS)
-        return [entry for k in kinds for entry in self._by_kind[k].values()]
+        return [entry for k in kinds for entry in self._entries[k]]
+
+    def choices(self, kind: str) -> list[_Choice]:
+        """What the schema offers for ``type``: one choice per selectable entry (aliases that are
+        ambiguous dropped), plus one per ambiguous label that accepts the keys of every owner and
+        refuses its use with the clash message. So an ambiguous name never breaks the schema of
+        an input that does not use it."""
+        from dargs import Argument
+
+        out: list[_Choice] = []
+        for entry in self._entries[kind]:
+            tag = self._tag(entry)
+            if tag is None:
+                continue
+            reg = entry.registration
+            aliases = tuple(a for a in (entry.name, *entry.aliases) if a != tag and len(self._owners[kind][a]) == 1)
+            out.append(_Choice(tag, _SchemaView(tag, reg.arguments, aliases, getattr(reg, "doc", ""))))
+        for label, owners in self.clashes(kind).items():
+            message = self.clash_message(kind, label)
+
+            def refuse(_value: Any, message: str = message) -> bool:
+                raise PluginError(message)
+
+            def arguments(ctx: Any, owners: list[Registered] = owners, refuse: Any = refuse) -> list:
+                merged: dict[str, Any] = {}
+                for owner in owners:
+                    for argument in owner.registration.arguments(ctx) if hasattr(owner.registration, "arguments") else []:
+                        merged.setdefault(argument.name, argument)
+                sentinel = Argument("mtcore_ambiguous_type", [type(None)], optional=True, default=None, extra_check=refuse)
+                return [*merged.values(), sentinel]
+
+            out.append(_Choice(label, _SchemaView(label, arguments, (), f"ambiguous: {message}")))
+        return out
+
+    def lookup(self, kind: str, name: str) -> Optional[Registered]:
+        """The entry ``name`` selects, None when nothing registers it; ambiguous → PluginError."""
+        owners = self._owners[kind].get(name)
+        if not owners:
+            return None
+        if len(owners) > 1:
+            raise PluginError(self.clash_message(kind, name))
+        return owners[0]
+
+    def entry(self, kind: str, name: str) -> Registered:
+        """Like :meth:`lookup`, but an unknown name is an error listing what is registered."""
+        found = self.lookup(kind, name)
+        if found is None:
+            known = ", ".join(sorted(self.names(kind))) or "none"
+            skipped = f" ({len(self.problems)} plugin hook(s) were skipped; see the warnings)" if self.problems else ""
+            raise PluginError(f"unknown {kind} type '{name}'; registered: {known}{skipped}")
+        return found
 
     def canonical(self, kind: str, name: str) -> str:
-        try:
-            return self._alias[kind][name]
-        except KeyError:
-            known = ", ".join(sorted(self._alias[kind])) or "none"
-            raise PluginError(f"unknown {kind} type '{name}'; registered: {known}") from None
+        """The label that selects what ``name`` selects (its name unless that is ambiguous)."""
+        tag = self._tag(self.entry(kind, name))
+        assert tag is not None  # the entry is selectable through ``name``
+        return tag
 
     def get(self, kind: str, name: str) -> Any:
         """The registration of ``name`` (or an alias) of ``kind``."""
-        return self._by_kind[kind][self.canonical(kind, name)].registration
+        return self.entry(kind, name).registration
+
+    def source(self, kind: str, name: str) -> PluginSource:
+        return self.entry(kind, name).source
+
+    def loader_for(self, path: Any) -> Optional[Any]:
+        """The registration of the first data loader that recognises ``path`` (None if none);
+        ambiguous when that loader's name is registered by another package too."""
+        for entry in self._entries["data_loader"]:
+            if entry.registration.detect(path):
+                if self._tag(entry) != entry.name:
+                    raise PluginError(f"{path}: {self.clash_message('data_loader', entry.name)}")
+                return entry.registration
+        return None
 
 
 @lru_cache(maxsize=1)

@@ -21,7 +21,7 @@ from mtcore.plugins import Registry
 
 def _variant(registry: Registry, kind: str, ctx: SchemaContext, default: str = "", exclude: Sequence[str] = ()) -> Variant:
     choices = []
-    for entry in registry.entries(kind):
+    for entry in registry.choices(kind):  # an ambiguous name is refused only where it is used
         if entry.name in exclude:
             continue
         reg = entry.registration

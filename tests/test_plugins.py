@@ -37,8 +37,10 @@ def _toy_registration(name: str, aliases=()):
 def test_same_name_from_two_distributions_is_an_error_naming_both():
     a = Registered("descriptor", _toy_registration("toy"), PluginSource("pkg-alpha", "1.0", "toy"))
     b = Registered("descriptor", _toy_registration("other", aliases=["toy"]), PluginSource("pkg-beta", "2.0", "other"))
+    registry = Registry([a, b])  # building works: only using the ambiguous name fails
+    assert registry.get("descriptor", "other") is b.registration
     with pytest.raises(PluginError) as info:
-        Registry([a, b])
+        registry.get("descriptor", "toy")
     assert "pkg-alpha" in str(info.value) and "pkg-beta" in str(info.value) and "'toy'" in str(info.value)
 
 

@@ -19,10 +19,7 @@ from mtcore.plugins import Registry
 
 
 def _loader_for(path: Path, registry: Registry):
-    for entry in registry.entries("data_loader"):
-        if entry.registration.detect(path):
-            return entry.registration
-    return None
+    return registry.loader_for(path)  # first loader that recognises it; refuses an ambiguous one
 
 
 def _walk_systems(root: Path, registry: Registry) -> list[Path]:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
+
+import torch
 
 from mtcore.config import RunConfig
 from mtcore.data.requirements import DataRequirement, merge_requirements
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import DescriptorContext, FittingContext, LossContext, NeighborStat
 from mtcore.model.descriptor import Descriptor
+from mtcore.model.fitting import Fitting
 from mtcore.model.loss import Loss
 from mtcore.model.model import MultiHeadModel
 from mtcore.model.shared_layers import SharedLayerManager
@@ -19,13 +22,28 @@ from mtcore.plugins import Registry, get_registry
 def build_descriptor(
     params: dict, type_map: list[str], registry: Registry, type_embedding: Optional[dict] = None
 ) -> Descriptor:
-    registration = registry.get("descriptor", params["type"])
+    entry = registry.entry("descriptor", params["type"])
     ctx = DescriptorContext(
         type_map=type_map,
         build_descriptor=lambda p: build_descriptor(p, type_map, registry, type_embedding),
         type_embedding=type_embedding,
     )
-    return registration.build(params, ctx)
+    return checked_build(entry, entry.registration.build(params, ctx), Descriptor)
+
+
+def checked_build(entry: Any, built: Any, expected: type) -> Any:
+    """``built`` if it is what the contract promises (an instance of ``expected``);
+    otherwise one line naming the component, its distribution and what was expected, instead of
+    an AttributeError deep inside training or freezing."""
+    if isinstance(built, expected):
+        return built
+    source = entry.source
+    got = "None" if built is None else f"a {type(built).__module__}.{type(built).__qualname__}"
+    raise MtcoreError(
+        f"{entry.kind} '{entry.name}' from package '{source.distribution}' {source.version} (entry point "
+        f"'{source.entry_point}'): its build() returned {got}; expected an instance of "
+        f"{expected.__module__}.{expected.__qualname__}{' (a torch.nn.Module)' if issubclass(expected, torch.nn.Module) else ''}"
+    )
 
 
 def update_sel(config: RunConfig, stat: NeighborStat, registry: Optional[Registry] = None) -> None:
@@ -66,10 +84,12 @@ def build_model(config: RunConfig, registry: Optional[Registry] = None) -> Multi
     manager = SharedLayerManager()
     heads = {}
     for name, head in config.heads.items():
-        registration = registry.get("fitting_net", head.fitting.get("type", "ener"))
+        entry = registry.entry("fitting_net", head.fitting.get("type", "ener"))
+        registration = entry.registration
         where = f"model/fitting_net_dict/{name}" if config.multi_task else "model/fitting_net"
         with _settings_errors(where, registration.name):
             fitting = registration.build(head.fitting, FittingContext(name, type_map, descriptor, manager))
+        fitting = checked_build(entry, fitting, Fitting)
         if fitting.needs_rot_mat() and descriptor.get_dim_rot() == 0:
             raise MtcoreError(
                 f"{where}: a '{registration.name}' head needs a descriptor with a rotation matrix "
@@ -84,9 +104,9 @@ def build_losses(config: RunConfig, model: MultiHeadModel, registry: Optional[Re
     registry = registry or get_registry()
     losses = {}
     for name, head in config.heads.items():
-        registration = registry.get("loss", head.loss.get("type", "ener"))
+        entry = registry.entry("loss", head.loss.get("type", "ener"))
         ctx = LossContext(name, model.heads[name], float(head.learning_rate["start_lr"]))
-        losses[name] = registration.build(head.loss, ctx)
+        losses[name] = checked_build(entry, entry.registration.build(head.loss, ctx), Loss)
     return losses
 
 
