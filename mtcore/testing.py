@@ -1,0 +1,616 @@
+"""The plugin test kit: the properties every descriptor, fitting net and data loader must have.
+
+A plugin author runs it in their own test suite with one line (like scikit-learn's
+``check_estimator``)::
+
+    from mtcore.testing import check_descriptor
+    def test_my_descriptor():
+        check_descriptor(my_plugin.REGISTRATION, {"rcut": 4.0, "neuron": [4, 8]})
+
+Each ``check_*`` runs every property on small synthetic frames it makes itself (a periodic
+triclinic frame of 27 atoms and an open cluster of 12, float64) so no data files are needed and
+a check takes seconds. It does not stop at the first problem: every failed property is listed in
+one :class:`PluginCheckError` (an ``AssertionError``), one line per property with the reason.
+Pass ``raise_on_failure=False`` to get the :class:`CheckReport` instead, and ``skip`` to leave
+out a property you know your plugin does not have (it is reported as skipped, with your reason).
+
+Why these properties: forces and virials come from autograd through the descriptor, so a
+``.detach()`` anywhere gives wrong forces silently; ``mtcore freeze`` scripts the model, so a
+module that does not script cannot be frozen; statistics live in buffers, or a checkpoint loses
+them; and a model that is not invariant, or jumps at rcut, makes molecular dynamics drift.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from mtcore.data.requirements import DataRequirement
+from mtcore.data.system import SystemData
+from mtcore.errors import MtcoreError
+from mtcore.hookspecs import (
+    DataLoaderRegistration,
+    DescriptorContext,
+    DescriptorRegistration,
+    FittingContext,
+    FittingRegistration,
+)
+from mtcore.model.descriptor import Descriptor, StatSample
+from mtcore.model.fitting import Fitting
+from mtcore.model.frozen import FrozenModel, batch_neighbor_list
+from mtcore.model.geometry import prepare_geometry
+from mtcore.model.model import MultiHeadModel
+from mtcore.model.shared_layers import SharedLayerManager
+
+__all__ = [
+    "PluginCheckError",
+    "CheckReport",
+    "Frame",
+    "synthetic_frames",
+    "check_descriptor",
+    "check_fitting",
+    "check_loader",
+    "SMALL_DESCRIPTOR",
+]
+
+#: The descriptor a fitting is checked with unless the author passes one (small and fast).
+SMALL_DESCRIPTOR = {"type": "se_e2_a", "sel": "auto", "rcut": 4.0, "rcut_smth": 0.5, "neuron": [4, 8],
+                    "axis_neuron": 4, "seed": 1, "precision": "float64"}
+#: The head a descriptor is frozen with (a frozen model needs one).
+_SMALL_ENER = {"type": "ener", "neuron": [8, 8], "seed": 3, "precision": "float64"}
+
+#: Identity checks (frozen vs eager, checkpoint reload, pooled statistics order): float64 round-off.
+IDENTITY_RTOL = 1e-10
+#: Symmetry checks: the same function of moved atoms, different round-off in every pair.
+SYMMETRY_RTOL = 1e-9
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+class PluginCheckError(AssertionError):
+    """Some properties failed; the message lists each with a one-line reason."""
+
+    def __init__(self, subject: str, failures: List[tuple]):
+        self.subject = subject
+        self.failures = list(failures)
+        count = len(self.failures)
+        lines = [f"{subject}: {count} propert{'y' if count == 1 else 'ies'} failed"]
+        lines += [f"  - {prop}: {reason}" for prop, reason in self.failures]
+        super().__init__("\n".join(lines))
+
+
+@dataclass
+class CheckReport:
+    """What a check found: properties passed, failed (with reasons) and skipped (with reasons)."""
+
+    subject: str
+    passed: List[str] = field(default_factory=list)
+    failed: List[tuple] = field(default_factory=list)
+    skipped: List[tuple] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def failed_properties(self) -> List[str]:
+        return [prop for prop, _ in self.failed]
+
+    def raise_for_failures(self) -> "CheckReport":
+        if self.failed:
+            raise PluginCheckError(self.subject, self.failed)
+        return self
+
+    def __str__(self) -> str:
+        lines = [f"{self.subject}: {len(self.passed)} passed, {len(self.failed)} failed, {len(self.skipped)} skipped"]
+        lines += [f"  FAIL {p}: {r}" for p, r in self.failed]
+        lines += [f"  skip {p}: {r}" for p, r in self.skipped]
+        return "\n".join(lines)
+
+
+class _Checker:
+    """Runs properties one by one; an exception in one becomes its one-line reason."""
+
+    def __init__(self, subject: str, skip: Union[Sequence[str], Dict[str, str], None]):
+        self.report = CheckReport(subject)
+        self.skip = dict(skip) if isinstance(skip, dict) else {name: "skipped by the caller" for name in (skip or ())}
+
+    def run(self, prop: str, fn: Callable[[], Any], needs: Sequence[Any] = ()) -> Any:
+        if prop in self.skip:
+            self.report.skipped.append((prop, self.skip[prop]))
+            return None
+        if any(n is None for n in needs):
+            self.report.skipped.append((prop, "not run: an earlier property it needs failed"))
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = fn()
+        except _Skip as exc:
+            self.report.skipped.append((prop, str(exc)))
+            return None
+        except Exception as exc:  # noqa: BLE001 - any failure of a plugin is a finding, not a crash of the kit
+            self.report.failed.append((prop, _one_line(exc)))
+            return None
+        self.report.passed.append(prop)
+        return True if result is None else result
+
+
+class _Skip(Exception):
+    """A property that does not apply to this plugin (e.g. no ``layer_name`` argument)."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(exc, AssertionError) and first:
+        return first
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol: float, what: str) -> None:
+    """max |a - b| ≤ rtol · max(1, max |a|), or an AssertionError saying by how much."""
+    a = a.detach().to(torch.float64)
+    b = b.detach().to(torch.float64)
+    if a.shape != b.shape:
+        raise AssertionError(f"{what}: shapes differ, {tuple(a.shape)} vs {tuple(b.shape)}")
+    if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
+        raise AssertionError(f"{what}: non-finite values")
+    scale = max(1.0, float(a.abs().max()) if a.numel() else 1.0)
+    diff = float((a - b).abs().max()) if a.numel() else 0.0
+    if diff > rtol * scale:
+        raise AssertionError(f"{what}: differ by {diff:.3g} (allowed {rtol * scale:.3g})")
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic frames
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Frame:
+    """One frame: coord [N, 3] float64, atype [N] long, box [3, 3] (rows are cell vectors) or None."""
+
+    coord: torch.Tensor
+    atype: torch.Tensor
+    box: Optional[torch.Tensor]
+    name: str = "frame"
+
+
+def synthetic_frames(ntypes: int = 2, seed: int = 0) -> List[Frame]:
+    """A periodic triclinic frame of 27 atoms (jittered grid, nearest neighbours ≥ 1.4 Å) and an
+    open cluster of 12 atoms; every type occurs in both. Small on purpose: checks take seconds."""
+    rng = np.random.default_rng(seed)
+    cell = np.array([[6.6, 0.0, 0.0], [0.5, 6.4, 0.0], [-0.3, 0.4, 6.8]])
+    grid = np.stack(np.meshgrid(np.arange(3), np.arange(3), np.arange(3), indexing="ij"), -1).reshape(-1, 3)
+    frac = (grid + 0.5 + rng.uniform(-0.12, 0.12, grid.shape)) / 3.0
+    types = np.arange(len(frac)) % ntypes
+    periodic = Frame(torch.tensor(frac @ cell), torch.tensor(rng.permutation(types)), torch.tensor(cell), "periodic")
+    grid = np.stack(np.meshgrid(np.arange(2), np.arange(2), np.arange(3), indexing="ij"), -1).reshape(-1, 3)
+    cluster = (grid + rng.uniform(-0.1, 0.1, grid.shape)) * 1.9
+    cluster = cluster - cluster.mean(0)
+    types = np.arange(len(cluster)) % ntypes
+    return [periodic, Frame(torch.tensor(cluster), torch.tensor(rng.permutation(types)), None, "cluster")]
+
+
+def _moved(frame: Frame, seed: int, amount: float = 0.05) -> Frame:
+    """A slightly displaced copy (a second statistics frame)."""
+    noise = torch.tensor(np.random.default_rng(seed).uniform(-amount, amount, tuple(frame.coord.shape)))
+    return Frame(frame.coord + noise, frame.atype, frame.box, frame.name + "-moved")
+
+
+def _rotation(seed: int) -> torch.Tensor:
+    q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return torch.tensor(q)
+
+
+def _neighbors(frame: Frame, rcut: float, ntypes: int):
+    box = None if frame.box is None else frame.box.reshape(1, 3, 3)
+    return batch_neighbor_list(frame.coord.reshape(1, -1, 3), frame.atype.reshape(1, -1), box, rcut, ntypes)
+
+
+def _stat_samples(frames: List[Frame], rcut: float, ntypes: int, labels: Optional[Callable[[Frame], dict]] = None,
+                  system: str = "kit") -> List[StatSample]:
+    samples = []
+    for k, frame in enumerate(frames):
+        center, neighbor, image = _neighbors(frame, rcut, ntypes)
+        shift = torch.zeros(center.shape[0], 3, dtype=torch.float64) if frame.box is None else image.to(torch.float64) @ frame.box
+        found = labels(frame) if labels is not None else {}
+        samples.append(StatSample(
+            coord=frame.coord.clone(), atype=frame.atype.clone(), center=center, neighbor=neighbor, shift=shift,
+            nframes=1, natoms=frame.coord.shape[0], labels=found, find={key: 1.0 for key in found},
+            system=f"{system}/{frame.name}",
+        ))
+    return samples
+
+
+def _neighbor_stat(frames: List[Frame], ntypes: int):
+    from mtcore.data.loading import pooled_neighbor_stat
+
+    systems = [SystemData(path=f.name, atypes=f.atype.numpy()[None], coords=f.coord.numpy()[None],
+                          boxes=None if f.box is None else f.box.numpy()[None]) for f in frames]
+    return pooled_neighbor_stat(systems, ntypes)
+
+
+# --------------------------------------------------------------------------------------------
+# Normalising and building
+# --------------------------------------------------------------------------------------------
+
+
+def _registry():
+    from mtcore.plugins import get_registry
+
+    return get_registry()
+
+
+def _registration(kind: str, value: Any, cls: type) -> Any:
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        return _registry().get(kind, value)
+    raise TypeError(f"expected a {cls.__name__} or a registered {kind} name, got {type(value).__name__}")
+
+
+def _normalize(registration: Any, params: Optional[dict], where: str) -> dict:
+    """The section as the core would hand it to the builder: aliases resolved, defaults filled."""
+    from dargs import Argument
+
+    from mtcore.schema import check, schema_context
+
+    args = registration.arguments(schema_context(_registry()))
+    section = {k: v for k, v in (params or {}).items() if k != "type"}
+    normalized = check(Argument(registration.name, dict, args), section, where)
+    normalized["type"] = registration.name
+    return normalized
+
+
+def _build_descriptor(registration: DescriptorRegistration, params: dict, type_map: List[str],
+                      frames: List[Frame]) -> tuple:
+    from mtcore.model.build import build_descriptor
+
+    registry = _registry()
+    if registration.update_sel is not None:
+        params = registration.update_sel(params, _neighbor_stat(frames, len(type_map)))
+    ctx = DescriptorContext(type_map=list(type_map),
+                            build_descriptor=lambda p: build_descriptor(p, list(type_map), registry))
+    descriptor = registration.build(params, ctx)
+    if not isinstance(descriptor, Descriptor):
+        raise AssertionError(f"build returned {type(descriptor).__name__}, not a mtcore.model.descriptor.Descriptor")
+    return descriptor, params
+
+
+def _script(module: torch.nn.Module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(module)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def _readout_weights(descriptor: Descriptor) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randn(int(descriptor.get_dim_out()), generator=gen, dtype=torch.float64)
+
+
+def _descriptor_pass(descriptor: Descriptor, frame: Frame, weights: torch.Tensor, want_grad: bool = True) -> dict:
+    """The descriptor's outputs and a scalar test energy E = Σ_i c·D_i + 0.01 Σ_i |rot_mat_i|²
+    with its gradients, so forces/virials of the descriptor alone can be checked."""
+    rcut, ntypes = float(descriptor.get_rcut()), int(descriptor.get_ntypes())
+    center, neighbor, image = _neighbors(frame, rcut, ntypes)
+    periodic = frame.box is not None
+    box = None if frame.box is None else frame.box.reshape(1, 3, 3)
+    flat, shift, leaf, strain = prepare_geometry(frame.coord.reshape(1, -1, 3), box, center, image, want_grad,
+                                                 want_grad and periodic)
+    out = descriptor(flat, frame.atype, center, neighbor, shift)
+    if "descriptor" not in out:
+        raise AssertionError(f"forward returned keys {sorted(out)}; 'descriptor' is missing")
+    energy = (out["descriptor"].to(torch.float64) @ weights).sum()
+    if "rot_mat" in out:
+        energy = energy + 0.01 * out["rot_mat"].to(torch.float64).pow(2).sum()
+    result = {key: value.detach() for key, value in out.items()}
+    result["E"] = energy.detach()
+    if want_grad:
+        inputs = [leaf] + ([strain] if periodic else [])
+        if energy.requires_grad:
+            grads = torch.autograd.grad(energy, inputs, allow_unused=True)
+        else:
+            grads = [None] * len(inputs)
+        result["force"] = -(grads[0] if grads[0] is not None else torch.zeros_like(leaf))[0]
+        if periodic:
+            g = grads[1] if grads[1] is not None else torch.zeros_like(strain)
+            result["virial"] = -g[0].transpose(0, 1)
+    return result
+
+
+def _model_pass(model: MultiHeadModel, head: str, frame: Frame, want_virial: bool = True) -> dict:
+    center, neighbor, image = _neighbors(frame, model.rcut, model.ntypes)
+    conservative = model.heads[head].output_def().conservative
+    box = None if frame.box is None else frame.box.reshape(1, 3, 3)
+    out = model(head, frame.coord.reshape(1, -1, 3), frame.atype.reshape(1, -1), box, center, neighbor, image,
+                want_force=conservative, want_virial=want_virial and conservative and frame.box is not None)
+    return {key: value.detach() for key, value in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Shared property checks (work on any "evaluate(frame) -> dict" function)
+# --------------------------------------------------------------------------------------------
+
+
+def _transform_frame(frame: Frame, rot: torch.Tensor, shift: torch.Tensor) -> Frame:
+    return Frame(frame.coord @ rot + shift, frame.atype, None if frame.box is None else frame.box @ rot, frame.name)
+
+
+def _check_forces_fd(evaluate: Callable[[Frame], dict], energy_key: str, frame: Frame) -> None:
+    """Central differences of the energy against the autograd force at a few coordinates."""
+    ref = evaluate(frame)
+    force = ref["force"].reshape(-1, 3)
+    natoms = force.shape[0]
+    scale = max(1.0, float(force.abs().max()))
+    h = 1e-5
+    for atom, axis in [(0, 0), (natoms // 3, 1), (natoms // 2, 2), (natoms - 1, 0)]:
+        values = []
+        for sign in (1.0, -1.0):
+            coord = frame.coord.clone()
+            coord[atom, axis] += sign * h
+            values.append(float(evaluate(Frame(coord, frame.atype, frame.box))[energy_key].sum()))
+        fd = -(values[0] - values[1]) / (2 * h)
+        if abs(fd - float(force[atom, axis])) > 1e-6 * scale:
+            raise AssertionError(
+                f"force on atom {atom} axis {'xyz'[axis]} is {float(force[atom, axis]):.8g} but -dE/dx by finite "
+                f"differences is {fd:.8g} (a .detach() or a non-differentiable step?)")
+
+
+def _check_virial_fd(evaluate: Callable[[Frame], dict], energy_key: str, frame: Frame) -> None:
+    virial = evaluate(frame)["virial"].reshape(3, 3)
+    scale = max(1.0, float(virial.abs().max()))
+    h = 1e-6
+    eye = torch.eye(3, dtype=torch.float64)
+    for a in range(3):
+        for b in range(3):
+            eps = torch.zeros(3, 3, dtype=torch.float64)
+            eps[a, b] = h
+            up = float(evaluate(Frame(frame.coord @ (eye + eps), frame.atype, frame.box @ (eye + eps)))[energy_key].sum())
+            down = float(evaluate(Frame(frame.coord @ (eye - eps), frame.atype, frame.box @ (eye - eps)))[energy_key].sum())
+            fd = -(up - down) / (2 * h)
+            if abs(fd - float(virial[b, a])) > 1e-5 * scale:
+                raise AssertionError(
+                    f"virial[{b},{a}] is {float(virial[b, a]):.8g} but -dE/dstrain by finite differences is {fd:.8g} "
+                    "(periodic shifts detached or not differentiable?)")
+
+
+def _covariant(kind: str, value: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """How ``value`` (per atom or per frame, last dim 1/3/9 or anything invariant) transforms
+    when coordinates go x → x R (rows are vectors)."""
+    if kind == "vector":
+        return value.reshape(-1, 3) @ rot
+    if kind == "matrix":
+        m = value.reshape(-1, 3, 3)
+        return (rot.T.unsqueeze(0) @ m @ rot.unsqueeze(0)).reshape(-1, 9)
+    return value
+
+
+def _check_smooth(evaluate: Callable[[Frame], dict], rcut: float, types: List[int], key: str, has_force: bool) -> None:
+    """Atom 2 crosses atom 0's cut-off (atom 1 stays inside everyone's): the output (and force)
+    must change in proportion to the step, not jump; far beyond every cut-off it must not matter."""
+
+    def frame(x: float) -> Frame:
+        coord = torch.tensor([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [x, 0.3, 0.0]], dtype=torch.float64)
+        return Frame(coord, torch.tensor(types), None)
+
+    def at(x: float) -> tuple:
+        out = evaluate(frame(x))
+        force = float(out["force"].reshape(-1, 3)[2, 0]) if has_force else 0.0
+        return float(out[key].sum()), force
+
+    cross = (rcut**2 - 0.3**2) ** 0.5
+
+    def jumps(delta: float) -> tuple:
+        (e_in, f_in), (e_out, f_out) = at(cross - delta), at(cross + delta)
+        return abs(e_out - e_in), abs(f_out - f_in), max(1.0, abs(e_in))
+
+    e_big, f_big, scale = jumps(1e-4)
+    e_small, f_small, _ = jumps(1e-7)
+    # continuous: the change shrinks with the step (about 1000x here); a jump stays the same size
+    if e_small > 1e-2 * e_big + 1e-11 * scale:
+        raise AssertionError(f"output jumps by {e_small:.3g} as an atom crosses rcut={rcut:g} (step 2e-7; "
+                             f"{e_big:.3g} for step 2e-4): not continuous at rcut")
+    if has_force and f_small > 1e-2 * f_big + 1e-11 * scale:
+        raise AssertionError(f"force jumps by {f_small:.3g} as an atom crosses rcut={rcut:g}: not smooth at rcut")
+    far_a, far_b = at(rcut + 0.96 + 1.0)[0], at(rcut + 0.96 + 2.0)[0]
+    if abs(far_a - far_b) > 1e-12 * max(1.0, abs(far_a)):
+        raise AssertionError(f"an atom beyond every cut-off still changes the output ({far_a!r} vs {far_b!r})")
+
+
+# --------------------------------------------------------------------------------------------
+# Descriptors
+# --------------------------------------------------------------------------------------------
+
+
+def check_descriptor(
+    registration: Union[DescriptorRegistration, str],
+    params: Optional[dict] = None,
+    *,
+    type_map: Sequence[str] = ("A", "B"),
+    skip: Union[Sequence[str], Dict[str, str], None] = None,
+    raise_on_failure: bool = True,
+) -> CheckReport:
+    """Check a descriptor plugin; ``params`` is its section (without ``type``; schema defaults
+    fill the rest, ``sel: "auto"`` is resolved from the synthetic frames through ``update_sel``).
+
+    Properties: builds from its schema defaults; output shapes; TorchScript-scriptable; forces
+    and virials of a test energy E = Σ c·D equal -∇E (finite differences); rotation, translation
+    and permutation invariance of ``descriptor`` and ``type_embedding`` (``rot_mat`` rotates:
+    rot_mat(xR) = rot_mat(x) R); periodic images; smooth at rcut; statistics pooled from two
+    heads' frames (any order gives the same model, to 1e-10); checkpoint round trip (statistics
+    are in the state_dict); freeze round trip with a small ``ener`` head (TorchScript file vs
+    eager, 1e-10).
+    """
+    registration = _registration("descriptor", registration, DescriptorRegistration)
+    type_map = list(type_map)
+    ntypes = len(type_map)
+    check = _Checker(f"descriptor '{registration.name}'", skip)
+    frames = synthetic_frames(ntypes)
+    periodic, cluster = frames
+
+    def build():
+        normalized = _normalize(registration, params, "model/descriptor")
+        descriptor, resolved = _build_descriptor(registration, normalized, type_map, frames)
+        rcut = float(descriptor.get_rcut())
+        if not rcut > 0:
+            raise AssertionError(f"get_rcut() returned {rcut}; expected a positive distance")
+        if int(descriptor.get_ntypes()) != ntypes:
+            raise AssertionError(f"get_ntypes() returned {descriptor.get_ntypes()} for a type_map of {ntypes}")
+        if int(descriptor.get_dim_out()) <= 0:
+            raise AssertionError(f"get_dim_out() returned {descriptor.get_dim_out()}")
+        return descriptor, resolved
+
+    built = check.run("builds from its schema defaults", build)
+    descriptor, resolved = built if built else (None, None)
+    weights = _readout_weights(descriptor) if descriptor is not None else None
+    def pooled_stats():
+        # two heads' statistics frames, pooled as the trainer pools them: a periodic and an open system
+        rcut = float(descriptor.get_rcut())
+        samples = _stat_samples([periodic, _moved(periodic, 1)], rcut, ntypes, system="head_a")
+        samples += _stat_samples([cluster, _moved(cluster, 2)], rcut, ntypes, system="head_b")
+        descriptor.compute_input_stats(samples)
+        ref = _descriptor_pass(descriptor, periodic, weights, want_grad=False)
+        twin, _ = _build_descriptor(registration, dict(resolved), type_map, frames)
+        twin.compute_input_stats(list(reversed(samples)))
+        other = _descriptor_pass(twin, periodic, weights, want_grad=False)
+        for key in ref:
+            _close(ref[key], other[key], IDENTITY_RTOL, f"'{key}' after statistics in reversed head order")
+        for key, value in descriptor.state_dict().items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise AssertionError(f"statistics left '{key}' non-finite")
+
+    stats_ok = check.run("statistics from pooled heads", pooled_stats, [descriptor])
+
+    def shapes():
+        for frame in frames:
+            out = _descriptor_pass(descriptor, frame, weights, want_grad=False)
+            n = frame.coord.shape[0]
+            expect = {"descriptor": (n, int(descriptor.get_dim_out()))}
+            if descriptor.get_dim_rot() > 0:
+                expect["rot_mat"] = (n, int(descriptor.get_dim_rot()), 3)
+            if descriptor.get_dim_type_embedding() > 0:
+                expect["type_embedding"] = (n, int(descriptor.get_dim_type_embedding()))
+            for key, shape in expect.items():
+                if key not in out:
+                    raise AssertionError(f"'{key}' missing from the output (get_dim_* says it is there)")
+                if tuple(out[key].shape) != shape:
+                    raise AssertionError(f"'{key}' has shape {tuple(out[key].shape)}, expected {shape}")
+                if not bool(torch.isfinite(out[key]).all()):
+                    raise AssertionError(f"'{key}' has non-finite values on the {frame.name} frame")
+
+    check.run("output shapes", shapes, [descriptor])
+    check.run("TorchScript-scriptable", lambda: _script(descriptor), [descriptor])
+
+    evaluate = (lambda frame: _descriptor_pass(descriptor, frame, weights)) if descriptor is not None else None
+    check.run("forces = -dE/dx (finite differences)", lambda: (_check_forces_fd(evaluate, "E", periodic),
+                                                              _check_forces_fd(evaluate, "E", cluster)), [descriptor])
+    check.run("virial = -dE/dstrain (finite differences)", lambda: _check_virial_fd(evaluate, "E", periodic), [descriptor])
+
+    def invariance():
+        rot = _rotation(1)
+        for frame in frames:
+            ref = _descriptor_pass(descriptor, frame, weights, want_grad=False)
+            moved = _descriptor_pass(descriptor, _transform_frame(frame, rot, torch.tensor([1.3, -7.2, 0.4], dtype=torch.float64)),
+                                     weights, want_grad=False)
+            for key in ("descriptor", "type_embedding"):
+                if key in ref:
+                    _close(ref[key], moved[key], SYMMETRY_RTOL, f"'{key}' of the rotated and translated {frame.name} frame")
+            if "rot_mat" in ref:
+                _close(ref["rot_mat"] @ rot, moved["rot_mat"], SYMMETRY_RTOL,
+                       f"'rot_mat' of the rotated {frame.name} frame vs rot_mat·R")
+
+    check.run("rotation/translation invariance", invariance, [descriptor])
+
+    def permutation():
+        perm = torch.randperm(periodic.coord.shape[0], generator=torch.Generator().manual_seed(0))
+        ref = _descriptor_pass(descriptor, periodic, weights, want_grad=False)
+        out = _descriptor_pass(descriptor, Frame(periodic.coord[perm], periodic.atype[perm], periodic.box), weights,
+                               want_grad=False)
+        for key in ("descriptor", "type_embedding", "rot_mat"):
+            if key in ref:
+                _close(ref[key][perm], out[key], SYMMETRY_RTOL, f"'{key}' of permuted atoms")
+
+    check.run("permutation invariance", permutation, [descriptor])
+
+    def images():
+        ref = _descriptor_pass(descriptor, periodic, weights, want_grad=False)
+        shifted = periodic.coord.clone()
+        shifted[::3] += periodic.box[0] * 2 - periodic.box[2]
+        out = _descriptor_pass(descriptor, Frame(shifted, periodic.atype, periodic.box), weights, want_grad=False)
+        _close(ref["descriptor"], out["descriptor"], SYMMETRY_RTOL, "'descriptor' with atoms moved to other periodic images")
+        big = _descriptor_pass(descriptor, Frame(cluster.coord, cluster.atype, torch.eye(3, dtype=torch.float64) * 60.0),
+                               weights, want_grad=False)
+        open_ = _descriptor_pass(descriptor, cluster, weights, want_grad=False)
+        _close(open_["descriptor"], big["descriptor"], IDENTITY_RTOL, "'descriptor' of a cluster, open vs in a 60 Å box")
+
+    check.run("periodic images", images, [descriptor])
+    smooth_types = [0, min(1, ntypes - 1), min(1, ntypes - 1)]
+    check.run("smooth at rcut", lambda: _check_smooth(evaluate, float(descriptor.get_rcut()), smooth_types, "E", True),
+              [descriptor])
+
+    def checkpoint():
+        twin, _ = _build_descriptor(registration, dict(resolved), type_map, frames)
+        twin.load_state_dict(descriptor.state_dict())
+        ref = _descriptor_pass(descriptor, periodic, weights, want_grad=False)
+        out = _descriptor_pass(twin, periodic, weights, want_grad=False)
+        _close(ref["descriptor"], out["descriptor"], IDENTITY_RTOL,
+               "'descriptor' of a fresh build loaded from the state_dict (statistics kept outside buffers?)")
+
+    check.run("checkpoint round trip (state_dict)", checkpoint, [descriptor, stats_ok])
+
+    def freeze():
+        ener = _registry().get("fitting_net", "ener")
+        manager = SharedLayerManager()
+        fitting = ener.build(_normalize(ener, _SMALL_ENER, "fitting_net"), FittingContext("kit", type_map, descriptor, manager))
+        _freeze_round_trip(descriptor, fitting, type_map, frames)
+
+    check.run("freeze round trip (TorchScript file = eager, 1e-10)", freeze, [descriptor])
+    if raise_on_failure:
+        check.report.raise_for_failures()
+    return check.report
+
+
+def _freeze_round_trip(descriptor: Descriptor, fitting: Fitting, type_map: List[str], frames: List[Frame]) -> None:
+    """FrozenModel scripted, saved, loaded with torch.jit.load, compared with the eager model."""
+    model = MultiHeadModel(descriptor, {"kit": fitting}, type_map)
+    odef = fitting.output_def()
+    scripted = _script(FrozenModel(descriptor, fitting, type_map, "kit", "{}"))
+    fd, name = tempfile.mkstemp(suffix=".pth", prefix="mtcore-kit-")
+    os.close(fd)
+    try:
+        torch.jit.save(scripted, name)
+        loaded = torch.jit.load(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+    for frame in frames:
+        eager = _model_pass(model, "kit", frame)
+        frozen = loaded(frame.coord, frame.atype, frame.box)
+        pairs = [(odef.global_key, odef.global_key), (odef.atomic_key, odef.atomic_key)]
+        if odef.conservative:
+            pairs.append(("force", "force"))
+            if frame.box is not None:
+                pairs.append(("virial", "virial"))
+        for e_key, f_key in pairs:
+            if f_key not in frozen:
+                raise AssertionError(f"the frozen model's output has no '{f_key}'")
+            _close(eager[e_key].reshape(-1), frozen[f_key].reshape(-1), IDENTITY_RTOL,
+                   f"'{f_key}' of the loaded TorchScript file vs eager on the {frame.name} frame")
