@@ -1,4 +1,4 @@
-"""The ``mtcore`` command line: train, freeze, test, show, list-plugins.
+"""The ``mtcore`` command line: train, freeze, test, show, list-plugins, doc-train-input.
 
 Every user error becomes one line on stderr (``error: <key or file>: <what was expected>``) and a
 non-zero exit; warnings are printed as ``warning: ...`` lines. An unexpected exception (a bug) is
@@ -247,6 +247,30 @@ def list_plugins() -> None:
         for entry in get_registry().entries():
             table.add_row(entry.kind, entry.name, ", ".join(entry.aliases), entry.source.distribution, entry.source.version)
         console.print(table)
+
+    _run(body)
+
+
+@app.command("doc-train-input")
+def doc_train_input(
+    as_json: bool = typer.Option(False, "--json", help="print the reference as JSON instead of markdown"),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="write to this file (only a new file or one this command wrote is replaced)"
+    ),
+    only: List[str] = typer.Option([], "--only", help="document only the plugins of this distribution (repeatable), e.g. --only mtcore"),
+) -> None:
+    """The input reference: every key with its type, default, aliases and doc, from the installed plugins' schemas."""
+
+    def body():
+        from mtcore.doc_input import generate, only_distributions, write_reference
+        from mtcore.plugins import get_registry
+
+        text = generate(only_distributions(get_registry(), only), as_json)
+        if output is None:
+            sys.stdout.write(text)
+            return
+        write_reference(output, text)
+        console.print(f"wrote {output}")
 
     _run(body)
 
