@@ -291,6 +291,16 @@ def _build_descriptor(registration: DescriptorRegistration, params: dict, type_m
     return descriptor, params
 
 
+def _build_from_defaults(registration: Any, where: str, build: Callable[[dict], Any]) -> None:
+    """Build from ``{}``: every default in the schema must make a working component."""
+    from mtcore.schema import schema_context
+
+    required = [a.name for a in registration.arguments(schema_context(_registry())) if not a.optional]
+    if required:
+        raise _Skip(f"the schema has required keys ({', '.join(required)}); built from the given parameters only")
+    build(_normalize(registration, {}, where))
+
+
 def _script(module: torch.nn.Module):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -335,15 +345,6 @@ def _descriptor_pass(descriptor: Descriptor, frame: Frame, weights: torch.Tensor
             g = grads[1] if grads[1] is not None else torch.zeros_like(strain)
             result["virial"] = -g[0].transpose(0, 1)
     return result
-
-
-def _model_pass(model: MultiHeadModel, head: str, frame: Frame, want_virial: bool = True) -> dict:
-    center, neighbor, image = _neighbors(frame, model.rcut, model.ntypes)
-    conservative = model.heads[head].output_def().conservative
-    box = None if frame.box is None else frame.box.reshape(1, 3, 3)
-    out = model(head, frame.coord.reshape(1, -1, 3), frame.atype.reshape(1, -1), box, center, neighbor, image,
-                want_force=conservative, want_virial=want_virial and conservative and frame.box is not None)
-    return {key: value.detach() for key, value in out.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,7 +480,9 @@ def check_descriptor(
             raise AssertionError(f"get_dim_out() returned {descriptor.get_dim_out()}")
         return descriptor, resolved
 
-    built = check.run("builds from its schema defaults", build)
+    check.run("builds from its schema defaults", lambda: _build_from_defaults(
+        registration, "model/descriptor", lambda p: _build_descriptor(registration, p, type_map, frames)))
+    built = check.run("builds from the given parameters", build)
     descriptor, resolved = built if built else (None, None)
     weights = _readout_weights(descriptor) if descriptor is not None else None
     def pooled_stats():
@@ -589,7 +592,8 @@ def check_descriptor(
     return check.report
 
 
-def _freeze_round_trip(descriptor: Descriptor, fitting: Fitting, type_map: List[str], frames: List[Frame]) -> None:
+def _freeze_round_trip(descriptor: Descriptor, fitting: Fitting, type_map: List[str], frames: List[Frame],
+                       inputs: "Optional[_Inputs]" = None) -> None:
     """FrozenModel scripted, saved, loaded with torch.jit.load, compared with the eager model."""
     model = MultiHeadModel(descriptor, {"kit": fitting}, type_map)
     odef = fitting.output_def()
@@ -602,8 +606,9 @@ def _freeze_round_trip(descriptor: Descriptor, fitting: Fitting, type_map: List[
     finally:
         Path(name).unlink(missing_ok=True)
     for frame in frames:
-        eager = _model_pass(model, "kit", frame)
-        frozen = loaded(frame.coord, frame.atype, frame.box)
+        inputs = inputs or _Inputs(fitting, len(type_map))
+        eager = _head_pass(model, "kit", frame, inputs)
+        frozen = loaded(frame.coord, frame.atype, frame.box, True, inputs.fparam(frame), inputs.aparam(frame))
         pairs = [(odef.global_key, odef.global_key), (odef.atomic_key, odef.atomic_key)]
         if odef.conservative:
             pairs.append(("force", "force"))
@@ -614,3 +619,288 @@ def _freeze_round_trip(descriptor: Descriptor, fitting: Fitting, type_map: List[
                 raise AssertionError(f"the frozen model's output has no '{f_key}'")
             _close(eager[e_key].reshape(-1), frozen[f_key].reshape(-1), IDENTITY_RTOL,
                    f"'{f_key}' of the loaded TorchScript file vs eager on the {frame.name} frame")
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting nets
+# --------------------------------------------------------------------------------------------
+
+
+def _transform_kind(transform: str, fitting: Fitting) -> str:
+    if transform != "auto":
+        if transform not in ("invariant", "vector", "matrix"):
+            raise ValueError(f"transform must be 'auto', 'invariant', 'vector' or 'matrix', got {transform!r}")
+        return transform
+    odef = fitting.output_def()
+    if odef.conservative:
+        return "invariant"
+    return {3: "vector", 9: "matrix"}.get(int(odef.size), "invariant")
+
+
+class _Inputs:
+    """Frame and atomic parameters for a head that declares ``input_requirements``: fparam one
+    fixed vector, aparam a fixed value per atom type (so it moves with permuted atoms)."""
+
+    def __init__(self, fitting: Fitting, ntypes: int):
+        self.nf = self.na = 0
+        for req in fitting.input_requirements():
+            if req.key == "fparam":
+                self.nf = int(req.ndof)
+            elif req.key == "aparam":
+                self.na = int(req.ndof)
+        gen = torch.Generator().manual_seed(7)
+        self.fvalue = torch.rand(1, self.nf, generator=gen, dtype=torch.float64) + 0.5
+        self.atable = torch.rand(ntypes, self.na, generator=gen, dtype=torch.float64) + 0.5
+
+    def fparam(self, frame: Frame) -> Optional[torch.Tensor]:
+        return self.fvalue.clone() if self.nf else None
+
+    def aparam(self, frame: Frame) -> Optional[torch.Tensor]:
+        return self.atable.index_select(0, frame.atype).unsqueeze(0) if self.na else None
+
+
+def _head_pass(model: MultiHeadModel, head: str, frame: Frame, inputs: _Inputs) -> dict:
+    center, neighbor, image = _neighbors(frame, model.rcut, model.ntypes)
+    conservative = model.heads[head].output_def().conservative
+    box = None if frame.box is None else frame.box.reshape(1, 3, 3)
+    out = model(head, frame.coord.reshape(1, -1, 3), frame.atype.reshape(1, -1), box, center, neighbor, image,
+                want_force=conservative, want_virial=conservative and frame.box is not None,
+                fparam=inputs.fparam(frame), aparam=inputs.aparam(frame))
+    return {key: value.detach() for key, value in out.items()}
+
+
+def _synthetic_labels(fitting: Fitting, inputs: _Inputs, seed: int) -> Callable[[Frame], dict]:
+    """Random labels for every key the head's statistics read (zero on unselected atoms)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def labels(frame: Frame) -> dict:
+        n = frame.coord.shape[0]
+        out = {}
+        for req in fitting.stat_requirements():
+            if req.atomic:
+                value = torch.randn(1, n, req.ndof, generator=gen, dtype=torch.float64)
+                if req.sel_types is not None:
+                    keep = torch.isin(frame.atype, torch.tensor(list(req.sel_types))).to(torch.float64)
+                    value = value * keep.view(1, n, 1)
+                out[req.key] = value
+            else:
+                out[req.key] = torch.randn(1, req.ndof, generator=gen, dtype=torch.float64) - 3.0 * n
+        if inputs.nf:
+            out["fparam"] = inputs.fparam(frame) + 0.1 * torch.randn(1, inputs.nf, generator=gen, dtype=torch.float64)
+        if inputs.na:
+            out["aparam"] = inputs.aparam(frame) + 0.1 * torch.randn(1, n, inputs.na, generator=gen, dtype=torch.float64)
+        return out
+
+    return labels
+
+
+def _build_fitting(registration: FittingRegistration, params: dict, head: str, type_map: List[str],
+                   descriptor: Descriptor, manager: SharedLayerManager) -> Fitting:
+    fitting = registration.build(dict(params), FittingContext(head, list(type_map), descriptor, manager))
+    if not isinstance(fitting, Fitting):
+        raise AssertionError(f"build returned {type(fitting).__name__}, not a mtcore.model.fitting.Fitting")
+    odef = fitting.output_def()
+    if int(odef.size) <= 0 or not odef.global_key or not odef.atomic_key:
+        raise AssertionError(f"output_def() is incomplete: {odef}")
+    if fitting.needs_rot_mat() and descriptor.get_dim_rot() == 0:
+        raise AssertionError("the head needs a rotation matrix but the descriptor has none: pass descriptor=")
+    return fitting
+
+
+def check_fitting(
+    registration: Union[FittingRegistration, str],
+    params: Optional[dict] = None,
+    *,
+    descriptor: Optional[dict] = None,
+    type_map: Sequence[str] = ("A", "B"),
+    transform: str = "auto",
+    skip: Union[Sequence[str], Dict[str, str], None] = None,
+    raise_on_failure: bool = True,
+) -> CheckReport:
+    """Check a fitting-net plugin (one head) on a registered descriptor (``descriptor``: its
+    section with ``type``; default :data:`SMALL_DESCRIPTOR`, a small se_e2_a).
+
+    ``transform`` says how the output rotates: ``auto`` (energies and other sizes invariant, size
+    3 a vector, size 9 a 3x3 tensor R^T T R), or one of ``invariant``, ``vector``, ``matrix``.
+
+    Properties: builds from its schema defaults; output shapes (zero on atoms outside
+    ``sel_types``); TorchScript-scriptable; for conservative (energy) heads forces = -∇E and
+    virial = -∂E/∂ε by finite differences; rotation/translation invariance or covariance;
+    permutation; periodic images; smooth at rcut; statistics from its own head's frames (finite,
+    independent of order to 1e-10); checkpoint round trip; layer sharing by ``layer_name`` (two
+    heads hold the same tensors and both change when they change, a private head does not);
+    freeze round trip (TorchScript file vs eager, 1e-10).
+    """
+    registration = _registration("fitting_net", registration, FittingRegistration)
+    type_map = list(type_map)
+    ntypes = len(type_map)
+    check = _Checker(f"fitting net '{registration.name}'", skip)
+    frames = synthetic_frames(ntypes)
+    periodic, cluster = frames
+    # the descriptor is the author's choice, not under test: its errors are raised as they are
+    d_registration = _registry().get("descriptor", (descriptor or SMALL_DESCRIPTOR)["type"])
+    d_params = _normalize(d_registration, descriptor or SMALL_DESCRIPTOR, "model/descriptor")
+    desc, _ = _build_descriptor(d_registration, d_params, type_map, frames)
+    rcut = float(desc.get_rcut())
+    desc.compute_input_stats(_stat_samples([periodic, _moved(periodic, 1)], rcut, ntypes, system="head_a")
+                             + _stat_samples([cluster, _moved(cluster, 2)], rcut, ntypes, system="head_b"))
+
+    check.run("builds from its schema defaults", lambda: _build_from_defaults(
+        registration, "model/fitting_net", lambda p: _build_fitting(registration, p, "kit", type_map, desc,
+                                                                    SharedLayerManager())))
+    normalized = check.run("builds from the given parameters",
+                           lambda: _normalize(registration, params, "model/fitting_net"))
+    fitting = check.run("builds from the given parameters",
+                        lambda: _build_fitting(registration, normalized, "kit", type_map, desc, SharedLayerManager()),
+                        [normalized]) if normalized is not None else None
+    if normalized is not None and fitting is not None:
+        check.report.passed.remove("builds from the given parameters")  # counted once
+    model = MultiHeadModel(desc, {"kit": fitting}, type_map) if fitting is not None else None
+    inputs = _Inputs(fitting, ntypes) if fitting is not None else None
+    odef = fitting.output_def() if fitting is not None else None
+    kind = _transform_kind(transform, fitting) if fitting is not None else "invariant"
+
+    def evaluate(frame: Frame) -> dict:
+        return _head_pass(model, "kit", frame, inputs)
+
+    def statistics():
+        labels = _synthetic_labels(fitting, inputs, 11)
+        samples = _stat_samples([periodic, _moved(periodic, 3), cluster], rcut, ntypes, labels, system="kit")
+        fitting.compute_output_stats(samples)
+        for key, value in fitting.state_dict().items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise AssertionError(f"statistics left '{key}' non-finite")
+        twin = _build_fitting(registration, normalized, "kit", type_map, desc, SharedLayerManager())
+        twin.compute_output_stats(list(reversed(samples)))
+        twin_model = MultiHeadModel(desc, {"kit": twin}, type_map)
+        ref, out = evaluate(periodic), _head_pass(twin_model, "kit", periodic, inputs)
+        _close(ref[odef.atomic_key], out[odef.atomic_key], IDENTITY_RTOL, "output after statistics in reversed frame order")
+
+    stats_ok = check.run("statistics from its head's frames", statistics, [fitting])
+
+    def shapes():
+        for frame in frames:
+            out = evaluate(frame)
+            n = frame.coord.shape[0]
+            for key, shape in ((odef.global_key, (1, odef.size)), (odef.atomic_key, (1, n, odef.size))):
+                if tuple(out[key].shape) != shape:
+                    raise AssertionError(f"'{key}' has shape {tuple(out[key].shape)}, expected {shape} (size={odef.size})")
+                if not bool(torch.isfinite(out[key]).all()):
+                    raise AssertionError(f"'{key}' has non-finite values on the {frame.name} frame")
+            if odef.sel_types is not None:
+                off = ~torch.isin(frame.atype, torch.tensor(list(odef.sel_types)))
+                if bool(off.any()) and float(out[odef.atomic_key][0][off].abs().max()) != 0.0:
+                    raise AssertionError(f"'{odef.atomic_key}' is not zero on atoms outside sel_types {list(odef.sel_types)}")
+
+    check.run("output shapes", shapes, [fitting])
+    check.run("TorchScript-scriptable", lambda: _script(fitting), [fitting])
+    if odef is not None and odef.conservative:
+        check.run("forces = -dE/dx (finite differences)", lambda: (
+            _check_forces_fd(evaluate, odef.global_key, periodic), _check_forces_fd(evaluate, odef.global_key, cluster)),
+            [fitting])
+        check.run("virial = -dE/dstrain (finite differences)",
+                  lambda: _check_virial_fd(evaluate, odef.global_key, periodic), [fitting])
+
+    def rotation():
+        rot = _rotation(2)
+        for frame in frames:
+            ref = evaluate(frame)
+            out = evaluate(_transform_frame(frame, rot, torch.tensor([-2.1, 0.7, 5.3], dtype=torch.float64)))
+            for key in (odef.global_key, odef.atomic_key):
+                size = ref[key].shape[-1]
+                _close(_covariant(kind, ref[key], rot).reshape(-1, size), out[key].reshape(-1, size), SYMMETRY_RTOL,
+                       f"'{key}' of the rotated and translated {frame.name} frame vs the {kind} rule")
+            if odef.conservative:
+                _close(ref["force"].reshape(-1, 3) @ rot, out["force"].reshape(-1, 3), SYMMETRY_RTOL,
+                       f"force of the rotated {frame.name} frame vs F·R")
+                if "virial" in ref:
+                    _close(rot.T @ ref["virial"].reshape(3, 3) @ rot, out["virial"].reshape(3, 3), SYMMETRY_RTOL,
+                           "virial of the rotated frame vs Rᵀ·V·R")
+
+    check.run("rotation/translation " + ("invariance" if kind == "invariant" else f"covariance ({kind})"), rotation,
+              [fitting])
+
+    def permutation():
+        perm = torch.randperm(periodic.coord.shape[0], generator=torch.Generator().manual_seed(0))
+        ref = evaluate(periodic)
+        out = evaluate(Frame(periodic.coord[perm], periodic.atype[perm], periodic.box))
+        _close(ref[odef.global_key], out[odef.global_key], SYMMETRY_RTOL, f"'{odef.global_key}' of permuted atoms")
+        _close(ref[odef.atomic_key][0][perm], out[odef.atomic_key][0], SYMMETRY_RTOL, f"'{odef.atomic_key}' of permuted atoms")
+        if odef.conservative:
+            _close(ref["force"][0][perm], out["force"][0], SYMMETRY_RTOL, "force of permuted atoms")
+
+    check.run("permutation invariance", permutation, [fitting])
+
+    def images():
+        ref = evaluate(periodic)
+        shifted = periodic.coord.clone()
+        shifted[::3] += periodic.box[0] * 2 - periodic.box[2]
+        out = evaluate(Frame(shifted, periodic.atype, periodic.box))
+        for key in [odef.atomic_key] + (["force", "virial"] if odef.conservative else []):
+            _close(ref[key], out[key], SYMMETRY_RTOL, f"'{key}' with atoms moved to other periodic images")
+
+    check.run("periodic images", images, [fitting])
+    smooth_types = [0, min(1, ntypes - 1), min(1, ntypes - 1)]
+    check.run("smooth at rcut", lambda: _check_smooth(evaluate, rcut, smooth_types, odef.global_key, odef.conservative),
+              [fitting])
+
+    def checkpoint():
+        twin = _build_fitting(registration, normalized, "kit", type_map, desc, SharedLayerManager())
+        twin.load_state_dict(fitting.state_dict())
+        out = _head_pass(MultiHeadModel(desc, {"kit": twin}, type_map), "kit", periodic, inputs)
+        _close(evaluate(periodic)[odef.atomic_key], out[odef.atomic_key], IDENTITY_RTOL,
+               "output of a fresh build loaded from the state_dict (statistics kept outside buffers?)")
+
+    check.run("checkpoint round trip (state_dict)", checkpoint, [fitting, stats_ok])
+    check.run("layer sharing by layer_name", lambda: _check_sharing(registration, normalized, type_map, desc, inputs),
+              [fitting])
+    check.run("freeze round trip (TorchScript file = eager, 1e-10)",
+              lambda: _freeze_round_trip(desc, fitting, type_map, frames, inputs), [fitting])
+    if raise_on_failure:
+        check.report.raise_for_failures()
+    return check.report
+
+
+def _check_sharing(registration: FittingRegistration, params: dict, type_map: List[str], desc: Descriptor,
+                   inputs: _Inputs) -> None:
+    """Two heads naming every layer alike hold the same tensors; a third without names holds none."""
+    from mtcore.schema import schema_context
+
+    names_in_schema = {a.name for a in registration.arguments(schema_context(_registry()))}
+    if "layer_name" not in names_in_schema:
+        raise _Skip("the schema has no 'layer_name' argument")
+    neuron = params.get("neuron")
+    if not isinstance(neuron, list):
+        raise _Skip("no 'neuron' list to size layer_name by")
+    names = [f"kit_shared_{k}" for k in range(len(neuron) + 1)]
+    manager = SharedLayerManager()
+    heads = {}
+    for k, head in enumerate(("a", "b", "private")):
+        section = dict(params, layer_name=None if head == "private" else names)
+        if "seed" in names_in_schema:
+            section["seed"] = 100 + k
+        heads[head] = _build_fitting(registration, section, head, type_map, desc, manager)
+    manager.check_usage(heads)
+    if not manager.layers:
+        raise AssertionError("layer_name was given but the builder asked ctx.layers for no layer (use ctx.layers.dense)")
+    own = {head: {id(p) for p in module.parameters()} for head, module in heads.items()}
+    for key, layer in manager.layers.items():
+        for head in ("a", "b"):
+            if not all(id(p) in own[head] for p in layer.parameters()):
+                raise AssertionError(f"shared layer '{key}' is not a module of head '{head}'")
+        if any(id(p) in own["private"] for p in layer.parameters()):
+            raise AssertionError(f"shared layer '{key}' is also in a head whose layer_name is null")
+    model = MultiHeadModel(desc, heads, type_map, manager.module_dict(), manager.users)
+    frame = synthetic_frames(len(type_map))[0]
+    key = heads["a"].output_def().atomic_key
+    before = {head: _head_pass(model, head, frame, inputs)[key] for head in heads}
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(5)
+        for layer in manager.layers.values():
+            for p in layer.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    after = {head: _head_pass(model, head, frame, inputs)[key] for head in heads}
+    for head in ("a", "b"):
+        if float((after[head] - before[head]).abs().max()) < 1e-8:
+            raise AssertionError(f"changing the shared layers does not change head '{head}': the shared tensors are not used")
+    _close(before["private"], after["private"], IDENTITY_RTOL, "a head without layer_name after the shared layers changed")
