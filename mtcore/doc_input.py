@@ -64,10 +64,25 @@ def _jsonable(value: Any) -> Any:
         return repr(value)
 
 
+_AMBIGUOUS_SENTINEL = "mtcore_ambiguous_type"  # the key mtcore.plugins adds to refuse an ambiguous type
+
+
 def _source_label(registry: Registry, kind: str) -> dict[str, dict]:
-    labels = {}
+    """``type`` value → who provides it. A choice is named by its registration's name, or by its
+    first unambiguous alias when another package registers the same name; a label several
+    packages register is listed with all of them (the schema refuses its use)."""
+    owners: dict[str, list] = {}
     for entry in registry.entries(kind):
-        labels[entry.name] = {"plugin": entry.source.entry_point, "distribution": entry.source.distribution}
+        for label in dict.fromkeys((entry.name, *entry.aliases)):
+            owners.setdefault(label, []).append(entry)
+    labels = {}
+    for label, found in owners.items():
+        if len(found) == 1:
+            labels[label] = {"plugin": found[0].source.entry_point, "distribution": found[0].source.distribution}
+        else:
+            labels[label] = {"ambiguous": sorted(
+                ({"plugin": e.source.entry_point, "distribution": e.source.distribution} for e in found),
+                key=lambda d: (d["distribution"], d["plugin"]))}
     return labels
 
 
@@ -98,8 +113,10 @@ def _variant_node(variant: Variant, registry: Registry, kind: Optional[str]) -> 
         if name in labels:
             node.update(labels[name])
         inner = _argument_node(choice, registry, kind)
+        if "ambiguous" in node:
+            inner.get("fields", {}).pop(_AMBIGUOUS_SENTINEL, None)
         for key in ("fields", "variants"):
-            if key in inner:
+            if inner.get(key):
                 node[key] = inner[key]
         choices[name] = node
     node = {"optional": bool(variant.optional), "doc": variant.doc or "", "choices": choices}
@@ -153,7 +170,7 @@ def reference(registry: Registry) -> dict:
     """The whole reference as JSON-able data: key → {type, optional, default, alias, doc, fields|variants}."""
     plugins = [
         {"kind": e.kind, "name": e.name, "alias": list(e.aliases), "plugin": e.source.entry_point,
-         "distribution": e.source.distribution, "doc": e.registration.doc or ""}
+         "distribution": e.source.distribution, "doc": getattr(e.registration, "doc", "") or ""}
         for e in sorted(registry.entries(), key=lambda e: (KINDS.index(e.kind), e.name))
     ]
     return {
@@ -292,6 +309,10 @@ class _Markdown:
         intro = []
         if "distribution" in choice:
             intro.append(f"Plugin {_code(choice['plugin'])} from distribution {_code(choice['distribution'])}.")
+        if "ambiguous" in choice:
+            owners = " and ".join(f"plugin {_code(o['plugin'])} from {_code(o['distribution'])}" for o in choice["ambiguous"])
+            intro.append(f"Registered by more than one package ({owners}): an input that uses it is refused; "
+                         "the keys of all of them are listed.")
         if choice.get("alias"):
             intro.append("Also selected by " + ", ".join(_code(a) for a in choice["alias"]) + ".")
         node = {k: v for k, v in choice.items() if k in ("doc", "fields", "variants")}
