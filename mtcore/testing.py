@@ -904,3 +904,141 @@ def _check_sharing(registration: FittingRegistration, params: dict, type_map: Li
         if float((after[head] - before[head]).abs().max()) < 1e-8:
             raise AssertionError(f"changing the shared layers does not change head '{head}': the shared tensors are not used")
     _close(before["private"], after["private"], IDENTITY_RTOL, "a head without layer_name after the shared layers changed")
+
+
+# --------------------------------------------------------------------------------------------
+# Data loaders
+# --------------------------------------------------------------------------------------------
+
+#: Labels asked of a loader unless the author names others.
+DEFAULT_REQUIREMENTS = (DataRequirement("energy", 1), DataRequirement("force", 3, atomic=True))
+_ABSENT = "mtcore_kit_absent_label"
+
+
+def _snapshot(path: Path) -> dict:
+    """Every file below ``path`` (or ``path`` itself): size, mtime and content digest."""
+    import hashlib
+
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest()) for p in files}
+
+
+def check_loader(
+    registration: Union[DataLoaderRegistration, str],
+    path: Union[str, Path],
+    *,
+    type_map: Optional[Sequence[str]] = None,
+    requirements: Optional[Sequence[DataRequirement]] = None,
+    set_prefix: str = "set",
+    skip: Union[Sequence[str], Dict[str, str], None] = None,
+    raise_on_failure: bool = True,
+) -> CheckReport:
+    """Check a data-loader plugin on one system of its format at ``path`` (a small one is best).
+
+    Properties: detects the system and not an empty folder or a missing path (without raising);
+    loads a SystemData with the documented shapes and dtypes (coords [F, N, 3] float64 finite,
+    atypes [F, N] integers in range, boxes [F, 3, 3] or None, labels [F, ndof] or [F, N, ndof],
+    set_sizes summing to F); a missing optional label is left out and a missing required one is a
+    one-line MtcoreError naming it; loading twice gives the same arrays; loading only reads
+    (every file below ``path`` unchanged, none added).
+    """
+    registration = _registration("data_loader", registration, DataLoaderRegistration)
+    path = Path(path)
+    reqs = list(requirements if requirements is not None else DEFAULT_REQUIREMENTS)
+    tmap = list(type_map) if type_map is not None else None
+    check = _Checker(f"data loader '{registration.name}'", skip)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such system to check the loader on")
+    before = _snapshot(path)
+
+    def detects():
+        if not registration.detect(path):
+            raise AssertionError(f"detect({path}) is False for a system of its own format")
+        with tempfile.TemporaryDirectory(prefix="mtcore-kit-") as empty:
+            if registration.detect(Path(empty)):
+                raise AssertionError("detect() is True for an empty folder")
+            if registration.detect(Path(empty) / "missing"):
+                raise AssertionError("detect() is True for a path that does not exist")
+
+    check.run("detects its format (and nothing else)", detects)
+
+    def load():
+        return registration.load(path, tmap, list(reqs), set_prefix)
+
+    data = check.run("loads", load)
+
+    def shapes():
+        if not isinstance(data, SystemData):
+            raise AssertionError(f"load returned {type(data).__name__}, not a mtcore.data.system.SystemData")
+        coords = np.asarray(data.coords)
+        if coords.ndim != 3 or coords.shape[2] != 3 or coords.shape[0] < 1:
+            raise AssertionError(f"coords has shape {coords.shape}; expected [frames, atoms, 3]")
+        nframes, natoms = coords.shape[:2]
+        if coords.dtype != np.float64 or not np.isfinite(coords).all():
+            raise AssertionError(f"coords must be finite float64, got {coords.dtype}")
+        atypes = np.asarray(data.atypes)
+        if atypes.shape != (nframes, natoms) or not np.issubdtype(atypes.dtype, np.integer):
+            raise AssertionError(f"atypes has shape {atypes.shape} and dtype {atypes.dtype}; expected integers [{nframes}, {natoms}]")
+        if tmap is not None and (atypes.max() >= len(tmap) or atypes.min() < -1):
+            raise AssertionError(f"atypes holds {atypes.min()}..{atypes.max()}, outside the type_map of {len(tmap)} (-1: virtual)")
+        if data.boxes is not None:
+            boxes = np.asarray(data.boxes)
+            if boxes.shape != (nframes, 3, 3) or boxes.dtype != np.float64 or not np.isfinite(boxes).all():
+                raise AssertionError(f"boxes has shape {boxes.shape} ({boxes.dtype}); expected finite float64 [{nframes}, 3, 3] or None")
+        for req in reqs:
+            if req.key not in data.labels:
+                continue
+            value = np.asarray(data.labels[req.key])
+            shape = (nframes, natoms, req.ndof) if req.atomic else (nframes, req.ndof)
+            if value.shape != shape:
+                raise AssertionError(f"label '{req.key}' has shape {value.shape}; expected {shape}")
+            if not np.isfinite(value).all():
+                raise AssertionError(f"label '{req.key}' has non-finite values")
+        if data.set_sizes and sum(data.set_sizes) != nframes:
+            raise AssertionError(f"set_sizes {data.set_sizes} do not add up to {nframes} frames")
+
+    check.run("SystemData shapes and dtypes", shapes, [data])
+
+    def missing_labels():
+        optional = registration.load(path, tmap, [DataRequirement(_ABSENT, 1)], set_prefix)
+        if _ABSENT in optional.labels:
+            raise AssertionError("a label without a file was returned (it must be left out; find=0 then)")
+        try:
+            registration.load(path, tmap, [DataRequirement(_ABSENT, 1, must=True)], set_prefix)
+        except MtcoreError as exc:
+            text = str(exc)
+            if "\n" in text.strip() or _ABSENT not in text:
+                raise AssertionError(f"the error for a missing required label must be one line naming it, got: {text!r}")
+        except Exception as exc:  # noqa: BLE001
+            raise AssertionError(f"a missing required label raised {type(exc).__name__}, not MtcoreError: {exc}") from None
+        else:
+            raise AssertionError("a missing required label (must=True) raised no error")
+
+    check.run("missing labels: optional left out, required is a one-line error", missing_labels, [data])
+
+    def deterministic():
+        again = registration.load(path, tmap, list(reqs), set_prefix)
+        for name in ("coords", "atypes", "boxes"):
+            a, b = getattr(data, name), getattr(again, name)
+            if (a is None) != (b is None) or (a is not None and not np.array_equal(np.asarray(a), np.asarray(b))):
+                raise AssertionError(f"'{name}' differs between two loads")
+        if sorted(data.labels) != sorted(again.labels):
+            raise AssertionError(f"labels differ between two loads: {sorted(data.labels)} vs {sorted(again.labels)}")
+        for key in data.labels:
+            if not np.array_equal(np.asarray(data.labels[key]), np.asarray(again.labels[key])):
+                raise AssertionError(f"label '{key}' differs between two loads")
+
+    check.run("loads the same twice", deterministic, [data])
+
+    def read_only():
+        after = _snapshot(path)
+        added = sorted(set(after) - set(before))
+        changed = sorted(k for k in before if after.get(k) != before[k])
+        if added or changed:
+            what = ", ".join(added[:2] + changed[:2])
+            raise AssertionError(f"loading wrote below {path} ({len(added)} files added, {len(changed)} changed or removed: {what})")
+
+    check.run("only reads", read_only)
+    if raise_on_failure:
+        check.report.raise_for_failures()
+    return check.report
