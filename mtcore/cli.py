@@ -123,7 +123,7 @@ def train(
         previous = signal.signal(signal.SIGTERM, terminated) if main else None
         try:
             with locked([workdir]):  # a second run here refuses now, naming this one
-                restart_state = load_checkpoint(restart) if restart is not None else None
+                restart_state = load_checkpoint(restart, data_loaders=True) if restart is not None else None
                 config = None
                 if restart_state is not None:
                     if input_file is not None:
@@ -241,11 +241,14 @@ def list_plugins() -> None:
     def body():
         from mtcore.plugins import get_registry
 
+        registry = get_registry()
         table = Table(title="mtcore plugins")
-        for column in ("kind", "name", "aliases", "package", "version"):
+        for column in ("kind", "name", "aliases", "package", "version", "note"):
             table.add_column(column)
-        for entry in get_registry().entries():
-            table.add_row(entry.kind, entry.name, ", ".join(entry.aliases), entry.source.distribution, entry.source.version)
+        for entry in registry.entries():
+            note = registry.clash_note(entry)  # a name two packages register: listed, refused only where used
+            table.add_row(entry.kind, entry.name + (" (!)" if note else ""), ", ".join(entry.aliases),
+                          entry.source.distribution, entry.source.version, note)
         console.print(table)
 
     _run(body)
@@ -290,6 +293,8 @@ def show(path: Path = typer.Argument(..., help="checkpoint or frozen model")) ->
             table.add_row(head["name"], head["fitting_type"], head["output"], " ".join(info["type_map"]),
                           info["descriptor"], ", ".join(head["shared_layers"]) or "-")
         console.print(table)
+        for line in info.get("provenance", []):
+            console.print(f"provided by: {line}", highlight=False)
 
     _run(body)
 

@@ -48,10 +48,11 @@ def _write_script(scripted, path: Path, metadata: str) -> None:
         raise
 
 
-def head_metadata(model: MultiHeadModel, document: dict, head: str, multi_task: bool) -> dict:
+def head_metadata(model: MultiHeadModel, document: dict, head: str, multi_task: bool,
+                  provenance: Optional[dict] = None) -> dict:
     fitting = model.heads[head]
     odef = fitting.output_def()
-    return {
+    meta = {
         "format": "mtcore-frozen",
         "mtcore_version": mtcore.__version__,
         "kind": "single",
@@ -69,6 +70,18 @@ def head_metadata(model: MultiHeadModel, document: dict, head: str, multi_task: 
         "descriptor": document["model"]["descriptor"],
         "config": single_task_document(document, head) if multi_task else document,
     }
+    if provenance is not None:
+        meta["provenance"] = provenance
+    return meta
+
+
+def frozen_provenance(state: dict, document: dict, registry: Optional[Registry] = None) -> dict:
+    """What a frozen file records: the packages that provide its components now (their code is
+    what gets scripted), plus the data loaders its checkpoint was trained with."""
+    from mtcore.provenance import record
+
+    loaders = [c for c in (state.get("provenance") or {}).get("components") or [] if c.get("kind") == "data_loader"]
+    return record(document, registry or get_registry(), loaders=loaders)
 
 
 def model_from_checkpoint(state: dict, registry: Optional[Registry] = None) -> tuple[MultiHeadModel, dict, bool]:
@@ -94,7 +107,7 @@ def freeze(state: dict, output: Optional[Path], head: Optional[str] = None, unit
         if united:
             raise MtcoreError("--united: this checkpoint is single-task; a plain freeze already holds its only head")
         path = Path(output or default)
-        meta = head_metadata(model, document, "default", False)
+        meta = head_metadata(model, document, "default", False, frozen_provenance(state, document))
         _save_script(FrozenModel(model.descriptor, model.heads["default"], model.type_map, "default", json.dumps(meta)), path, json.dumps(meta))
         return [path]
     if united:
@@ -103,8 +116,10 @@ def freeze(state: dict, output: Optional[Path], head: Optional[str] = None, unit
         path = Path(output or default)
         meta = {
             "format": "mtcore-frozen", "mtcore_version": mtcore.__version__, "kind": "united",
-            "heads": {h: head_metadata(model, document, h, True) for h in model.heads},
+            "heads": {h: head_metadata(model, document, h, True, frozen_provenance(state, single_task_document(document, h)))
+                      for h in model.heads},
             "type_map": model.type_map, "rcut": model.rcut, "config": document,
+            "provenance": frozen_provenance(state, document),
             "state_dict_keys": list(model.state_dict().keys()),
         }
         text = json.dumps(meta)
@@ -118,7 +133,7 @@ def freeze(state: dict, output: Optional[Path], head: Optional[str] = None, unit
     written = []
     for h in heads:
         path = base if (head not in (None, "all") and output is not None) else base.with_name(f"{base.stem}_{h}{base.suffix}")
-        meta = json.dumps(head_metadata(model, document, h, True))
+        meta = json.dumps(head_metadata(model, document, h, True, frozen_provenance(state, single_task_document(document, h))))
         _save_script(FrozenModel(model.descriptor, model.heads[h], model.type_map, h, meta), path, meta)
         written.append(path)
     return written

@@ -322,15 +322,20 @@ class Registry:
     def source(self, kind: str, name: str) -> PluginSource:
         return self.entry(kind, name).source
 
-    def loader_for(self, path: Any) -> Optional[Any]:
-        """The registration of the first data loader that recognises ``path`` (None if none);
-        ambiguous when that loader's name is registered by another package too."""
+    def loader_entry_for(self, path: Any) -> Optional[Registered]:
+        """The first data loader that recognises ``path`` (None if none); an error when that
+        loader's name is registered by another package too."""
         for entry in self._entries["data_loader"]:
             if entry.registration.detect(path):
                 if self._tag(entry) != entry.name:
                     raise PluginError(f"{path}: {self.clash_message('data_loader', entry.name)}")
-                return entry.registration
+                return entry
         return None
+
+    def loader_for(self, path: Any) -> Optional[Any]:
+        """The registration of :meth:`loader_entry_for`."""
+        entry = self.loader_entry_for(path)
+        return None if entry is None else entry.registration
 
 
 @lru_cache(maxsize=1)

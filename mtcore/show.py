@@ -10,6 +10,7 @@ import torch
 
 from mtcore.errors import MtcoreError
 from mtcore.freeze import METADATA_FILE
+from mtcore.provenance import lines
 
 
 def _heads_from_document(document: dict) -> dict[str, dict]:
@@ -55,13 +56,14 @@ def describe(path: Path) -> dict:
     except Exception:  # noqa: BLE001 - not TorchScript: try a checkpoint
         from mtcore.train.checkpoint import load_checkpoint
 
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, check_plugins=False)  # show works without the plugins installed
         kind = f"checkpoint, step {state['step']}, {'multi' if state.get('multi_task') else 'single'}-task"
-        return _summary(state["config"], kind, {})
+        return dict(_summary(state["config"], kind, {}), provenance=lines(state.get("provenance")))
     if meta.get("kind") == "united":
         outputs = {h: m["output"]["name"] for h, m in meta["heads"].items()}
-        return _summary(meta["config"], "frozen, united (all heads)", outputs)
+        return dict(_summary(meta["config"], "frozen, united (all heads)", outputs), provenance=lines(meta.get("provenance")))
     summary = _summary(meta["config"], f"frozen, head '{meta['head']}'", {})
+    summary["provenance"] = lines(meta.get("provenance"))
     for head in summary["heads"]:
         head["name"] = meta["head"]
         head["output"] = meta["output"]["name"]

@@ -300,9 +300,28 @@ def _first_intact(folder: Path, names: list[str], failed: list[str], start: Any 
     raise MtcoreError(f"{folder / INDEX}: no intact checkpoint ({'; '.join(failed) or 'it lists none'})")
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, check_plugins: bool = True, data_loaders: bool = False) -> dict:
     """Load a checkpoint file (or the newest one named by a folder's ``checkpoint`` index). A file
-    that fails its checksum falls back to the next older one its folder's index lists."""
+    that fails its checksum falls back to the next older one its folder's index lists.
+
+    ``check_plugins``: a descriptor, fitting net or loss the checkpoint records (its provenance)
+    that no installed plugin provides is an error naming the package to install, instead of an
+    "unknown type" from the schema later; ``data_loaders`` (a restart, which reads the data
+    again) also warns about a missing data loader. Checked after the fallback, so a missing
+    plugin never makes an older checkpoint look preferable."""
+    state = _load_checkpoint(Path(path))
+    if check_plugins:
+        from mtcore.plugins import get_registry
+        from mtcore.provenance import check
+
+        registry = get_registry()
+        check(state.get("provenance"), registry, str(state.get("path", path)))
+        if data_loaders:
+            check(state.get("provenance"), registry, str(state.get("path", path)), ("data_loader",), missing_is_error=False)
+    return state
+
+
+def _load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if path.is_dir():
         folder = _index_folder(path)

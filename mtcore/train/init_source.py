@@ -35,6 +35,10 @@ def load_init_source(path: Path) -> dict:
         if module is not None:
             if meta.get("format") != "mtcore-frozen":
                 raise MtcoreError(f"{path}: a TorchScript file, but not a frozen mtcore model")
+            from mtcore.plugins import get_registry
+            from mtcore.provenance import check
+
+            check(meta.get("provenance"), get_registry(), str(path))  # names a missing plugin package
             state = dict(module.state_dict())
             if meta.get("kind") == "united":
                 return {"format": FORMAT, "model": state, "config": meta["config"], "path": str(path)}

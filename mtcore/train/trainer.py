@@ -393,9 +393,12 @@ class Trainer:
         return checkpoints.save(self.state_dict(), self.step)
 
     def state_dict(self) -> dict:
+        from mtcore.provenance import of_trainer
+
         return {
             "format": FORMAT,
             "mtcore_version": mtcore.__version__,
+            "provenance": of_trainer(self),  # which package provided each component (checked on load)
             "config": self.config.document,
             "multi_task": self.config.multi_task,
             "step": self.step,
