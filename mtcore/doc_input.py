@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from dargs import Argument, Variant
 
@@ -171,7 +171,7 @@ def reference(registry: Registry) -> dict:
     plugins = [
         {"kind": e.kind, "name": e.name, "alias": list(e.aliases), "plugin": e.source.entry_point,
          "distribution": e.source.distribution, "doc": getattr(e.registration, "doc", "") or ""}
-        for e in sorted(registry.entries(), key=lambda e: (KINDS.index(e.kind), e.name))
+        for e in sorted(registry.entries(), key=lambda e: (KINDS.index(e.kind), e.name, e.source.distribution, e.source.entry_point))
     ]
     return {
         "generated_by": GENERATOR,
@@ -443,7 +443,7 @@ def write_reference(path: Path, text: str) -> None:
         raise MtcoreError(f"-o {path}: cannot write ({exc.strerror})") from None
 
 
-__all__: Iterable[str] = (
+__all__ = [
     "GENERATOR", "MARKER", "generate", "is_generated", "multi_task_arguments", "only_distributions",
     "reference", "render_json", "render_markdown", "write_reference",
-)
+]
