@@ -307,6 +307,28 @@ def _script(module: torch.nn.Module):
         return torch.jit.script(module)
 
 
+def _check_scriptable(module: torch.nn.Module) -> None:
+    """Script the module; a failure names TorchScript's complaint and the plugin's source line."""
+    import re
+
+    try:
+        _script(module)
+    except Exception as exc:  # noqa: BLE001 - TorchScript raises RuntimeError, NotSupportedError, ...
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        what = lines[0].strip().rstrip(":") if lines else type(exc).__name__
+        where = ""
+        for k, line in enumerate(lines):
+            found = re.search(r'File "([^"]+)", line (\d+)', line)
+            if found:
+                code = ""
+                for nxt in lines[k + 1:]:
+                    if "<--- HERE" in nxt:
+                        break
+                    code = nxt.strip()
+                where = f" at {Path(found.group(1)).name}:{found.group(2)}" + (f" `{code}`" if code else "")
+        raise AssertionError(f"torch.jit.script fails: {what}{where}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # Evaluation
 # --------------------------------------------------------------------------------------------
@@ -521,7 +543,7 @@ def check_descriptor(
                     raise AssertionError(f"'{key}' has non-finite values on the {frame.name} frame")
 
     check.run("output shapes", shapes, [descriptor])
-    check.run("TorchScript-scriptable", lambda: _script(descriptor), [descriptor])
+    scripts = check.run("TorchScript-scriptable", lambda: _check_scriptable(descriptor), [descriptor])
 
     evaluate = (lambda frame: _descriptor_pass(descriptor, frame, weights)) if descriptor is not None else None
     check.run("forces = -dE/dx (finite differences)", lambda: (_check_forces_fd(evaluate, "E", periodic),
@@ -586,7 +608,7 @@ def check_descriptor(
         fitting = ener.build(_normalize(ener, _SMALL_ENER, "fitting_net"), FittingContext("kit", type_map, descriptor, manager))
         _freeze_round_trip(descriptor, fitting, type_map, frames)
 
-    check.run("freeze round trip (TorchScript file = eager, 1e-10)", freeze, [descriptor])
+    check.run("freeze round trip (TorchScript file = eager, 1e-10)", freeze, [descriptor, scripts])
     if raise_on_failure:
         check.report.raise_for_failures()
     return check.report
@@ -793,7 +815,7 @@ def check_fitting(
                     raise AssertionError(f"'{odef.atomic_key}' is not zero on atoms outside sel_types {list(odef.sel_types)}")
 
     check.run("output shapes", shapes, [fitting])
-    check.run("TorchScript-scriptable", lambda: _script(fitting), [fitting])
+    scripts = check.run("TorchScript-scriptable", lambda: _check_scriptable(fitting), [fitting])
     if odef is not None and odef.conservative:
         check.run("forces = -dE/dx (finite differences)", lambda: (
             _check_forces_fd(evaluate, odef.global_key, periodic), _check_forces_fd(evaluate, odef.global_key, cluster)),
@@ -855,7 +877,7 @@ def check_fitting(
     check.run("layer sharing by layer_name", lambda: _check_sharing(registration, normalized, type_map, desc, inputs),
               [fitting])
     check.run("freeze round trip (TorchScript file = eager, 1e-10)",
-              lambda: _freeze_round_trip(desc, fitting, type_map, frames, inputs), [fitting])
+              lambda: _freeze_round_trip(desc, fitting, type_map, frames, inputs), [fitting, scripts])
     if raise_on_failure:
         check.report.raise_for_failures()
     return check.report
