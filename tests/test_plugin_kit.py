@@ -66,10 +66,13 @@ def test_deepmd_npy_loader_passes(tmp_path):
 def test_non_smooth_se_atten_is_reported():
     report = check_descriptor("se_atten", dict(DESCRIPTORS["se_atten"], smooth_type_embdding=False), raise_on_failure=False)
     assert report.failed_properties() == ["smooth at rcut"], str(report)
-    # an author who knows can skip a property, with the reason in the report
-    report = check_descriptor("se_atten", dict(DESCRIPTORS["se_atten"], smooth_type_embdding=False),
-                              skip={"smooth at rcut": "non-smooth attention, as in DeePMD-kit"})
-    assert report.skipped == [("smooth at rcut", "non-smooth attention, as in DeePMD-kit")]
+    assert "not continuous at rcut" in report.failed[0][1]
+
+
+def test_a_known_gap_can_be_skipped_with_its_reason():
+    report = check_descriptor(_toy_descriptor_registration(), {"rcut": 3.0, "flaw": "hard_cutoff"},
+                              skip={"smooth at rcut": "hard cut-off on purpose"})
+    assert report.ok and report.skipped == [("smooth at rcut", "hard cut-off on purpose")], str(report)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,6 +197,14 @@ def test_flawed_fittings_fail_naming_the_property():
     assert "finite differences is" in str(info.value)
     report = check_fitting(_toy_fitting_registration(), {"flaw": "fixed_axis"}, raise_on_failure=False)
     assert report.failed_properties() == ["rotation/translation covariance (vector)"], str(report)
+    # accepts layer_name but builds its own layers: equal names would not share
+    ignores = FittingRegistration(
+        name="toy_fit", build=lambda params, ctx: ToyFitting(ctx.descriptor.get_dim_out(), ""),
+        arguments=lambda ctx: [Argument("neuron", list, optional=True, default=[4]),
+                               Argument("layer_name", [list, None], optional=True, default=None)])
+    report = check_fitting(ignores, {}, raise_on_failure=False)
+    assert report.failed_properties() == ["layer sharing by layer_name"], str(report)
+    assert "asked ctx.layers for no layer" in report.failed[0][1]
 
 
 def test_loader_that_writes_or_detects_everything_fails(tmp_path):
