@@ -515,9 +515,10 @@ def check_descriptor(
         # a third head whose data has one element only: the other types have no statistics there
         samples += _stat_samples([Frame(cluster.coord, torch.zeros_like(cluster.atype), None, "one-type")], rcut,
                                  ntypes, system="head_c")
+        twin, _ = _build_descriptor(registration, dict(resolved), type_map, frames)
+        twin.load_state_dict(descriptor.state_dict())  # same weights also when the seed is not fixed
         descriptor.compute_input_stats(samples)
         ref = _descriptor_pass(descriptor, periodic, weights, want_grad=False)
-        twin, _ = _build_descriptor(registration, dict(resolved), type_map, frames)
         twin.compute_input_stats(list(reversed(samples)))
         other = _descriptor_pass(twin, periodic, weights, want_grad=False)
         for key in ref:
@@ -790,11 +791,12 @@ def check_fitting(
     def statistics():
         labels = _synthetic_labels(fitting, inputs, 11)
         samples = _stat_samples([periodic, _moved(periodic, 3), cluster], rcut, ntypes, labels, system="kit")
+        twin = _build_fitting(registration, normalized, "kit", type_map, desc, SharedLayerManager())
+        twin.load_state_dict(fitting.state_dict())  # same weights also when the seed is not fixed
         fitting.compute_output_stats(samples)
         for key, value in fitting.state_dict().items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise AssertionError(f"statistics left '{key}' non-finite")
-        twin = _build_fitting(registration, normalized, "kit", type_map, desc, SharedLayerManager())
         twin.compute_output_stats(list(reversed(samples)))
         twin_model = MultiHeadModel(desc, {"kit": twin}, type_map)
         ref, out = evaluate(periodic), _head_pass(twin_model, "kit", periodic, inputs)

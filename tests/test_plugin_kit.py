@@ -21,7 +21,7 @@ from mtcore.testing import PluginCheckError, check_descriptor, check_fitting, ch
 # small nets: the kit's cost is the network, not the checks
 DESCRIPTORS = {
     "se_e2_a": {"rcut": 4.0, "neuron": [4, 8], "axis_neuron": 4, "seed": 1},
-    "se_e2_r": {"rcut": 4.0, "neuron": [4, 8], "seed": 1},
+    "se_e2_r": {"rcut": 4.0, "neuron": [4, 8]},  # no seed: the kit must not depend on one
     "se_e3": {"rcut": 3.5, "neuron": [2, 4], "seed": 1},
     # the default (non-smooth) attention jumps at rcut as in DeePMD-kit; the kit says so (below)
     "se_atten": {"rcut": 4.0, "neuron": [4, 8], "attn": 8, "attn_layer": 1, "smooth_type_embdding": True, "seed": 1},
@@ -31,7 +31,7 @@ DESCRIPTORS = {
 }
 FITTINGS = {
     "ener": {"neuron": [8, 8], "seed": 2},
-    "dipole": {"neuron": [8, 8], "seed": 2},
+    "dipole": {"neuron": [8, 8], "sel_type": [1]},  # no seed; output zero on type 0
     "polar": {"neuron": [8, 8], "seed": 2},
 }
 
