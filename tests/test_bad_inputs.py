@@ -627,7 +627,8 @@ def test_any_loader_s_output_is_checked(what, tiny_system):
     else:
         system.atypes[0, 1] = 5
     loader = SimpleNamespace(detect=lambda path: True, load=lambda *args: system)
-    registry = SimpleNamespace(entries=lambda kind: [SimpleNamespace(registration=loader)], names=lambda kind: ["fake"])
+    registry = SimpleNamespace(entries=lambda kind: [SimpleNamespace(registration=loader)], names=lambda kind: ["fake"],
+                               loader_for=lambda path: loader)
     with pytest.raises(MtcoreError, match=expected):
         load_system(Path("fake"), ["O", "H"], [], "set", registry)
 
