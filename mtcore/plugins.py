@@ -4,6 +4,12 @@ Plugins are found through the ``mtcore`` entry-point group (the built-ins too). 
 built once from the hooks' answers and read by the schema assembler, the model builder, the data
 layer and ``mtcore list-plugins``.
 
+Plugin mistakes never end in a traceback and never stop unrelated commands: hook answers are
+checked when the registry is built (a bare registration is accepted with a warning; anything
+else malformed is skipped with one warning line naming the distribution and entry point), and
+a name (or alias) that two distributions register stays listed but is refused, naming both,
+only where something selects it (the schema for that ``type``, building, loading data).
+
 Environment switches, for tests and plugin authors:
 
 * ``MTCORE_PLUGINS=a,b``: load only the entry points with these names.

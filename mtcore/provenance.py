@@ -139,7 +139,8 @@ def check(provenance: Optional[dict], registry: Registry, where: str, kinds: Ite
         if entry is None:
             installed = _installed(dist)
             state = "not installed" if installed is None else f"{dist} {installed} is installed but provides no {word} '{name}'"
-            message = f"{where}: needs {word} '{name}' from package '{dist}' >= {version} ({state})"
+            at_least = f" >= {version}" if version not in ("", "?") else ""
+            message = f"{where}: needs {word} '{name}' from package '{dist}'{at_least} ({state})"
             if missing_is_error:
                 raise PluginError(message)
             warnings.warn(message, stacklevel=2)
