@@ -70,9 +70,11 @@ def test_non_smooth_se_atten_is_reported():
 
 
 def test_a_known_gap_can_be_skipped_with_its_reason():
+    threads = torch.get_num_threads()
     report = check_descriptor(_toy_descriptor_registration(), {"rcut": 3.0, "flaw": "hard_cutoff"},
                               skip={"smooth at rcut": "hard cut-off on purpose"})
     assert report.ok and report.skipped == [("smooth at rcut", "hard cut-off on purpose")], str(report)
+    assert torch.get_num_threads() == threads  # the kit runs on one thread and restores the setting
 
 
 # --------------------------------------------------------------------------------------------
