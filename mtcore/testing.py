@@ -763,14 +763,15 @@ def check_fitting(
     registration: Union[FittingRegistration, str],
     params: Optional[dict] = None,
     *,
-    descriptor: Optional[dict] = None,
+    descriptor: Union[dict, tuple, None] = None,
     type_map: Sequence[str] = ("A", "B"),
     transform: str = "auto",
     skip: Union[Sequence[str], Dict[str, str], None] = None,
     raise_on_failure: bool = True,
 ) -> CheckReport:
     """Check a fitting-net plugin (one head) on a registered descriptor (``descriptor``: its
-    section with ``type``; default :data:`SMALL_DESCRIPTOR`, a small se_e2_a).
+    section with ``type``, or ``(registration, params)`` for one not installed yet; default
+    :data:`SMALL_DESCRIPTOR`, a small se_e2_a).
 
     ``transform`` says how the output rotates: ``auto`` (energies and other sizes invariant, size
     3 a vector, size 9 a 3x3 tensor R^T T R), or one of ``invariant``, ``vector``, ``matrix``.
@@ -790,8 +791,12 @@ def check_fitting(
     frames = synthetic_frames(ntypes)
     periodic, cluster = frames
     # the descriptor is the author's choice, not under test: its errors are raised as they are
-    d_registration = _registry().get("descriptor", (descriptor or SMALL_DESCRIPTOR)["type"])
-    d_params = _normalize(d_registration, descriptor or SMALL_DESCRIPTOR, "model/descriptor")
+    if isinstance(descriptor, tuple):
+        d_registration = _registration("descriptor", descriptor[0], DescriptorRegistration)
+        d_params = _normalize(d_registration, descriptor[1], "model/descriptor")
+    else:
+        d_registration = _registry().get("descriptor", (descriptor or SMALL_DESCRIPTOR)["type"])
+        d_params = _normalize(d_registration, descriptor or SMALL_DESCRIPTOR, "model/descriptor")
     desc, _ = _build_descriptor(d_registration, d_params, type_map, frames)
     rcut = float(desc.get_rcut())
     desc.compute_input_stats(_stat_samples([periodic, _moved(periodic, 1)], rcut, ntypes, system="head_a")
