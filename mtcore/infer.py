@@ -168,9 +168,11 @@ class DeepPotential:
         array = np.asarray(values, dtype=np.float64)
         per_frame = size if name == "fparam" else natoms * size
         if array.size == per_frame:
-            array = np.broadcast_to(array.reshape(1, per_frame), (nframes, per_frame))
+            array = np.repeat(array.reshape(1, per_frame), nframes, axis=0)  # a writable copy per frame
         elif array.size != nframes * per_frame:
             raise MtcoreError(f"{name}: has {array.size} values; expected {per_frame} per frame for {nframes} frame(s)")
+        if not np.isfinite(array).all():
+            raise MtcoreError(f"{name}: holds NaN or inf")
         shape = (nframes, size) if name == "fparam" else (nframes, natoms, size)
         return torch.as_tensor(np.ascontiguousarray(array).reshape(shape))
 
