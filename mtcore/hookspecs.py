@@ -194,7 +194,14 @@ class DataLoaderRegistration:
     """A data format on disk.
 
     ``detect(path)`` answers whether ``path`` is a system of this format (the core asks each
-    loader in turn, and uses it to find systems below a folder given as ``systems``).
+    loader in turn, and uses it to find systems below a folder given as ``systems``). A system
+    may be a folder (deepmd/npy) or a single file (one ``.npz``/``.h5``/extended-XYZ file per
+    system): ``path`` is a file as well as a folder, both when named in ``systems`` or ``mtcore
+    test -s/-f`` and for every file met while searching a folder (files inside a folder that is
+    itself a system are not offered). So ``detect`` is called often and must return ``False``
+    quickly, without reading the file and without raising, for any path it does not own (check
+    the suffix or ``is_file()``/``is_dir()`` first; an ``OSError`` it raises skips that file
+    with a warning during a search and is one error line for a path the user named).
     ``load(path, type_map, requirements, set_prefix)`` reads the system: every label named by a
     requirement if the file exists, an error naming the file if a required one is missing.
     Loaders only ever read.

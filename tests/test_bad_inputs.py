@@ -256,7 +256,7 @@ CASES: list[tuple[str, Callable, str, Optional[list]]] = [
     ("training_data-list", put("training/training_data", [1]), r"training_data", None),
     ("systems-int", put("training/training_data/systems", 5), r"systems", None),
     ("systems-list-of-int", put("training/training_data/systems", [5]), r"systems", None),
-    ("systems-missing-folder", put("training/training_data/systems", ["/nowhere/x"]), r"systems: /nowhere/x: folder not found", None),
+    ("systems-missing-folder", put("training/training_data/systems", ["/nowhere/x"]), r"systems: /nowhere/x: not found", None),
     ("systems-empty-list", put("training/training_data/systems", []), r"systems", None),
     ("systems-relative-link-loop", relative_symlink_loop, r"training/training_data/systems: .*/a: is a symlink loop", None),
     ("systems-no-system-below", no_system_below, r"systems: no data system found below", None),

@@ -119,7 +119,7 @@ def _bad_system(tmp_path: Path, kind: str) -> str:
         ("json", r"input.json: not valid JSON"),
         ("unknown_key", r"model/descriptor: undefined key `rcutt`.*Did you mean: rcut"),
         ("wrong_type", r"training: key `numb_steps` gets wrong value type"),
-        ("missing_folder", r"training/training_data/systems: .*nowhere: folder not found"),
+        ("missing_folder", r"training/training_data/systems: .*nowhere: not found"),
         ("natoms", r"coord.npy: has 576 values per frame but type.raw lists 3 atoms"),
         ("element", r"type_map.raw: element 'C' is not in the model's type_map"),
         ("negative_width", r"model/descriptor/neuron: .*-50"),

@@ -49,7 +49,7 @@ def test_errors_name_the_file(tmp_path):
     (copy / "type.raw").write_text("0 1 1\n")
     with pytest.raises(MtcoreError, match=r"coord.npy: has 576 values per frame but type.raw lists 3 atoms"):
         _load(copy)
-    with pytest.raises(MtcoreError, match=r"missing: folder not found"):
+    with pytest.raises(MtcoreError, match=r"missing: not found"):
         expand_systems([str(tmp_path / "missing")], get_registry(), "training/training_data")
     shutil.rmtree(copy / "set.000")
     (copy / "type.raw").write_text(" ".join(["0"] * 64 + ["1"] * 128))

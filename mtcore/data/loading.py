@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -13,21 +14,46 @@ from mtcore.data.dataset import DataSet
 from mtcore.data.neighbors import NeighborCache, max_neighbor_counts
 from mtcore.data.requirements import DataRequirement
 from mtcore.data.system import SystemData
-from mtcore.errors import MtcoreError
+from mtcore.errors import MtcoreError, PluginError
 from mtcore.hookspecs import NeighborStat
 from mtcore.plugins import Registry
 
 
 def _loader_for(path: Path, registry: Registry):
-    return registry.loader_for(path)  # first loader that recognises it; refuses an ambiguous one
+    """The first loader that recognises ``path`` (the registry refuses an ambiguous one). A
+    loader's ``detect`` that fails on it (one written for folders, given a file) is one line."""
+    try:
+        return registry.loader_for(path)
+    except OSError as exc:
+        raise MtcoreError(f"{path}: a data loader's detect() failed on it ({type(exc).__name__}: {exc.strerror or exc})") from None
+
+
+def _formats(registry: Registry) -> str:
+    return ", ".join(registry.names("data_loader")) or "none installed"
+
+
+def _file_loader(path: Path, registry: Registry):
+    """The loader of a file met while searching a folder. Loaders written when ``detect`` saw only
+    folders may raise on a file (``os.listdir``): that file is skipped with a warning naming it,
+    so one such plugin never stops a search."""
+    try:
+        return _loader_for(path, registry)
+    except MtcoreError as exc:
+        if isinstance(exc, PluginError):
+            raise  # a name two packages register: the user must choose
+        warnings.warn(f"skipped: {exc}")
+        return None
 
 
 def _walk_systems(root: Path, registry: Registry) -> list[Path]:
-    """Every system folder below ``root``, following folder links (data trees are often built from
-    links) but entering each real folder once, so a link loop ends the walk instead of looping."""
+    """Every system below ``root``, folders and files alike (a format may keep one system per
+    file), in a stable order. Folder links are followed (data trees are often built from links)
+    but each real folder is entered once, so a link loop ends the walk instead of looping. Files
+    inside a system folder belong to it and are not offered as systems of their own."""
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, _ in os.walk(root, followlinks=True):
+    in_system: dict[str, bool] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         try:
             info = os.stat(dirpath)
         except OSError:
@@ -39,8 +65,14 @@ def _walk_systems(root: Path, registry: Registry) -> list[Path]:
             continue
         seen.add(key)
         dirnames.sort()
-        if _loader_for(Path(dirpath), registry) is not None:
-            found.append(Path(dirpath))
+        folder = Path(dirpath)
+        is_system = _loader_for(folder, registry) is not None
+        inside = is_system or in_system.get(os.path.dirname(dirpath), False)
+        in_system[dirpath] = inside
+        if is_system:
+            found.append(folder)
+        if not inside:
+            found.extend(folder / name for name in sorted(filenames) if _file_loader(folder / name, registry) is not None)
     return found
 
 
@@ -54,27 +86,31 @@ def _check_link(path: Path, where: str) -> None:
         if exc.errno == errno.ELOOP:
             raise MtcoreError(f"{where}/systems: {path}: is a symlink loop") from None
         if path.is_symlink():
-            raise MtcoreError(f"{where}/systems: {path}: is a link to a missing folder") from None
-        raise MtcoreError(f"{where}/systems: {path}: folder not found") from None
+            raise MtcoreError(f"{where}/systems: {path}: is a link to a missing file or folder") from None
+        raise MtcoreError(f"{where}/systems: {path}: not found") from None
 
 
 def expand_systems(systems: Union[str, list], registry: Registry, where: str) -> list[Path]:
-    """A list of system folders; a single folder string means every system found below it."""
+    """A list of systems (folders or files, whatever the loaders recognise); a single folder
+    string means every system found below it, a single file string that one file."""
     if isinstance(systems, str):
         root = Path(systems)
         _check_link(root, where)
         if not root.is_dir():
-            raise MtcoreError(f"{where}/systems: {root}: folder not found")
+            if _loader_for(root, registry) is None:
+                raise MtcoreError(f"{where}/systems: {root}: not a folder, nor a data file any loader "
+                                  f"recognises (formats: {_formats(registry)})")
+            return [root]
         found = _walk_systems(root, registry)
         if not found:
             raise MtcoreError(f"{where}/systems: no data system found below {root}")
         return found
     if not isinstance(systems, list) or not systems:
-        raise MtcoreError(f"{where}/systems: expected a folder or a non-empty list of folders, got {systems!r}")
+        raise MtcoreError(f"{where}/systems: expected a folder or a non-empty list of systems, got {systems!r}")
     paths = []
     for s in systems:
         if not isinstance(s, str):
-            raise MtcoreError(f"{where}/systems: expected folder paths (strings), got {s!r}")
+            raise MtcoreError(f"{where}/systems: expected system paths (strings), got {s!r}")
         path = Path(s)
         _check_link(path, where)
         paths.append(path)
@@ -86,8 +122,9 @@ def load_system(
 ) -> SystemData:
     loader = _loader_for(path, registry)
     if loader is None:
-        names = ", ".join(registry.names("data_loader")) or "none installed"
-        raise MtcoreError(f"{path}: not a data system any loader recognises (formats: {names}; deepmd/npy needs type.raw)")
+        what = "folder" if Path(path).is_dir() else "file"
+        raise MtcoreError(f"{path}: not a data system any loader recognises as a {what} "
+                          f"(formats: {_formats(registry)}; a deepmd/npy folder needs type.raw)")
     system = loader.load(path, type_map, requirements, set_prefix)
     check_system(system, len(type_map) if type_map else None)
     return system
