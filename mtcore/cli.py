@@ -173,8 +173,8 @@ def freeze(
 @app.command("test")
 def test_cmd(
     model: Path = typer.Option(Path("frozen_model.pth"), "--model", "-m", help="frozen model file"),
-    system: List[str] = typer.Option([], "--system", "-s", help="system folder(s), or a folder searched for systems (default .)"),
-    datafile: Optional[Path] = typer.Option(None, "--datafile", "-f", help="a text file listing system folders, one per line"),
+    system: List[str] = typer.Option([], "--system", "-s", help="system folder(s) or file(s), or a folder searched for systems (default .)"),
+    datafile: Optional[Path] = typer.Option(None, "--datafile", "-f", help="a text file listing systems (folders or files), one per line"),
     set_prefix: str = typer.Option("set", "--set-prefix", "-S", help="prefix of the set folders"),
     all_sets: bool = typer.Option(False, "--all-sets", help="test every set folder, not only the last one (dp test's choice)"),
     numb_test: int = typer.Option(0, "--numb-test", "-n", help="frames per system (0: all)"),

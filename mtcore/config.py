@@ -212,7 +212,7 @@ def _absolute_systems(section: Optional[dict], base_dir: Path) -> Optional[dict]
         resolved = []
         for s in systems:
             if not isinstance(s, str):
-                raise MtcoreError(f"systems: expected folder paths (strings), got {s!r}")
+                raise MtcoreError(f"systems: expected paths of systems (strings), got {s!r}")
             resolved.append(_absolute(s, base_dir))
         out["systems"] = resolved
     return out

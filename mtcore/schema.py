@@ -72,7 +72,7 @@ def learning_rate_argument(name: str = "learning_rate") -> Argument:
 
 def data_argument(name: str, validation: bool) -> Argument:
     args = [
-        Argument("systems", [list, str], doc="system folders, or one folder searched for systems"),
+        Argument("systems", [list, str], doc="systems (folders, or files for one-file-per-system formats), or one folder searched for systems"),
         Argument("set_prefix", str, optional=True, default="set", doc="prefix of the set folders"),
         Argument("batch_size", [list, int, str], optional=True, default="auto", doc="int, list, 'auto' or 'auto:N'"),
         Argument("auto_prob", str, optional=True, default="prob_sys_size", alias=["auto_prob_style"]),
