@@ -13,13 +13,15 @@ only where something selects it (the schema for that ``type``, building, loading
 Environment switches, for tests and plugin authors:
 
 * ``MTCORE_PLUGINS=a,b``: load only the entry points with these names.
-* ``MTCORE_TRACE_HOOKS=1``: print every hook call with its arguments and results.
+* ``MTCORE_TRACE_HOOKS=1``: print (on stderr) every hook implementation called, with its package,
+  entry point and the names it registered.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as metadata
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -225,7 +227,13 @@ class Registry:
                     problems.append(message)
                     warnings.warn(message, stacklevel=2)
                     continue
-                for registration in _hook_registrations(kind, result, source, problems):
+                accepted = _hook_registrations(kind, result, source, problems)
+                if os.environ.get("MTCORE_TRACE_HOOKS"):
+                    # each implementation is called here, one by one (so a broken one cannot stop
+                    # the rest), not through pm.hook, so pluggy's own tracing never sees the call
+                    names = ", ".join(r.name for r in accepted) or "nothing"
+                    print(f"mtcore hook {_HOOK_OF_KIND[kind]}() of {_label(source)} -> {names}", file=sys.stderr)
+                for registration in accepted:
                     entries.append(Registered(kind, registration, source))
         return cls(entries, problems)
 

@@ -84,3 +84,14 @@ def test_hookspecs_module_is_the_contract():
     }
     for name in ("mtcore_descriptors", "mtcore_fittings", "mtcore_losses", "mtcore_data_loaders"):
         assert getattr(hookspecs, name).__doc__
+
+
+def test_trace_hooks_names_each_hook_call_and_what_it_registered(monkeypatch, capsys):
+    monkeypatch.setenv("MTCORE_TRACE_HOOKS", "1")
+    Registry.from_plugin_manager(plugins.make_plugin_manager())
+    lines = capsys.readouterr().err.splitlines()
+    assert any("mtcore_descriptors()" in line and "'se_e2_a'" in line and line.endswith("-> se_e2_a") for line in lines), lines
+    assert any("mtcore_data_loaders()" in line and "deepmd/npy" in line for line in lines), lines
+    monkeypatch.delenv("MTCORE_TRACE_HOOKS")
+    Registry.from_plugin_manager(plugins.make_plugin_manager())
+    assert "mtcore hook" not in capsys.readouterr().err
