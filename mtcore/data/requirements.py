@@ -16,9 +16,12 @@ class DataRequirement:
 
     key: the label name, also the file stem (``energy`` → ``energy.npy``).
     ndof: values per frame (``atomic=False``) or per atom (``atomic=True``).
-    must: a system without the file is an error (otherwise the label counts as missing:
-        ``find_<key> = 0`` and the loss term that uses it drops out for that system).
-    default: the value used where the label is missing.
+    must: a system without the file is an error (otherwise the label counts as missing: the key
+        is absent from the batch's ``labels`` and ``find``, so read it as ``find.get(key, 0.0)``,
+        and the loss term that uses it drops out for that system).
+    default: declared for DeePMD-kit parity (its ``add_data_requirement`` default); the core does
+        not fill missing labels with it: a loss that wants a default applies it where
+        ``find.get(key, 0.0) == 0``.
     sel_types: for atomic labels that DeePMD-kit v2 stores for selected atom types only
         (``atomic_dipole.npy``): those types. The loader accepts both layouts, rows for
         ``sel_types`` atoms only or rows for every atom, and returns one row per atom with
