@@ -26,3 +26,15 @@ def water_dir() -> Path:
 @pytest.fixture
 def water_tensor_dir() -> Path:
     return WATER_TENSOR
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """One torch thread for a module: on systems of tens to a few hundred atoms, evaluated
+    hundreds of times (MD), thread barriers cost more than they save."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

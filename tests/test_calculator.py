@@ -34,16 +34,7 @@ TENSOR = ROOT / "examples" / "water_tensor"
 SMALL_SE = dict(SE_E2_A, neuron=[4, 8, 16], axis_neuron=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Systems here are 24-192 atoms: torch's thread barriers cost more than they save (several
-    times more on a busy machine), and MD is hundreds of small evaluations."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # small MD systems, many calls
 
 
 def two_head_input(numb_steps: int) -> dict:

@@ -37,16 +37,7 @@ ELEMENTS = ["O", "H"]
 SHEAR = np.array([[1.0, 0.0, 0.0], [0.11, 1.0, 0.0], [-0.06, 0.08, 1.0]])  # lower triangular: LAMMPS form
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Systems here are 24-192 atoms: torch's thread barriers cost more than they save (several
-    times more on a busy machine), and MD is hundreds of small evaluations."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # small MD systems, many calls
 
 
 @pytest.fixture(scope="module")
