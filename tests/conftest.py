@@ -38,3 +38,21 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def installed_plugins(monkeypatch):
+    """``install(root)``: put fake distributions (helpers.fake_distribution) on sys.path for this
+    test and return the rebuilt process-wide registry; the registry is rebuilt again afterwards."""
+    from mtcore.plugins import get_registry
+
+    monkeypatch.delenv("MTCORE_PLUGINS", raising=False)
+    get_registry.cache_clear()
+
+    def install(root: Path):
+        monkeypatch.syspath_prepend(str(root))
+        get_registry.cache_clear()
+        return get_registry()
+
+    yield install
+    get_registry.cache_clear()

@@ -195,3 +195,22 @@ def assert_nested_close(a, b, rel: float = 1e-10, abs_: float = 1e-12, where: st
             assert abs(a - b) <= max(abs_, rel * max(abs(a), abs(b))), f"{where}: {a!r} vs {b!r}"
     else:
         assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def fake_distribution(root: Path, dist: str, version: str, source: str, entry_point: str = "main") -> str:
+    """Write an installed-looking distribution ``dist`` ``version`` into ``root`` whose ``mtcore``
+    entry point loads a module with ``source``; returns the module name (unique per call).
+
+    Put ``root`` on sys.path (the ``installed_plugins`` fixture) or PYTHONPATH (a subprocess):
+    names, versions and entry points are then what a user's installed packages would give."""
+    import textwrap
+    import uuid
+
+    module = f"mtcore_fake_{uuid.uuid4().hex[:10]}"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[mtcore]\n{entry_point} = {module}\n")
+    return module

@@ -9,20 +9,17 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
-import uuid
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import WATER, small_input, write_input
+from helpers import WATER, fake_distribution, small_input, write_input
 from mtcore.config import load_config
 from mtcore.data.loading import expand_systems, load_system
 from mtcore.errors import MtcoreError
 from mtcore.evaluate import run_test
-from mtcore.plugins import Registry, get_registry
 from mtcore.train.checkpoint import load_checkpoint
 
 TOY_NPZ = """
@@ -75,31 +72,6 @@ MTCORE = [sys.executable, "-m", "mtcore.cli"]
 FRAMES = {"a": slice(0, 3), "b": slice(3, 5)}
 
 
-def fake_distribution(root: Path, dist: str, source: str) -> None:
-    """An installed-looking distribution whose ``mtcore`` entry point loads ``source``."""
-    module = f"mtcore_fake_{uuid.uuid4().hex[:10]}"
-    root.mkdir(parents=True, exist_ok=True)
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{dist.replace('-', '_')}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text(f"[mtcore]\nloader = {module}\n")
-
-
-@pytest.fixture
-def installed(monkeypatch):
-    monkeypatch.delenv("MTCORE_PLUGINS", raising=False)
-    get_registry.cache_clear()
-
-    def install(root: Path) -> Registry:
-        monkeypatch.syspath_prepend(str(root))
-        get_registry.cache_clear()
-        return get_registry()
-
-    yield install
-    get_registry.cache_clear()
-
-
 def write_systems(root: Path) -> dict[str, tuple[Path, Path]]:
     """The same frames of water data_0 as one .npz file and as one deepmd/npy folder per system."""
     src = WATER / "data_0"
@@ -141,9 +113,9 @@ def train(workdir: Path, doc: dict) -> Path:
     return workdir / "model.ckpt.pt"
 
 
-def test_discovery_finds_files_and_folders(tmp_path, installed):
-    fake_distribution(tmp_path / "site", "toy-npz", TOY_NPZ)
-    registry = installed(tmp_path / "site")
+def test_discovery_finds_files_and_folders(tmp_path, installed_plugins):
+    fake_distribution(tmp_path / "site", "toy-npz", "1.0", TOY_NPZ, entry_point="loader")
+    registry = installed_plugins(tmp_path / "site")
     systems = write_systems(tmp_path / "data")
     tree = tmp_path / "tree"
     (tree / "sub").mkdir(parents=True)
@@ -174,9 +146,9 @@ def test_discovery_finds_files_and_folders(tmp_path, installed):
         expand_systems(str(tree / "gone.npz"), registry, "t")
 
 
-def test_a_folder_only_detect_skips_files_with_a_warning(tmp_path, installed):
-    fake_distribution(tmp_path / "site", "listing-loader", FOLDER_ONLY)
-    registry = installed(tmp_path / "site")
+def test_a_folder_only_detect_skips_files_with_a_warning(tmp_path, installed_plugins):
+    fake_distribution(tmp_path / "site", "listing-loader", "1.0", FOLDER_ONLY, entry_point="loader")
+    registry = installed_plugins(tmp_path / "site")
     tree = tmp_path / "tree"
     (tree / "sys").mkdir(parents=True)
     (tree / "sys" / "listing.marker").write_text("")
@@ -189,9 +161,9 @@ def test_a_folder_only_detect_skips_files_with_a_warning(tmp_path, installed):
         expand_systems(str(tree / "loose.dat"), registry, "t")
 
 
-def test_train_and_test_on_file_systems(tmp_path, installed):
-    fake_distribution(tmp_path / "site", "toy-npz", TOY_NPZ)
-    installed(tmp_path / "site")
+def test_train_and_test_on_file_systems(tmp_path, installed_plugins):
+    fake_distribution(tmp_path / "site", "toy-npz", "1.0", TOY_NPZ, entry_point="loader")
+    installed_plugins(tmp_path / "site")
     systems = write_systems(tmp_path / "data")
     (tmp_path / "data" / "npz" / "README").write_text("frames of water data_0")  # ignored by the search
     npz = [str(systems[n][0]) for n in FRAMES]

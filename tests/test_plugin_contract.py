@@ -13,15 +13,13 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
-import uuid
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import SE_E2_A, WATER, small_input, write_input
+from helpers import SE_E2_A, WATER, fake_distribution, small_input, write_input
 from mtcore import provenance
 from mtcore.config import normalize
 from mtcore.data.loading import load_system
@@ -44,34 +42,6 @@ from mtcore_builtins.descriptors import se_e2_a as _base
 def mtcore_descriptors():
     return [dataclasses.replace(r, name="toy_se_a", aliases=()) for r in _base.mtcore_descriptors()]
 """
-
-
-def fake_distribution(root: Path, dist: str, version: str, source: str, entry_point: str = "main") -> str:
-    """Write an installed-looking distribution ``dist`` ``version`` into ``root`` whose ``mtcore``
-    entry point loads a module with ``source``; returns the module name (unique per call)."""
-    module = f"mtcore_fake_{uuid.uuid4().hex[:10]}"
-    root.mkdir(parents=True, exist_ok=True)
-    (root / f"{module}.py").write_text(textwrap.dedent(source))
-    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text(f"[mtcore]\n{entry_point} = {module}\n")
-    return module
-
-
-@pytest.fixture
-def installed(monkeypatch):
-    """Put fake distributions on sys.path for this test; the process-wide registry is rebuilt."""
-    monkeypatch.delenv("MTCORE_PLUGINS", raising=False)
-    get_registry.cache_clear()
-
-    def install(root: Path) -> Registry:
-        monkeypatch.syspath_prepend(str(root))
-        get_registry.cache_clear()
-        return get_registry()
-
-    yield install
-    get_registry.cache_clear()
 
 
 def cli(args, cwd, pythonpath=None, timeout=300):
@@ -122,12 +92,12 @@ def mtcore_descriptors():
 """
 
 
-def test_hook_answers_are_checked_one_line_naming_the_distribution(tmp_path, installed):
+def test_hook_answers_are_checked_one_line_naming_the_distribution(tmp_path, installed_plugins):
     fake_distribution(tmp_path, "pkg-sloppy", "0.3", SLOPPY, entry_point="sloppy")
     fake_distribution(tmp_path, "pkg-typo", "1.0", TYPO, entry_point="typo")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        registry = installed(tmp_path)
+        registry = installed_plugins(tmp_path)
     messages = [str(w.message) for w in caught]
     for message in messages:
         assert "\n" not in message
@@ -164,9 +134,9 @@ def mtcore_losses():
 """
 
 
-def test_builders_returning_the_wrong_kind_are_named(tmp_path, installed):
+def test_builders_returning_the_wrong_kind_are_named(tmp_path, installed_plugins):
     fake_distribution(tmp_path, "pkg-badbuild", "1.2", BAD_BUILDERS, entry_point="bad")
-    registry = installed(tmp_path)
+    registry = installed_plugins(tmp_path)
     cases = [
         (small_input(tmp_path, descriptor={"type": "none_desc"}), build_model,
          r"^model/descriptor: descriptor 'none_desc' from package 'pkg-badbuild' 1.2 \(entry point 'bad'\): its build\(\) "
@@ -206,9 +176,9 @@ def _clashing(root: Path) -> None:
         fake_distribution(root, dist.replace("pkg", "loader"), "2.0", TWIN_LOADER, entry_point="twin")
 
 
-def test_a_name_two_distributions_register_is_refused_only_where_used(tmp_path, installed):
+def test_a_name_two_distributions_register_is_refused_only_where_used(tmp_path, installed_plugins):
     _clashing(tmp_path / "site")
-    registry = installed(tmp_path / "site")
+    registry = installed_plugins(tmp_path / "site")
     # inputs that do not use the name: schema, hybrid members, building, data loading all work
     config = normalize(small_input(tmp_path), tmp_path, registry)
     assert config.model["descriptor"]["type"] == "se_e2_a"
@@ -282,7 +252,7 @@ def test_provenance_check_names_missing_older_and_different_providers():
         provenance.check(loader, registry, "e.pt", ("data_loader",), missing_is_error=False)
 
 
-def test_checkpoints_and_frozen_files_record_and_check_provenance(tmp_path, installed):
+def test_checkpoints_and_frozen_files_record_and_check_provenance(tmp_path, installed_plugins):
     from mtcore.freeze import freeze
     from mtcore.train.trainer import Trainer
     from test_training import QUIET
@@ -290,7 +260,7 @@ def test_checkpoints_and_frozen_files_record_and_check_provenance(tmp_path, inst
     site_new, site_old = tmp_path / "site-new", tmp_path / "site-old"
     fake_distribution(site_new, "pkg-toy", "2.0", TOY_DESCRIPTOR, entry_point="toy")
     fake_distribution(site_old, "pkg-toy", "1.5", TOY_DESCRIPTOR, entry_point="toy")
-    registry = installed(site_new)
+    registry = installed_plugins(site_new)
     case = tmp_path / "case"
     case.mkdir()
     doc = small_input(case, descriptor=dict(SE_E2_A, type="toy_se_a"), numb_steps=2, disp_freq=1, save_freq=2)
