@@ -21,6 +21,10 @@ class OutputDef:
         label file stems (``energy`` / ``atom_ener``, ``dipole`` / ``atomic_dipole``).
     conservative: the quantity is an energy: the core adds ``force`` = -dE/dr and ``virial``.
     sel_types: atom types that carry the quantity (None: all).
+    reduction: how the frame quantity ``global_key`` comes from the atomic one: ``"sum"``
+        (extensive: energy, dipole), ``"mean"`` (intensive: a band gap, a per-atom-normalised
+        property; the mean over the atoms of ``sel_types``) or ``"none"`` (per-atom only: no
+        frame quantity is predicted, trained or tested). Plugin API v2; v1 heads sum.
     """
 
     name: str
@@ -29,6 +33,7 @@ class OutputDef:
     atomic_key: str
     conservative: bool = False
     sel_types: Optional[tuple[int, ...]] = None
+    reduction: str = "sum"
 
 
 @dataclass(frozen=True)
