@@ -82,5 +82,12 @@ class Fitting(nn.Module):
     def test_quantities(self) -> list[TestQuantity]:
         return []
 
+    def output_bias(self) -> Optional[torch.Tensor]:
+        """The per-type constant this head adds to each atom's output, [ntypes, size], as a view
+        of the buffer the forward pass reads (editing it in place changes the model); None when
+        the head has none. ``mtcore change-bias`` shifts it to new data without knowing the
+        fitting type. Optional: the default None means change-bias refuses this head."""
+        return None
+
     def forward(self, descriptor: Dict[str, torch.Tensor], atype: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

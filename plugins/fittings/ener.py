@@ -164,6 +164,10 @@ class EnerFitting(Fitting):
         ]
 
     @torch.jit.unused
+    def output_bias(self) -> Optional[torch.Tensor]:
+        return self.bias_atom_e.view(self.ntypes, 1)  # a view: mtcore change-bias edits it in place
+
+    @torch.jit.unused
     def compute_output_stats(self, samples: list) -> None:
         for key, size, avg, inv_std in (
             ("fparam", self.numb_fparam, self.fparam_avg, self.fparam_inv_std),
