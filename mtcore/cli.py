@@ -243,12 +243,12 @@ def list_plugins() -> None:
 
         registry = get_registry()
         table = Table(title="mtcore plugins")
-        for column in ("kind", "name", "aliases", "package", "version", "note"):
+        for column in ("kind", "name", "aliases", "package", "version", "api", "note"):
             table.add_column(column)
         for entry in registry.entries():
             note = registry.clash_note(entry)  # a name two packages register: listed, refused only where used
             table.add_row(entry.kind, entry.name + (" (!)" if note else ""), ", ".join(entry.aliases),
-                          entry.source.distribution, entry.source.version, note)
+                          entry.source.distribution, entry.source.version, f"v{entry.source.api}", note)
         console.print(table)
 
     _run(body)

@@ -39,8 +39,15 @@ traceback):
 Checkpoints and frozen files record which distribution (and version) provided each component
 used (see :mod:`mtcore.provenance`), so a missing plugin is named when they are loaded.
 
-Bump :data:`PLUGIN_API_VERSION` when a hook or a context changes incompatibly (these checks
-only enforce what the contract already said, so it stays 1).
+Versions: an entry-point module states the plugin API it was written for with a module-level
+``MTCORE_PLUGIN_API = 2``. A module without it is a v1 plugin and keeps working (v2 only added
+fields whose defaults are v1's behaviour); a module asking for a newer API than this mtcore's
+:data:`PLUGIN_API_VERSION` is skipped with one warning saying to upgrade mtcore.
+
+* v1: the four hooks, registrations and contexts above.
+* v2: ``OutputDef.reduction`` ("sum" | "mean" | "none": extensive, intensive and per-atom-only
+  heads) and the public per-type fitting MLP :class:`mtcore.model.fitting_net.TypeFittingNet`,
+  whose ``layer_name`` sharing means the same tensors whichever package wrote the head.
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ if TYPE_CHECKING:  # pragma: no cover - imported for annotations only
     from mtcore.model.loss import Loss
     from mtcore.model.shared_layers import SharedLayerManager
 
-PLUGIN_API_VERSION = 1
+PLUGIN_API_VERSION = 2
 PROJECT_NAME = "mtcore"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)

@@ -57,11 +57,28 @@ _CLASS_OF_KIND = {
 
 @dataclass(frozen=True)
 class PluginSource:
-    """Where a registration came from: distribution name and version, entry-point name."""
+    """Where a registration came from: distribution name and version, entry-point name, and the
+    plugin API version the module declares (``MTCORE_PLUGIN_API``; 1 when it declares none)."""
 
     distribution: str
     version: str
     entry_point: str
+    api: int = 1
+
+
+def declared_api(module: Any) -> tuple[Optional[int], str]:
+    """The plugin API version an entry-point module was written for, and why it is refused ('' if
+    usable). A module without ``MTCORE_PLUGIN_API`` is a v1 plugin: v2 only added optional
+    fields with v1 defaults (``OutputDef.reduction`` = "sum"), so v1 plugins keep working."""
+    value = getattr(module, "MTCORE_PLUGIN_API", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None, f"MTCORE_PLUGIN_API must be a positive integer, got {value!r}"
+    if value > hookspecs.PLUGIN_API_VERSION:
+        from mtcore import __version__
+
+        return value, (f"it was written for mtcore plugin API v{value}, but mtcore {__version__} provides "
+                       f"v{hookspecs.PLUGIN_API_VERSION}; upgrade mtcore")
+    return value, ""
 
 
 @dataclass(frozen=True)
@@ -126,7 +143,14 @@ def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
         if pm.is_registered(module):
             continue
         dist = getattr(ep, "dist", None)
-        source = PluginSource(dist.name if dist else "unknown", dist.version if dist else "?", ep.name)
+        api, refused = declared_api(module)
+        if refused:
+            warnings.warn(
+                f"mtcore plugin '{ep.name}' ({ep.value}, from {dist.name if dist else '?'}) is skipped: {refused}",
+                stacklevel=2,
+            )
+            continue
+        source = PluginSource(dist.name if dist else "unknown", dist.version if dist else "?", ep.name, int(api or 1))
         pm.register(module, name=f"{source.distribution}:{ep.name}")
         _SOURCES[id(module)] = source
     return pm

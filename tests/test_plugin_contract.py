@@ -319,3 +319,46 @@ def test_a_checkpoint_from_before_provenance_still_loads(tmp_path):
     loaded = load_checkpoint(old)
     assert "provenance" not in loaded
     assert freeze(loaded, tmp_path / "old.pth")[0].is_file()
+
+
+# -- plugin API versions ----------------------------------------------------------------------
+def _versioned_toy(name: str, api_line: str) -> str:
+    return f"""
+import dataclasses
+from mtcore.hookspecs import hookimpl
+from mtcore_builtins.descriptors import se_e2_a as _base
+{api_line}
+
+@hookimpl
+def mtcore_descriptors():
+    return [dataclasses.replace(r, name="{name}", aliases=()) for r in _base.mtcore_descriptors()]
+"""
+
+
+def test_plugin_api_versions_v1_kept_newer_refused_in_one_line(tmp_path, installed_plugins):
+    """A module without MTCORE_PLUGIN_API is a v1 plugin and keeps working; one written for a
+    newer API than this mtcore's is skipped with one warning saying to upgrade; a malformed
+    declaration is skipped naming the value. The others load regardless."""
+    from mtcore.hookspecs import PLUGIN_API_VERSION
+
+    assert PLUGIN_API_VERSION == 2
+    fake_distribution(tmp_path, "old-pkg", "1.0", _versioned_toy("old_desc", ""), "old")
+    fake_distribution(tmp_path, "cur-pkg", "1.0", _versioned_toy("cur_desc", "MTCORE_PLUGIN_API = 2"), "cur")
+    fake_distribution(tmp_path, "future-pkg", "3.0", _versioned_toy("future_desc", "MTCORE_PLUGIN_API = 3"), "future")
+    fake_distribution(tmp_path, "odd-pkg", "1.0", _versioned_toy("odd_desc", "MTCORE_PLUGIN_API = '2'"), "odd")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registry = installed_plugins(tmp_path)
+    names = registry.names("descriptor")
+    assert "old_desc" in names and "cur_desc" in names
+    assert "future_desc" not in names and "odd_desc" not in names
+    assert registry.source("descriptor", "old_desc").api == 1
+    assert registry.source("descriptor", "cur_desc").api == 2
+    texts = [str(w.message) for w in caught]
+    future = [t for t in texts if "future-pkg" in t]
+    assert len(future) == 1 and "plugin API v3" in future[0] and "v2" in future[0] and "upgrade mtcore" in future[0]
+    assert "\n" not in future[0]
+    odd = [t for t in texts if "odd-pkg" in t]
+    assert len(odd) == 1 and "MTCORE_PLUGIN_API must be a positive integer" in odd[0]
+    # the built-ins declare the current API
+    assert registry.source("descriptor", "se_e2_a").api == PLUGIN_API_VERSION

@@ -27,6 +27,9 @@ from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, Neighbor
 from mtcore.model.descriptor import Descriptor, StatSample
 from mtcore.plugins import get_registry
 
+#: the plugin API this module was written for (mtcore.hookspecs: versions)
+MTCORE_PLUGIN_API = 2
+
 DOC = "Concatenation of several descriptors, each with its own cut-off, sel and statistics."
 NAME = "hybrid"
 

@@ -58,6 +58,9 @@ from mtcore.model.mlp import Dense, EmbeddingNet, dtype_of, new_generator
 from mtcore.model.sel import resolve_sel
 from mtcore_builtins.descriptors._common import exclusion_matrix as type_pair_exclusions
 
+#: the plugin API this module was written for (mtcore.hookspecs: versions)
+MTCORE_PLUGIN_API = 2
+
 DOC = "DPA-1: type-embedded smooth embedding with self-attention over the neighbours (mixed types)."
 DOC_V2 = "se_atten with stripped and smooth type embedding (set_davg_zero false by default)."
 

@@ -25,6 +25,9 @@ from mtcore.model.env import env_statistics, group_slices, kept_rows, padded_pos
 from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
 from mtcore_builtins.descriptors._common import check_rcut, exclusion_matrix, update_sel_per_type
 
+#: the plugin API this module was written for (mtcore.hookspecs: versions)
+MTCORE_PLUGIN_API = 2
+
 DOC = "Smooth two-body embedding of the full (radial and angular) environment matrix."
 
 

@@ -26,6 +26,9 @@ from mtcore.model.env import env_statistics, group_slices, kept_rows, padding_ro
 from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
 from mtcore_builtins.descriptors._common import check_rcut, checked_sel, exclusion_matrix, update_sel_per_type
 
+#: the plugin API this module was written for (mtcore.hookspecs: versions)
+MTCORE_PLUGIN_API = 2
+
 DOC = "Smooth two-body embedding of the radial environment (distances only)."
 #: DeePMD-kit's se_e2_r rescales its output by this constant (in the code, not in the docs).
 RESCALE = 0.2

@@ -34,6 +34,9 @@ from mtcore.model.env import env_statistics, kept_rows
 from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
 from mtcore_builtins.descriptors._common import check_rcut, checked_sel, exclusion_matrix, update_sel_per_type
 
+#: the plugin API this module was written for (mtcore.hookspecs: versions)
+MTCORE_PLUGIN_API = 2
+
 DOC = "Smooth three-body embedding of the angles between pairs of neighbours."
 
 

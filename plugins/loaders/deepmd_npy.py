@@ -18,6 +18,9 @@ from mtcore.data.system import SystemData
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import DataLoaderRegistration, hookimpl
 
+#: the plugin API this module was written for (mtcore.hookspecs: versions)
+MTCORE_PLUGIN_API = 2
+
 DOC = "DeePMD-kit's deepmd/npy system folders."
 
 

@@ -22,6 +22,9 @@ from mtcore.errors import MtcoreError
 from mtcore.hookspecs import LossContext, LossRegistration, SchemaContext, hookimpl
 from mtcore.model.loss import Loss
 
+#: the plugin API this module was written for (mtcore.hookspecs: versions)
+MTCORE_PLUGIN_API = 2
+
 DOC = "Energy/force/virial loss with prefactors that move from start to limit as the learning rate decays."
 TERMS = ("e", "f", "v", "ae", "pf")
 

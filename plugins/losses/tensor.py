@@ -27,6 +27,9 @@ from mtcore.errors import MtcoreError
 from mtcore.hookspecs import LossContext, LossRegistration, SchemaContext, hookimpl
 from mtcore.model.loss import Loss
 
+#: the plugin API this module was written for (mtcore.hookspecs: versions)
+MTCORE_PLUGIN_API = 2
+
 DOC = "Atomic and global tensor labels (dipole, polarizability) with DeePMD-kit v2's weights pref_atomic and pref."
 
 
