@@ -1,0 +1,233 @@
+"""Benchmark: does a data-scarce head gain from a data-rich one? (issue 15's headline)
+
+Two levels of theory on the same configurations: level A is DeePMD-kit's water data (DFT energy
+and forces, 192 atoms); level B is level A plus a pairwise correction with its own shape per type
+pair (a smooth, short-ranged term the descriptor has to learn: not a rescaling the shared layers
+get for free). The scarce head sees ``--scarce-frames`` frames of level B (≤ 10); the rich head
+every training frame of level A. Validation: held-out frames of level B (never trained on).
+
+Runs, each a real ``mtcore train`` + ``freeze`` + ``test`` in its own folder:
+
+* ``single``: the scarce head alone for N steps (its baseline).
+* ``mt_equal_steps``: rich + scarce heads; the scarce head is drawn N times (equal steps on it).
+* ``mt_equal_compute``: rich + scarce heads, N steps in all (equal compute).
+* ``warm_start``: N/2 steps of the rich head alone, then N/2 steps of the scarce head alone
+  starting from that model (``--init-model``): equal compute.
+
+    python benchmarks/scarce_head.py --steps 2000            # ~15 min on 2 free cores
+    python benchmarks/scarce_head.py --steps 200 --quick     # pipeline check
+
+It prints a table of the scarce head's validation force and energy RMSE per run (and the ratio to
+``single``) and writes it as JSON beside the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+WATER = ROOT / "examples" / "water" / "data"
+
+#: pair correction V(r) = A_ab · (1 − r/rc)^4 · (1 + 4 r/rc) for r < rc (C² at rc), eV and Å
+PAIR_AMPLITUDE = {(0, 0): 2.4, (0, 1): -1.5, (1, 1): 0.7}
+PAIR_CUTOFF = 4.0
+
+
+def pair_correction(coord: np.ndarray, box: np.ndarray, types: np.ndarray) -> tuple[float, np.ndarray]:
+    """Energy and forces of the level-B correction for one periodic frame (vectorised over pairs)."""
+    import vesin
+
+    i, j, shifts, dist = vesin.NeighborList(cutoff=PAIR_CUTOFF, full_list=False).compute(coord, box, True, "ijSd")
+    vec = coord[j] + shifts @ box - coord[i]
+    x = dist / PAIR_CUTOFF
+    ti, tj = types[i], types[j]
+    amp = np.zeros(len(i))
+    for (a, b), value in PAIR_AMPLITUDE.items():
+        amp[((ti == a) & (tj == b)) | ((ti == b) & (tj == a))] = value
+    energy = float(np.sum(amp * (1 - x) ** 4 * (1 + 4 * x)))
+    # dV/dr = A · d/dx[(1−x)^4 (1+4x)] / rc = A · (−20 x (1−x)^3) / rc
+    dvdr = amp * (-20.0 * x * (1 - x) ** 3) / PAIR_CUTOFF
+    pair_force = (dvdr / dist)[:, None] * vec  # F_i = −dV/dr_i = +dV/dr · r̂_ij, F_j = −F_i
+    force = np.zeros_like(coord)
+    np.add.at(force, i, pair_force)
+    np.add.at(force, j, -pair_force)
+    return energy, force
+
+
+def write_system(folder: Path, source: Path, frames: np.ndarray, level_b: bool) -> None:
+    """A deepmd/npy system of ``frames`` of ``source`` (its last set), labels of level A or B."""
+    sets = sorted(source.glob("set.*"))
+    coords = np.concatenate([np.load(s / "coord.npy") for s in sets])[frames].astype(np.float64)
+    boxes = np.concatenate([np.load(s / "box.npy") for s in sets])[frames].astype(np.float64)
+    energies = np.concatenate([np.load(s / "energy.npy") for s in sets])[frames].astype(np.float64)
+    forces = np.concatenate([np.load(s / "force.npy") for s in sets])[frames].astype(np.float64)
+    types = np.loadtxt(source / "type.raw", dtype=int).reshape(-1)
+    if level_b:
+        for k in range(len(frames)):
+            e, f = pair_correction(coords[k].reshape(-1, 3), boxes[k].reshape(3, 3), types)
+            energies[k] += e
+            forces[k] += f.reshape(-1)
+    out = folder / "set.000"
+    out.mkdir(parents=True)
+    for name, array in (("coord", coords), ("box", boxes), ("energy", energies), ("force", forces)):
+        np.save(out / f"{name}.npy", array)
+    shutil.copy(source / "type.raw", folder / "type.raw")
+    shutil.copy(source / "type_map.raw", folder / "type_map.raw")
+
+
+def make_data(root: Path, scarce_frames: int, seed: int) -> dict:
+    """rich (A, data_0..2), scarce (B, a few frames of data_0), validation of both on data_3."""
+    rng = np.random.default_rng(seed)
+    data = {}
+    for k in range(3):
+        source = WATER / f"data_{k}"
+        n = sum(len(np.load(s / "energy.npy")) for s in source.glob("set.*"))
+        write_system(root / f"rich_{k}", source, np.arange(n), False)
+    data["rich"] = [str(root / f"rich_{k}") for k in range(3)]
+    n0 = len(np.load(WATER / "data_0" / "set.000" / "energy.npy"))
+    write_system(root / "scarce", WATER / "data_0", np.sort(rng.choice(n0, scarce_frames, replace=False)), True)
+    data["scarce"] = [str(root / "scarce")]
+    n3 = len(np.load(WATER / "data_3" / "set.000" / "energy.npy"))
+    write_system(root / "valid_b", WATER / "data_3", np.arange(n3), True)
+    write_system(root / "valid_a", WATER / "data_3", np.arange(n3), False)
+    data["valid_b"], data["valid_a"] = [str(root / "valid_b")], [str(root / "valid_a")]
+    return data
+
+
+def model_section(quick: bool) -> dict:
+    return {
+        "type_map": ["O", "H"],
+        "descriptor": {"type": "se_e2_a", "sel": [46, 92], "rcut_smth": 0.5, "rcut": 6.0,
+                       "neuron": [8, 16, 32] if quick else [16, 32, 64], "axis_neuron": 8,
+                       "resnet_dt": False, "seed": 1},
+        "fitting": {"neuron": [32, 32] if quick else [96, 96, 96], "resnet_dt": True, "seed": 1},
+    }
+
+
+def loss() -> dict:
+    return {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1,
+            "start_pref_v": 0, "limit_pref_v": 0}
+
+
+def lr(steps: int) -> dict:
+    return {"type": "exp", "start_lr": 1e-3, "stop_lr": 3e-6, "decay_steps": max(steps // 40, 1)}
+
+
+def single_input(systems: list, valid: list, steps: int, quick: bool, seed: int) -> dict:
+    m = model_section(quick)
+    return {
+        "model": {"type_map": m["type_map"], "descriptor": m["descriptor"], "fitting_net": m["fitting"]},
+        "learning_rate": lr(steps), "loss": loss(),
+        "training": {"training_data": {"systems": systems, "batch_size": 1},
+                     "validation_data": {"systems": valid, "batch_size": 1, "numb_btch": 1},
+                     "numb_steps": steps, "seed": seed, "disp_freq": max(steps // 10, 1), "save_freq": steps},
+    }
+
+
+def multi_input(data: dict, steps: int, weight_scarce: float, quick: bool, seed: int) -> dict:
+    m = model_section(quick)
+    heads = {"rich": dict(m["fitting"], seed=1), "scarce": dict(m["fitting"], seed=2)}
+    return {
+        "model": {"type_map": m["type_map"], "descriptor": m["descriptor"], "fitting_net_dict": heads},
+        "learning_rate": lr(steps), "loss_dict": {"rich": loss(), "scarce": loss()},
+        "training": {
+            "data_dict": {
+                "rich": {"training_data": {"systems": data["rich"], "batch_size": 1},
+                         "validation_data": {"systems": data["valid_a"], "batch_size": 1, "numb_btch": 1}},
+                "scarce": {"training_data": {"systems": data["scarce"], "batch_size": 1},
+                           "validation_data": {"systems": data["valid_b"], "batch_size": 1, "numb_btch": 1}},
+            },
+            "fitting_weight": {"rich": 1.0 - weight_scarce, "scarce": weight_scarce},
+            "numb_steps": steps, "seed": seed, "disp_freq": max(steps // 10, 1), "save_freq": steps,
+        },
+    }
+
+
+def mtcore(args: list, cwd: Path) -> str:
+    env = dict(os.environ)
+    result = subprocess.run([sys.executable, "-m", "mtcore.cli", *args], cwd=cwd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"mtcore {' '.join(args)} failed in {cwd}:\n{result.stderr[-2000:]}")
+    return result.stdout
+
+
+def scarce_errors(folder: Path, frozen: str, valid: list) -> dict:
+    out = json.loads(mtcore(["test", "-m", frozen, *sum((["-s", v] for v in valid), []), "--json"], folder))
+    combined = out["combined"]
+    return {"rmse_f": combined["Force"]["rmse"], "rmse_e_per_atom": combined["Energy/atom"]["rmse"]}
+
+
+def run_case(name: str, workdir: Path, document: dict, freeze_head: str | None, init: str | None = None) -> Path:
+    folder = workdir / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "input.json").write_text(json.dumps(document, indent=1))
+    args = ["train", "input.json"] + (["--init-model", init] if init else [])
+    t0 = time.perf_counter()
+    mtcore(args, folder)
+    elapsed = time.perf_counter() - t0
+    freeze = ["freeze", "-o", "frozen.pth"] + (["--head", freeze_head] if freeze_head else [])
+    mtcore(freeze, folder)
+    (folder / "train_seconds.txt").write_text(f"{elapsed:.1f}\n")
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2000, help="N: steps of the scarce head's baseline")
+    parser.add_argument("--scarce-frames", type=int, default=8)
+    parser.add_argument("--weight", type=float, default=0.5, help="fitting_weight of the scarce head in multi-task runs")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="small nets: a pipeline check, not a measurement")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--only", nargs="*", default=None, help="run only these cases")
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mtcore-scarce-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    data_root = workdir / "data"
+    if not data_root.exists():
+        data = make_data(data_root, args.scarce_frames, args.seed)
+        (workdir / "data.json").write_text(json.dumps(data))
+    data = json.loads((workdir / "data.json").read_text())
+    n, w = args.steps, args.weight
+    cases = {
+        "single": lambda: run_case("single", workdir, single_input(data["scarce"], data["valid_b"], n, args.quick, args.seed), None),
+        "mt_equal_steps": lambda: run_case("mt_equal_steps", workdir, multi_input(data, int(round(n / w)), w, args.quick, args.seed), "scarce"),
+        "mt_equal_compute": lambda: run_case("mt_equal_compute", workdir, multi_input(data, n, w, args.quick, args.seed), "scarce"),
+        "warm_start": lambda: (
+            run_case("warm_start_rich", workdir, single_input(data["rich"], data["valid_a"], n // 2, args.quick, args.seed), None),
+            run_case("warm_start", workdir, single_input(data["scarce"], data["valid_b"], n - n // 2, args.quick, args.seed), None,
+                     init=str(workdir / "warm_start_rich" / "frozen.pth")),
+        )[-1],
+    }
+    rows = {}
+    for name, run in cases.items():
+        if args.only and name not in args.only:
+            continue
+        folder = run()
+        rows[name] = scarce_errors(folder, "frozen.pth", data["valid_b"])
+        rows[name]["train_s"] = float((folder / "train_seconds.txt").read_text())
+        print(f"{name:18s} rmse_f {rows[name]['rmse_f']:.4f} eV/Å   rmse_e/atom {rows[name]['rmse_e_per_atom']}", flush=True)
+    base = rows.get("single", {}).get("rmse_f")
+    print(f"\nscarce head ({args.scarce_frames} frames of level B), validation on {len(data['valid_b'])} held-out system(s); N = {n}")
+    print(f"{'run':18s} {'force RMSE':>11s} {'vs single':>10s} {'train s':>8s}")
+    for name, row in rows.items():
+        ratio = f"{row['rmse_f'] / base:.3f}" if base else "-"
+        print(f"{name:18s} {row['rmse_f']:11.4f} {ratio:>10s} {row['train_s']:8.1f}")
+    (workdir / "results.json").write_text(json.dumps({"steps": n, "weight": w, "scarce_frames": args.scarce_frames,
+                                                      "quick": args.quick, "rows": rows}, indent=1))
+    print(f"\nruns and results.json in {workdir}")
+
+
+if __name__ == "__main__":
+    main()
