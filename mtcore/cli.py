@@ -299,6 +299,80 @@ def show(path: Path = typer.Argument(..., help="checkpoint or frozen model")) ->
     _run(body)
 
 
+@app.command("model-devi")
+def model_devi(
+    models: List[Path] = typer.Option(..., "--models", "-m", help="two or more frozen models (or checkpoints) of one ensemble"),
+    system: List[str] = typer.Option([], "--system", "-s", help="system folder(s) or file(s), or a folder searched for systems (default .)"),
+    output: Path = typer.Option(Path("model_devi.out"), "--output", "-o", help="output file (DeePMD-kit's model_devi.out layout)"),
+    head: Optional[str] = typer.Option(None, "--head", help="the head of multi-head (united) models"),
+    set_prefix: str = typer.Option("set", "--set-prefix", "-S", help="prefix of the set folders"),
+    frequency: int = typer.Option(1, "--frequency", "-f", help="MD steps between frames: step = frame index x frequency"),
+    relative: Optional[float] = typer.Option(None, "--relative", help="relative force deviation with this level: eps_F,i / (|<F_i>| + level)"),
+    relative_v: Optional[float] = typer.Option(None, "--relative-v", "--relative_v", help="relative virial deviation with this level"),
+) -> None:
+    """Model deviation of an ensemble (max/min/avg force and virial deviation per frame), as dp model-devi."""
+
+    def body():
+        from mtcore.model_devi import make_model_devi
+
+        done = make_model_devi(models, list(system) or ["."], output, head, set_prefix, frequency, relative, relative_v)
+        console.print(f"wrote {output}: {sum(n for _, n in done)} frames of {len(done)} system(s), {len(models)} models")
+
+    _run(body)
+
+
+@app.command()
+def plot(
+    lcurve: Path = typer.Argument(Path("lcurve.out"), help="lcurve.out written by mtcore train"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="image file (.png, .pdf, .svg; needs matplotlib)"),
+    terminal: bool = typer.Option(False, "--terminal", help="draw in the terminal (the default without -o)"),
+) -> None:
+    """Learning curves: one panel per metric, one line per head (training dashed, validation solid), log scale."""
+
+    def body():
+        from mtcore.plot import plot_lcurve
+
+        written = plot_lcurve(lcurve, output, terminal, console)
+        if written is not None:
+            console.print(f"wrote {written}")
+
+    _run(body)
+
+
+@app.command("change-bias")
+def change_bias_cmd(
+    model: Path = typer.Argument(..., help="checkpoint or frozen (single-head) model"),
+    system: List[str] = typer.Option([], "--system", "-s", help="labelled system folder(s) or file(s), or a folder searched for systems"),
+    head: Optional[str] = typer.Option(None, "--head", help="the head of a multi-task checkpoint"),
+    mode: str = typer.Option("change", "--mode", help="change: shift the bias by the fit to (label - prediction); set: fit it to the labels alone"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="new file (default <stem>_bias<suffix>; never replaces a file)"),
+    set_prefix: str = typer.Option("set", "--set-prefix", "-S", help="prefix of the set folders"),
+    numb_test: int = typer.Option(0, "--numb-test", "-n", help="frames per system (0: all)"),
+) -> None:
+    """Refit a head's per-type output bias (energy per element) to new data, as dp change-bias."""
+
+    def body():
+        from mtcore.change_bias import change_bias
+
+        if not system:
+            raise MtcoreError("-s/--system: give the labelled data to fit the bias to")
+        path, info = change_bias(model, list(system), head, mode, output, set_prefix, numb_test)
+        table = Table(title=f"{model} head '{info['head']}': {info['key']} bias ({mode}) from {info['frames']} frames")
+        for column in ("type", "old bias", "new bias", "shift"):
+            table.add_column(column, justify="right")
+        for t, name in enumerate(info["type_map"]):
+            old, new = info["old"][t], info["new"][t]
+            table.add_row(name, " ".join(f"{v:.6f}" for v in old), " ".join(f"{v:.6f}" for v in new),
+                          " ".join(f"{v:+.6f}" for v in new - old))
+        console.print(table)
+        console.print(f"RMSE of {info['key']}/atom: {info['rmse_before']:.4e} before, {info['rmse_after']:.4e} after")
+        if info["absent_types"]:
+            console.print(f"not in the data (bias kept): {', '.join(info['absent_types'])}")
+        console.print(f"wrote {path}")
+
+    _run(body)
+
+
 app.add_typer(__import__("mtcore.md.cli", fromlist=["app"]).app, name="md")  # mtcore md lammps ...
 
 
