@@ -2,7 +2,9 @@
 
 Which quantities are compared comes from the frozen head's metadata (its fitting net's
 ``test_quantities``): energy (total and per atom), force, virial for energy heads; global and
-atomic tensors for tensor heads. Several systems are combined as DeePMD-kit does: MAE weighted
+atomic tensors for tensor heads; frame properties for property heads. The head's declared
+reduction is honoured: an intensive (``mean``) quantity gets no "/atom" row or ``_peratom`` file
+(it is per atom already), a ``none`` head is compared on its atomic output only. Several systems are combined as DeePMD-kit does: MAE weighted
 by the number of values, RMSE as the root of the weighted mean square.
 
 With a detail prefix, label and prediction are written side by side as DeePMD-kit's ``dp test
@@ -56,12 +58,19 @@ class TestResult:
     stats: dict[str, ErrorStat] = field(default_factory=dict)
 
 
+def _reduction(meta: dict) -> str:
+    """The head's declared reduction (``sum`` for files frozen before reductions)."""
+    return str(meta["output"].get("reduction") or "sum")
+
+
 def _requirements(meta: dict) -> list[DataRequirement]:
     reqs = {}
     output = meta["output"]
     sel = tuple(output["sel_types"]) if output.get("sel_types") is not None else None
     for q in meta.get("test_quantities", []):
         key = q["key"]
+        if key == output.get("global_key") and _reduction(meta) == "none":
+            continue  # a per-atom-only head predicts no frame quantity: nothing to compare
         if key == "force":
             reqs[key] = DataRequirement("force", 3, atomic=True)
         elif key == "virial":
@@ -167,7 +176,8 @@ def test_system(
         detail = q.get("detail")
         if details is not None and detail is not None:
             details.write(str(path), detail, q.get("columns", []), label, value, per_atom=False)
-        if q.get("per_atom"):
+        if q.get("per_atom") and not (key == meta["output"].get("global_key") and _reduction(meta) == "mean"):
+            # an intensive (mean) quantity is already per atom: dividing it again means nothing
             norm = natoms if meta["output"]["conservative"] else nsel.reshape(-1, 1)
             result.stats.setdefault(q["title"] + "/atom", ErrorStat()).add(diff / norm)
             if details is not None and detail is not None:

@@ -20,6 +20,7 @@ import mtcore
 from mtcore.config import config_from_document, single_task_document
 from mtcore.errors import MtcoreError
 from mtcore.model.build import build_model
+from mtcore.model.fitting import reduction_of
 from mtcore.model.frozen import FrozenModel, UnitedModel
 from mtcore.model.model import MultiHeadModel
 from mtcore.plugins import Registry, get_registry
@@ -62,7 +63,8 @@ def head_metadata(model: MultiHeadModel, document: dict, head: str, multi_task: 
         "fitting_type": (document["model"]["fitting_net_dict"][head] if multi_task else document["model"]["fitting_net"]).get("type", "ener"),
         "output": {"name": odef.name, "global_key": odef.global_key, "atomic_key": odef.atomic_key,
                    "conservative": odef.conservative, "size": odef.size,
-                   "sel_types": list(odef.sel_types) if odef.sel_types is not None else None},
+                   "sel_types": list(odef.sel_types) if odef.sel_types is not None else None,
+                   "reduction": reduction_of(odef)},
         "test_quantities": [q.__dict__ for q in fitting.test_quantities()],
         "label_requirements": [dict(r.__dict__, sel_types=list(r.sel_types) if r.sel_types is not None else None)
                                for r in fitting.stat_requirements()],

@@ -149,6 +149,18 @@ class DeepPotential:
         return torch.as_tensor(array)
 
     @property
+    def output(self) -> dict:
+        """The head's output: name, keys, size, sel_types and reduction (``sum`` for files
+        frozen before reductions)."""
+        return dict(self.head_metadata.get("output", {}), reduction=self.reduction)
+
+    @property
+    def reduction(self) -> str:
+        """How the frame quantity comes from the atomic one: ``sum``, ``mean`` or ``none`` (no
+        frame quantity in :meth:`evaluate`'s result)."""
+        return str(self.head_metadata.get("output", {}).get("reduction") or "sum")
+
+    @property
     def numb_fparam(self) -> int:
         return sum(int(i["ndof"]) for i in self.head_metadata.get("inputs", []) if i["key"] == "fparam")
 
@@ -179,7 +191,8 @@ class DeepPotential:
     def evaluate(self, coords, box, atypes, virial: bool = True, fparam=None, aparam=None):
         """coords [N,3] / [B,N,3] / [B,3N] (Å); box None, [3,3], [9], [B,9] or [B,3,3]; atypes [N]
         or [B,N] (type indices or element names); fparam / aparam for a model trained with them.
-        Returns numpy arrays with a leading frame axis.
+        Returns numpy arrays with a leading frame axis: the atomic output and, unless the head's
+        reduction is ``none``, the frame quantity (a sum, or a mean for an intensive head).
 
         Frames of different sizes: pass lists (``coords``, ``atypes``, ``box`` with one entry per
         frame, ``None`` for a frame without a cell; ``fparam``/``aparam`` lists too) and get a list

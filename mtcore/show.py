@@ -43,6 +43,13 @@ def _summary(document: dict, kind: str, outputs: dict[str, str]) -> dict:
     }
 
 
+def _output(output: dict) -> str:
+    """The head's output as shown: its name and how the frame value is made (``energy (sum)``,
+    ``band_gap (mean)``, ``charge (per atom only)``); files frozen before reductions sum."""
+    reduction = output.get("reduction") or "sum"
+    return f"{output['name']} ({'per atom only' if reduction == 'none' else reduction})"
+
+
 def describe(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -60,11 +67,11 @@ def describe(path: Path) -> dict:
         kind = f"checkpoint, step {state['step']}, {'multi' if state.get('multi_task') else 'single'}-task"
         return dict(_summary(state["config"], kind, {}), provenance=lines(state.get("provenance")))
     if meta.get("kind") == "united":
-        outputs = {h: m["output"]["name"] for h, m in meta["heads"].items()}
+        outputs = {h: _output(m["output"]) for h, m in meta["heads"].items()}
         return dict(_summary(meta["config"], "frozen, united (all heads)", outputs), provenance=lines(meta.get("provenance")))
     summary = _summary(meta["config"], f"frozen, head '{meta['head']}'", {})
     summary["provenance"] = lines(meta.get("provenance"))
     for head in summary["heads"]:
         head["name"] = meta["head"]
-        head["output"] = meta["output"]["name"]
+        head["output"] = _output(meta["output"])
     return summary

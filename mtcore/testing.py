@@ -44,7 +44,7 @@ from mtcore.hookspecs import (
     FittingRegistration,
 )
 from mtcore.model.descriptor import Descriptor, StatSample
-from mtcore.model.fitting import Fitting
+from mtcore.model.fitting import REDUCTIONS, Fitting, reduction_of
 from mtcore.model.frozen import FrozenModel, batch_neighbor_list
 from mtcore.model.geometry import prepare_geometry
 from mtcore.model.model import MultiHeadModel
@@ -660,7 +660,12 @@ def _freeze_round_trip(descriptor: Descriptor, fitting: Fitting, type_map: List[
         inputs = inputs or _Inputs(fitting, len(type_map))
         eager = _head_pass(model, "kit", frame, inputs)
         frozen = loaded(frame.coord, frame.atype, frame.box, True, inputs.fparam(frame), inputs.aparam(frame))
-        pairs = [(odef.global_key, odef.global_key), (odef.atomic_key, odef.atomic_key)]
+        pairs = [(odef.atomic_key, odef.atomic_key)]
+        if reduction_of(odef) == "none":
+            if odef.global_key in frozen:
+                raise AssertionError(f"the frozen model answers '{odef.global_key}' for a head whose reduction is 'none'")
+        else:
+            pairs.insert(0, (odef.global_key, odef.global_key))
         if odef.conservative:
             pairs.append(("force", "force"))
             if frame.box is not None:
@@ -753,6 +758,10 @@ def _build_fitting(registration: FittingRegistration, params: dict, head: str, t
     odef = fitting.output_def()
     if int(odef.size) <= 0 or not odef.global_key or not odef.atomic_key:
         raise AssertionError(f"output_def() is incomplete: {odef}")
+    if reduction_of(odef) not in REDUCTIONS:
+        raise AssertionError(f"output_def().reduction {reduction_of(odef)!r} is not one of {', '.join(REDUCTIONS)}")
+    if odef.conservative and reduction_of(odef) != "sum":
+        raise AssertionError(f"output_def() is conservative but its reduction is {reduction_of(odef)!r}; energies sum")
     if fitting.needs_rot_mat() and descriptor.get_dim_rot() == 0:
         raise AssertionError("the head needs a rotation matrix but the descriptor has none: pass descriptor=")
     return fitting
@@ -777,7 +786,8 @@ def check_fitting(
     3 a vector, size 9 a 3x3 tensor R^T T R), or one of ``invariant``, ``vector``, ``matrix``.
 
     Properties: builds from its schema defaults; output shapes (zero on atoms outside
-    ``sel_types``); TorchScript-scriptable; for conservative (energy) heads forces = -∇E and
+    ``sel_types``; no frame value for reduction ``none``); the frame value is the declared
+    reduction of the atomic output (the sum, or the mean over the atoms of ``sel_types``, 1e-10); TorchScript-scriptable; for conservative (energy) heads forces = -∇E and
     virial = -∂E/∂ε by finite differences; rotation/translation invariance or covariance;
     permutation; periodic images; smooth at rcut; statistics from its own head's frames (finite,
     independent of order to 1e-10); checkpoint round trip; layer sharing by ``layer_name`` (two
@@ -815,6 +825,8 @@ def check_fitting(
     inputs = _Inputs(fitting, ntypes) if fitting is not None else None
     odef = fitting.output_def() if fitting is not None else None
     kind = _transform_kind(transform, fitting) if fitting is not None else "invariant"
+    reduction = reduction_of(odef) if odef is not None else "sum"
+    global_keys = [] if reduction == "none" else [odef.global_key] if odef is not None else []
 
     def evaluate(frame: Frame) -> dict:
         return _head_pass(model, "kit", frame, inputs)
@@ -839,7 +851,13 @@ def check_fitting(
         for frame in frames:
             out = evaluate(frame)
             n = frame.coord.shape[0]
-            for key, shape in ((odef.global_key, (1, odef.size)), (odef.atomic_key, (1, n, odef.size))):
+            expected = [(odef.atomic_key, (1, n, odef.size))]
+            if reduction == "none":
+                if odef.global_key in out:
+                    raise AssertionError(f"'{odef.global_key}' is predicted although the reduction is 'none'")
+            else:
+                expected.insert(0, (odef.global_key, (1, odef.size)))
+            for key, shape in expected:
                 if tuple(out[key].shape) != shape:
                     raise AssertionError(f"'{key}' has shape {tuple(out[key].shape)}, expected {shape} (size={odef.size})")
                 if not bool(torch.isfinite(out[key]).all()):
@@ -850,6 +868,24 @@ def check_fitting(
                     raise AssertionError(f"'{odef.atomic_key}' is not zero on atoms outside sel_types {list(odef.sel_types)}")
 
     check.run("output shapes", shapes, [fitting])
+
+    def reduced():
+        for frame in frames:
+            out = evaluate(frame)
+            atype = frame.atype.reshape(1, -1)
+            # recomputed here from the atomic output by the declared rule, not read from the core
+            atomic = out[odef.atomic_key].reshape(1, atype.shape[1], -1)
+            if reduction == "mean":
+                keep = torch.ones_like(atype, dtype=torch.bool) if odef.sel_types is None else torch.isin(
+                    atype, torch.tensor(list(odef.sel_types)))
+                want = atomic[keep.unsqueeze(-1).expand_as(atomic)].reshape(-1, atomic.shape[-1]).mean(0, keepdim=True)
+            else:
+                want = atomic.sum(1)
+            _close(want, out[odef.global_key].reshape(1, -1), IDENTITY_RTOL,
+                   f"'{odef.global_key}' vs the {reduction} of '{odef.atomic_key}' on the {frame.name} frame")
+
+    if reduction != "none":
+        check.run(f"frame value = {reduction} of the atomic output", reduced, [fitting])
     scripts = check.run("TorchScript-scriptable", lambda: _check_scriptable(fitting), [fitting])
     if odef is not None and odef.conservative:
         check.run("forces = -dE/dx (finite differences)", lambda: (
@@ -863,7 +899,7 @@ def check_fitting(
         for frame in frames:
             ref = evaluate(frame)
             out = evaluate(_transform_frame(frame, rot, torch.tensor([-2.1, 0.7, 5.3], dtype=torch.float64)))
-            for key in (odef.global_key, odef.atomic_key):
+            for key in global_keys + [odef.atomic_key]:
                 size = ref[key].shape[-1]
                 _close(_covariant(kind, ref[key], rot).reshape(-1, size), out[key].reshape(-1, size), SYMMETRY_RTOL,
                        f"'{key}' of the rotated and translated {frame.name} frame vs the {kind} rule")
@@ -881,7 +917,8 @@ def check_fitting(
         perm = torch.randperm(periodic.coord.shape[0], generator=torch.Generator().manual_seed(0))
         ref = evaluate(periodic)
         out = evaluate(Frame(periodic.coord[perm], periodic.atype[perm], periodic.box))
-        _close(ref[odef.global_key], out[odef.global_key], SYMMETRY_RTOL, f"'{odef.global_key}' of permuted atoms")
+        for key in global_keys:
+            _close(ref[key], out[key], SYMMETRY_RTOL, f"'{key}' of permuted atoms")
         _close(ref[odef.atomic_key][0][perm], out[odef.atomic_key][0], SYMMETRY_RTOL, f"'{odef.atomic_key}' of permuted atoms")
         if odef.conservative:
             _close(ref["force"][0][perm], out["force"][0], SYMMETRY_RTOL, "force of permuted atoms")
@@ -898,8 +935,8 @@ def check_fitting(
 
     check.run("periodic images", images, [fitting])
     smooth_types = [0, min(1, ntypes - 1), min(1, ntypes - 1)]
-    check.run("smooth at rcut", lambda: _check_smooth(evaluate, rcut, smooth_types, odef.global_key, odef.conservative),
-              [fitting])
+    check.run("smooth at rcut", lambda: _check_smooth(evaluate, rcut, smooth_types, (global_keys or [odef.atomic_key])[0],
+                                                      odef.conservative), [fitting])
 
     def checkpoint():
         twin = _build_fitting(registration, normalized, "kit", type_map, desc, SharedLayerManager())

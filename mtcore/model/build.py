@@ -12,7 +12,7 @@ from mtcore.data.requirements import DataRequirement, merge_requirements
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import DescriptorContext, FittingContext, LossContext, NeighborStat
 from mtcore.model.descriptor import Descriptor
-from mtcore.model.fitting import Fitting
+from mtcore.model.fitting import Fitting, check_output_def
 from mtcore.model.loss import Loss
 from mtcore.model.model import MultiHeadModel
 from mtcore.model.shared_layers import SharedLayerManager
@@ -90,6 +90,7 @@ def build_model(config: RunConfig, registry: Optional[Registry] = None) -> Multi
         with _settings_errors(where, registration.name):
             fitting = registration.build(head.fitting, FittingContext(name, type_map, descriptor, manager))
         fitting = checked_build(entry, fitting, Fitting)
+        check_output_def(fitting.output_def(), f"{where} (type '{registration.name}')")
         if fitting.needs_rot_mat() and descriptor.get_dim_rot() == 0:
             raise MtcoreError(
                 f"{where}: a '{registration.name}' head needs a descriptor with a rotation matrix "

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mtcore.data.requirements import DataRequirement
+from mtcore.errors import MtcoreError
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,32 @@ class OutputDef:
     conservative: bool = False
     sel_types: Optional[tuple[int, ...]] = None
     reduction: str = "sum"
+
+
+#: The reductions an output may declare (see :attr:`OutputDef.reduction`).
+REDUCTIONS = ("sum", "mean", "none")
+
+
+def reduction_of(odef: OutputDef) -> str:
+    """The declared reduction; ``sum`` for an output object from before reductions (API v1)."""
+    return str(getattr(odef, "reduction", "sum"))
+
+
+def check_output_def(odef: OutputDef, where: str) -> None:
+    """Refuse an output the core cannot honour, in one line starting with ``where`` (the input
+    section and fitting type): an unknown reduction, or an energy that is not summed (forces are
+    the gradient of the frame sum; a mean or per-atom-only energy has none)."""
+    reduction = reduction_of(odef)
+    if reduction not in REDUCTIONS:
+        raise MtcoreError(f"{where}: output_def().reduction {reduction!r} is not one of {', '.join(REDUCTIONS)}")
+    if odef.conservative and reduction != "sum":
+        raise MtcoreError(f"{where}: output_def() is conservative (forces, virials), so its reduction must be 'sum', "
+                          f"not {reduction!r}")
+
+
+def sel_type_list(odef: OutputDef) -> list[int]:
+    """``sel_types`` as a list for TorchScript (empty: every type)."""
+    return [] if odef.sel_types is None else [int(t) for t in odef.sel_types]
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,15 @@ builder; ``forward(coord, atype, box=None)`` takes coordinates [N,3] or [B,N,3],
 [B,N] and an optional cell ([3,3], [9], [B,3,3] or [B,9]) (and ``fparam`` [B, nf], ``aparam``
 [B, N, na] for a head trained with frame/atomic parameters) and returns ``energy``, ``force``,
 ``virial``, ``atom_energy`` for energy heads, or the global and atomic tensors for tensor heads.
+The global output follows the head's declared reduction (``OutputDef.reduction``): the sum of
+the atomic outputs, their mean over the atoms of ``sel_types``, or none (atomic output only).
 The united model holds every head and takes the head's name as an argument.
 
 Scaling: neighbours come from cell lists (linear in atoms), and a frame is evaluated in chunks
 of at most ``chunk_atoms`` centre atoms (spatially compact blocks, plus the neighbours they need
 from outside as "ghosts"): the energy is a sum of atomic energies, so each chunk's energy is
-differentiated on its own and forces and virials are accumulated. Memory is bounded by the chunk,
+differentiated on its own and forces and virials are accumulated (a mean is taken only after
+all chunks, over the whole frame). Memory is bounded by the chunk,
 not the frame. Small frames of one call are gathered into one chunk instead.
 
 ``forward_extended`` takes a neighbour list from outside, as MD engines hold it: extended
@@ -27,7 +30,8 @@ import torch
 from torch import nn
 
 from mtcore.model.descriptor import Descriptor
-from mtcore.model.fitting import Fitting
+from mtcore.model.fitting import Fitting, reduction_of, sel_type_list
+from mtcore.model.geometry import reduce_atomic
 from mtcore.model.neighbor_list import CellBins, _sort_pairs, bin_atoms, build_neighbor_list, pairs_of, spatial_order
 
 MIN_DISTANCE = 1e-6  # Å: closer atoms are an input error (the environment is singular); see _check_distances
@@ -293,6 +297,8 @@ class _Evaluator(nn.Module):
         aparam: Optional[torch.Tensor],
         global_key: str,
         atomic_key: str,
+        reduction: str,
+        sel_types: List[int],
     ) -> Dict[str, torch.Tensor]:
         coord, atype, box = _frames(coord, atype, box, self.ntypes)
         nframes, natoms = atype.shape[0], atype.shape[1]
@@ -341,7 +347,9 @@ class _Evaluator(nn.Module):
             0, torch.cat(loc_parts), atomic_all
         )
         atomic3 = atomic_all.reshape(nframes, natoms, -1)
-        out: Dict[str, torch.Tensor] = {global_key: atomic3.sum(1), atomic_key: atomic3}
+        out: Dict[str, torch.Tensor] = {atomic_key: atomic3}
+        if reduction != "none":
+            out[global_key] = reduce_atomic(atomic3, atype, reduction, sel_types)
         if conservative:
             out["force"] = force.reshape(nframes, natoms, 3)
             if want_virial:
@@ -415,6 +423,8 @@ class _Evaluator(nn.Module):
         aparam: Optional[torch.Tensor],
         global_key: str,
         atomic_key: str,
+        reduction: str,
+        sel_types: List[int],
     ) -> Dict[str, torch.Tensor]:
         """One frame from an external neighbour list (see the module docstring)."""
         _check_types(extended_atype, self.ntypes, "extended_atype")
@@ -485,7 +495,9 @@ class _Evaluator(nn.Module):
             force.index_add_(0, ext, f_ext)
             virial = virial + vir
         atomic = torch.cat(parts).unsqueeze(0)
-        out: Dict[str, torch.Tensor] = {global_key: atomic.sum(1), atomic_key: atomic}
+        out: Dict[str, torch.Tensor] = {atomic_key: atomic}
+        if reduction != "none":
+            out[global_key] = reduce_atomic(atomic, atype[:nloc].unsqueeze(0), reduction, sel_types)
         if conservative:
             out["extended_force"] = force.unsqueeze(0)
             out["force"] = torch.zeros(nloc, 3, dtype=coord.dtype, device=device).index_add(0, mapping, force).unsqueeze(0)
@@ -507,6 +519,9 @@ class FrozenModel(_Evaluator):
         self.global_key = odef.global_key
         self.atomic_key = odef.atomic_key
         self.conservative = odef.conservative
+        self.reduction = reduction_of(odef)
+        # every type for "all": the same mean, and never an empty list (TorchScript cannot type one)
+        self.sel_types = sel_type_list(odef) or list(range(len(type_map)))
 
     def _atomic(self, desc: Dict[str, torch.Tensor], atype: torch.Tensor, head: str) -> torch.Tensor:
         return self.fitting(desc, atype)
@@ -525,7 +540,7 @@ class FrozenModel(_Evaluator):
         aparam: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         return self._evaluate(coord, atype, box, self.head, self.conservative, do_virial, fparam, aparam,
-                              self.global_key, self.atomic_key)
+                              self.global_key, self.atomic_key, self.reduction, self.sel_types)
 
     @torch.jit.export
     def forward_extended(
@@ -543,7 +558,7 @@ class FrozenModel(_Evaluator):
         """One frame with the neighbours an MD engine already has; ``force`` is folded onto the
         local atoms through ``mapping``, ``extended_force`` is per extended atom."""
         return self._extended(extended_coord, extended_atype, nloc, mapping, pairs, nlist, self.head, self.conservative,
-                              do_virial, fparam, aparam, self.global_key, self.atomic_key)
+                              do_virial, fparam, aparam, self.global_key, self.atomic_key, self.reduction, self.sel_types)
 
 
 class UnitedModel(_Evaluator):
@@ -556,6 +571,8 @@ class UnitedModel(_Evaluator):
         self.global_keys: Dict[str, str] = {k: f.output_def().global_key for k, f in heads.items()}
         self.atomic_keys: Dict[str, str] = {k: f.output_def().atomic_key for k, f in heads.items()}
         self.conservative: Dict[str, bool] = {k: f.output_def().conservative for k, f in heads.items()}
+        self.reductions: Dict[str, str] = {k: reduction_of(f.output_def()) for k, f in heads.items()}
+        self.head_sel_types = {k: sel_type_list(f.output_def()) or list(range(len(type_map))) for k, f in heads.items()}
 
     def _atomic(self, desc: Dict[str, torch.Tensor], atype: torch.Tensor, head: str) -> torch.Tensor:
         atomic = torch.zeros(0)
@@ -584,7 +601,7 @@ class UnitedModel(_Evaluator):
     ) -> Dict[str, torch.Tensor]:
         self._check_head(head)
         return self._evaluate(coord, atype, box, head, self.conservative[head], do_virial, fparam, aparam,
-                              self.global_keys[head], self.atomic_keys[head])
+                              self.global_keys[head], self.atomic_keys[head], self.reductions[head], self.head_sel_types[head])
 
     @torch.jit.export
     def forward_extended(
@@ -602,4 +619,5 @@ class UnitedModel(_Evaluator):
     ) -> Dict[str, torch.Tensor]:
         self._check_head(head)
         return self._extended(extended_coord, extended_atype, nloc, mapping, pairs, nlist, head, self.conservative[head],
-                              do_virial, fparam, aparam, self.global_keys[head], self.atomic_keys[head])
+                              do_virial, fparam, aparam, self.global_keys[head], self.atomic_keys[head],
+                              self.reductions[head], self.head_sel_types[head])

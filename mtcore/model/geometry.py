@@ -1,4 +1,5 @@
-"""From a batch of frames to pair vectors, and from atomic outputs to frame quantities.
+"""From a batch of frames to pair vectors, and from atomic outputs to frame quantities
+(summed, or averaged for an intensive output; see :func:`reduce_atomic`).
 
 These are the only places where forces and virials are made: a descriptor just has to be a
 differentiable function of the coordinates and of the periodic shifts. The virial comes from a
@@ -47,6 +48,27 @@ def prepare_geometry(
     return flat, shift, leaf, strain
 
 
+def reduce_atomic(atomic: torch.Tensor, atype: torch.Tensor, reduction: str, sel_types: List[int]) -> torch.Tensor:
+    """The frame quantity [B, k] of atomic outputs [B, N, k] by the head's declared reduction.
+
+    ``sum``: Σ_i over all atoms (outputs vanish outside ``sel_types`` anyway). ``mean``: the sum
+    over the atoms whose type is in ``sel_types`` (every atom when empty) divided by their number,
+    so an intensive quantity does not grow with the frame; a frame without such atoms gives 0.
+    The loop runs over the selected types, never over atoms. TorchScript-scriptable: the frozen
+    models call it too, so training and inference reduce alike.
+    """
+    if reduction != "mean":
+        return atomic.sum(1)
+    if len(sel_types) == 0:
+        return atomic.mean(1)
+    keep = torch.zeros(atype.shape, dtype=torch.bool, device=atype.device)
+    for t in sel_types:
+        keep = keep | (atype == t)
+    weight = keep.to(atomic.dtype)
+    count = torch.clamp(weight.sum(1, keepdim=True), min=1.0)
+    return (atomic * weight.unsqueeze(-1)).sum(1) / count
+
+
 def finish_outputs(
     atomic: torch.Tensor,
     nframes: int,
@@ -59,11 +81,26 @@ def finish_outputs(
     want_force: bool,
     want_virial: bool,
     create_graph: bool,
+    reduction: str = "sum",
+    atype: Optional[torch.Tensor] = None,
+    sel_types: Optional[List[int]] = None,
 ) -> Dict[str, torch.Tensor]:
-    """Frame sums of the atomic output and, for energies, forces and virials by autograd."""
+    """Frame quantities of the atomic output by ``reduction`` (see :func:`reduce_atomic`; ``none``:
+    the atomic output only) and, for energies (always summed), forces and virials by autograd.
+    ``atype`` [B, N] is needed for ``mean``."""
     atomic = atomic.to(leaf.dtype).reshape(nframes, natoms, -1)
-    total = atomic.sum(1)
-    out: Dict[str, torch.Tensor] = {global_key: total, atomic_key: atomic}
+    out: Dict[str, torch.Tensor] = {atomic_key: atomic}
+    if reduction == "none":
+        return out
+    sel: List[int] = sel_types if sel_types is not None else []
+    if atype is None:
+        if reduction == "mean" and len(sel) > 0:
+            raise RuntimeError("finish_outputs: reduction 'mean' over sel_types needs the atom types")
+        types = torch.zeros(nframes, natoms, dtype=torch.long, device=atomic.device)
+    else:
+        types = atype.reshape(nframes, natoms)
+    total = reduce_atomic(atomic, types, reduction, sel)
+    out[global_key] = total
     if conservative and (want_force or want_virial):
         inputs: List[torch.Tensor] = [leaf]
         if want_virial:

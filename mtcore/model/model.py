@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mtcore.model.descriptor import Descriptor
-from mtcore.model.fitting import Fitting
+from mtcore.model.fitting import Fitting, check_output_def, reduction_of, sel_type_list
 from mtcore.model.geometry import finish_outputs, prepare_geometry
 
 
@@ -45,6 +45,8 @@ class MultiHeadModel(nn.Module):
         shared_users: Optional[dict[str, list[str]]] = None,
     ):
         super().__init__()
+        for name, fitting in heads.items():
+            check_output_def(fitting.output_def(), f"head '{name}' ({type(fitting).__name__})")
         self.descriptor = descriptor
         self.heads = nn.ModuleDict(heads)
         self.shared_layers = shared_layers if shared_layers is not None else nn.ModuleDict()
@@ -78,7 +80,8 @@ class MultiHeadModel(nn.Module):
         aparam: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """Predictions of ``head`` for B frames of N atoms: coord [B,N,3], atype [B,N], box [B,3,3];
-        fparam [B, nf] and aparam [B, N, na] for heads that take them."""
+        fparam [B, nf] and aparam [B, N, na] for heads that take them. The frame quantity follows
+        the head's declared reduction (absent for ``none``)."""
         fitting = self.heads[head]
         odef = fitting.output_def()
         nframes, natoms = atype.shape
@@ -101,4 +104,7 @@ class MultiHeadModel(nn.Module):
             want_force,
             want_virial,
             create_graph,
+            reduction_of(odef),
+            atype,
+            sel_type_list(odef),
         )
