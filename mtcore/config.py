@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 from mtcore.errors import MtcoreError
 from mtcore.input_checks import (
+    BEST_MODEL_KEYS,
+    check_best_settings,
     check_data_section,
     check_finite_numbers,
     check_head_name,
@@ -54,6 +56,9 @@ class HeadConfig:
     training_data: Optional[dict]
     validation_data: Optional[dict]
     weight: float  # sampling probability; 0 = not trained
+    #: validation_freq, validation_frames, best_metric, patience for this head (None = default);
+    #: the per-head value (multi-task data_dict) where given, else the training one
+    best: dict = field(default_factory=dict)
 
     @property
     def trained(self) -> bool:
@@ -301,6 +306,7 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None, ch
             training["training_data"],
             training["validation_data"],
             1.0,
+            _best_settings(training, None),
         )
         return RunConfig(False, checked, {SINGLE_HEAD: head})
 
@@ -348,6 +354,7 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None, ch
     verify(check_model, checked["model"])
     verify(check_training, checked["training"])
     for h in heads:
+        verify(check_best_settings, datas.get(h), "training/data_dict/" + h)
         verify(check_network_settings, fittings[h], "model/fitting_net_dict/" + h)
         for part in ("training_data", "validation_data"):
             verify(check_data_section, datas.get(h, {}).get(part), f"training/data_dict/{h}/{part}")
@@ -390,10 +397,17 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None, ch
             datas.get(h, {}).get("training_data"),
             datas.get(h, {}).get("validation_data"),
             probabilities[h],
+            _best_settings(checked["training"], datas.get(h)),
         )
         for h in heads
     }
     return RunConfig(True, checked, head_configs)
+
+
+def _best_settings(training: dict, entry: Optional[dict]) -> dict:
+    """A head's best-model keys: its data_dict entry's value where not null, else training's."""
+    own = entry or {}
+    return {k: own[k] if own.get(k) is not None else training.get(k) for k in BEST_MODEL_KEYS}
 
 
 def _default_loss(registry: Registry, fitting: dict, where: str) -> dict:

@@ -155,6 +155,7 @@ def check_training(training: dict) -> None:
     disp_file = training.get("disp_file")
     if disp_file is not None and (not disp_file.strip() or disp_file.endswith(("/", os.sep)) or Path(disp_file).is_dir()):
         raise MtcoreError(f"training/disp_file: {disp_file!r} is a folder; give a file name (e.g. 'lcurve.out')")
+    check_best_settings(training, "training")
 
 
 def check_model(model: dict) -> None:
@@ -176,3 +177,22 @@ def check_loss(section: dict, where: str) -> None:
     relative_f = section.get("relative_f")
     if isinstance(relative_f, (int, float)) and relative_f <= 0:
         raise MtcoreError(f"{where}/relative_f: must be positive (it is added to |F| in the denominator), got {relative_f!r}")
+
+
+#: keys of the fixed-set validation (best model per head, early stopping); see schema.best_model_arguments
+BEST_MODEL_KEYS = ("validation_freq", "validation_frames", "best_metric", "patience")
+
+
+def check_best_settings(section: Optional[dict], where: str) -> None:
+    """validation_freq, validation_frames and patience count steps, frames and evaluations: a
+    zero or negative value would silently never validate (or stop at once); null means the
+    default. best_metric names are checked against the head's loss when the loss is built."""
+    if not section:
+        return
+    for key in ("validation_freq", "validation_frames", "patience"):
+        value = section.get(key)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise MtcoreError(f"{where}/{key}: must be a positive integer or null, got {value!r}")
+    metric = section.get("best_metric")
+    if metric is not None and (not isinstance(metric, str) or not metric.strip()):
+        raise MtcoreError(f"{where}/best_metric: expected a metric name such as 'rmse_f', got {metric!r}")

@@ -83,8 +83,41 @@ def data_argument(name: str, validation: bool) -> Argument:
     return Argument(name, [dict, None] if validation else dict, args, optional=True, default=None)
 
 
+def best_model_arguments(per_head: bool) -> list[Argument]:
+    """Keys of the fixed-set validation that keeps each head's best model (and early stopping).
+
+    Under ``training`` they apply to every head; under ``training/data_dict/<head>`` (multi-task)
+    a value other than null overrides the ``training`` one for that head."""
+    inherit = " (null: the value under training)" if per_head else ""
+    return [
+        Argument(
+            "validation_freq", [int, None], optional=True, default=None,
+            doc="steps between evaluations of the head's fixed validation frames, which decide its best model"
+            + (inherit if per_head else " (null: disp_freq)"),
+        ),
+        Argument(
+            "validation_frames", [int, None], optional=True, default=None,
+            doc="size of the fixed, seeded subset of validation frames evaluated each time"
+            + (inherit if per_head else " (null: all validation frames)"),
+        ),
+        Argument(
+            "best_metric", [str, None], optional=True, default=None,
+            doc="metric (a name of the loss's metrics, e.g. rmse_f, rmse_e, rmse_gl) whose improvement writes "
+            "<prefix>.best.<head>.pt" + (inherit if per_head else " (null: rmse_f for energy heads, rmse_gl or rmse_lc for tensor heads)"),
+        ),
+        Argument(
+            "patience", [int, None], optional=True, default=None,
+            doc="early stopping: a head whose best_metric has not improved for this many evaluations is no longer "
+            "drawn; the run ends when no head is left" + (inherit if per_head else " (null: off)"),
+        ),
+    ]
+
+
 def data_dict_entry_argument(name: str) -> Argument:
-    return Argument(name, dict, [data_argument("training_data", False), data_argument("validation_data", True)])
+    return Argument(
+        name, dict,
+        [data_argument("training_data", False), data_argument("validation_data", True), *best_model_arguments(True)],
+    )
 
 
 def training_argument() -> Argument:
@@ -104,6 +137,7 @@ def training_argument() -> Argument:
             Argument("save_freq", int, optional=True, default=1000),
             Argument("save_ckpt", str, optional=True, default="model.ckpt"),
             Argument("max_ckpt_keep", int, optional=True, default=5, doc="periodic checkpoints kept"),
+            *best_model_arguments(False),
             Argument("disp_training", bool, optional=True, default=True),
             Argument("time_training", bool, optional=True, default=True),
             Argument(

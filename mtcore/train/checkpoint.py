@@ -14,6 +14,11 @@ deleted file, whatever moment a kill hits. Pruning only deletes files this run (
 continues, i.e. the index beside the restart checkpoint) wrote; a file of anyone else in the way
 is moved into a backup folder, never overwritten.
 
+Best models (one per head with validation data): ``<stem>.best.<head>.pt`` beside the checkpoints
+(``<stem>`` is the prefix without a trailing ``.ckpt``: ``model.ckpt`` → ``model.best.<head>.pt``),
+written the same way (temp file, fsync, rename; checksummed) and under the same owned-only rule:
+a file of that name this run did not write is moved into a backup folder before the first write.
+
 Every checkpoint carries ``sha256``: a digest of its whole content (tensors byte for byte, the
 rest by value), verified on load; a corrupted file falls back to the previous one in the index.
 """
@@ -148,6 +153,10 @@ class CheckpointManager:
         self.keep = max(1, int(keep))
         self.owned: list[str] = []  # names this run wrote (or adopted from the run it continues), newest first
         self._pattern = re.compile(re.escape(prefix) + r"-\d+\.pt")
+        stem = prefix[: -len(".ckpt")] if prefix.endswith(".ckpt") and len(prefix) > len(".ckpt") else prefix
+        self.best_stem = stem
+        self._best_pattern = re.compile(re.escape(stem) + r"\.best\.[A-Za-z0-9_][A-Za-z0-9_-]*\.pt")
+        self.best_owned: set[str] = set()  # best files this run wrote or adopted
 
     @property
     def index(self) -> Path:
@@ -176,7 +185,7 @@ class CheckpointManager:
             if match is None:
                 continue
             name = match.group("name")
-            if name in (INDEX, self.latest.name) or self._pattern.fullmatch(name):
+            if name in (INDEX, self.latest.name) or self._pattern.fullmatch(name) or self._best_pattern.fullmatch(name):
                 with contextlib.suppress(OSError):
                     entry.unlink()
                     removed.append(entry.name)
@@ -184,7 +193,8 @@ class CheckpointManager:
 
     def existing(self) -> list[Path]:
         found = sorted(p for p in self.folder.glob(f"{self.prefix}-*.pt") if self._pattern.fullmatch(p.name))
-        return found + [p for p in (self.latest, self.index) if p.exists() or p.is_symlink()]
+        best = sorted(p for p in self.folder.glob(f"{self.best_stem}.best.*.pt") if self._best_pattern.fullmatch(p.name))
+        return found + best + [p for p in (self.latest, self.index) if p.exists() or p.is_symlink()]
 
     def _backup_folder(self) -> Path:
         n = 1
@@ -203,6 +213,7 @@ class CheckpointManager:
         for path in moving:
             shutil.move(str(path), backup / path.name)
         self.owned = []
+        self.best_owned = set()
         return backup
 
     def continue_run(self, restart_path: Optional[str]) -> bool:
@@ -239,6 +250,40 @@ class CheckpointManager:
             (self.folder / old).unlink(missing_ok=True)
         self.owned = kept
         return path
+
+    # best models ---------------------------------------------------------------------------
+    def best_path(self, head: str) -> Path:
+        return self.folder / best_file_name(self.prefix, head)
+
+    def adopt_best(self, head: str) -> None:
+        """--restart: the best file of ``head`` was written by the run being continued."""
+        self.best_owned.add(self.best_path(head).name)
+
+    def save_best(self, state: dict, head: str) -> tuple[Path, str]:
+        """Write ``head``'s best model (atomic, checksummed); a same-named file this run did not
+        write is moved into a backup folder first, never overwritten. Returns (path, digest)."""
+        path = self.best_path(head)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if (path.exists() or path.is_symlink()) and path.name not in self.best_owned:
+            backup = self._backup_folder()
+            shutil.move(str(path), backup / path.name)
+            warnings.warn(f"{path}: not written by this run; moved to {backup} before saving the best model of head '{head}'")
+        state = dict(state)
+        state[DIGEST_KEY] = state_digest(state)
+        atomic_torch_save(state, path)
+        self.best_owned.add(path.name)
+        return path, state[DIGEST_KEY]
+
+
+def best_file_name(prefix: str, head: str) -> str:
+    """``model.ckpt`` → ``model.best.<head>.pt``; any other prefix P → ``P.best.<head>.pt``."""
+    stem = prefix[: -len(".ckpt")] if prefix.endswith(".ckpt") and len(prefix) > len(".ckpt") else prefix
+    return f"{stem}.best.{head}.pt"
+
+
+def read_checkpoint_file(path: Path) -> dict:
+    """One checkpoint (or best) file, checksum verified; no index fallback."""
+    return _read(Path(path))
 
 
 # -- loading ----------------------------------------------------------------------------------

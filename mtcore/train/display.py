@@ -3,13 +3,20 @@ that updates in place. Without a terminal (CI, pipes) it prints one line per dis
 
 from __future__ import annotations
 
+import io
 import math
-from typing import Optional
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mtcore.train.best import BestTracker
+    from mtcore.train.checkpoint import CheckpointManager
 
 
 def metrics_table(step: int, values: dict[str, tuple[dict, Optional[dict], float]]) -> Table:
@@ -86,3 +93,38 @@ class TrainingDisplay:
             )
             parts.append(f"{head}: {shown} lr={lr:.1e}")
         self.console.print(f"step {step:>7d}  " + "  |  ".join(parts), highlight=False, soft_wrap=True)
+
+
+def print_table(console: Console, table: Table) -> None:
+    """Print a table whole: without a terminal (a pipe, a log file) rich would squeeze it into
+    80 columns and cut cells with '…'; a log must keep every file name and number."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    wide = console.options.update(width=100_000, max_width=100_000)
+    width = max(console.width, min(console.measure(table, options=wide).maximum, 100_000))
+    buffer = io.StringIO()  # Console.print caps width at the console's own; render at full width
+    Console(file=buffer, width=width, color_system=None, force_terminal=False).print(table)
+    console.out(buffer.getvalue(), end="", highlight=False)
+
+
+def best_summary_table(best: "BestTracker", checkpoints: "CheckpointManager", workdir: Path) -> Table:
+    """End of run: per head, the step and value of its best model and the file that holds it."""
+    table = Table(title="best model per head (fixed validation frames)")
+    for column in ("head", "metric", "best", "step", "frames", "stopped", "file"):
+        table.add_column(column, justify="right" if column in ("best", "step", "frames") else "left", overflow="fold")
+    for head, entry in best.heads.items():
+        path = checkpoints.best_path(head)
+        shown = os.path.relpath(path, workdir) if entry.step is not None and path.exists() else "-"
+        table.add_row(
+            head,
+            entry.metric,
+            _fmt(entry.value) if entry.step is not None else "-",
+            str(entry.step) if entry.step is not None else "-",
+            f"{entry.nframes}/{entry.total}",
+            f"at step {entry.stopped}" if entry.stopped is not None else "-",
+            shown,
+        )
+    for head in best.without_validation:
+        table.add_row(head, "-", "-", "-", "0", "-", "no validation data: no best model")
+    return table

@@ -53,9 +53,13 @@ def plan_table(trainer: "Trainer", bias_source: dict[str, str]) -> Table:
         title += f" · shared fitting layers: {_fmt_count(shared_total, shared_trainable)} parameters"
     table = Table(title=title)
     for column in ("head", "fitting", "drawn", "training data", "epochs", "validation", "own parameters",
-                   "shared layers", "output bias"):
+                   "shared layers", "output bias", "best model"):
         table.add_column(column, justify="right" if column in ("drawn", "epochs") else "left")
-    probability = dict(zip(trainer.trained, trainer.weights))
+    active = set(trainer.active)
+    weights = {h: w for h, w in zip(trainer.trained, trainer.weights) if h in active}
+    norm = sum(weights.values()) or 1.0
+    probability = {h: w / norm for h, w in weights.items()}  # early-stopped heads are no longer drawn
+    best = trainer.best.heads
     remaining = max(trainer.numb_steps - trainer.step, 0)
     for name, head in config.heads.items():
         runtime = trainer.heads[name]
@@ -63,15 +67,23 @@ def plan_table(trainer: "Trainer", bias_source: dict[str, str]) -> Table:
         shared = sorted({key.split("/")[0] for key, users in model.shared_users.items() if name in users})
         p = float(probability.get(name, 0.0))
         trained = name in probability
+        if name in best:
+            best_cell = best[name].describe()
+        elif name in trainer.trained:
+            best_cell = "no validation data: no best model"
+        else:
+            best_cell = "-"
+        stopped = best[name].stopped if name in best else None
         table.add_row(
             name,
             str(head.fitting.get("type", "ener")),
-            f"{100 * p:.1f}%" if trained else "not trained",
+            f"{100 * p:.1f}%" if trained else (f"stopped at step {stopped}" if stopped is not None else "not trained"),
             _data(runtime.train),
             f"{expected_epochs(runtime.train, remaining * p):.2f}" if trained and runtime.train is not None else "-",
             _data(runtime.valid),
             _fmt_count(*_count(own)),
             ", ".join(shared) or "-",
             bias_source.get(name, "-"),
+            best_cell,
         )
     return table

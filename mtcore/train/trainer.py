@@ -34,8 +34,9 @@ from mtcore.model.build import build_losses, build_model, head_requirements, upd
 from mtcore.model.loss import Loss
 from mtcore.model.model import MultiHeadModel
 from mtcore.plugins import Registry, get_registry
-from mtcore.train.checkpoint import FORMAT, CheckpointManager, atomic_text, split_save_ckpt
-from mtcore.train.display import TrainingDisplay
+from mtcore.train.best import BestTracker, pooled_rmse
+from mtcore.train.checkpoint import FORMAT, CheckpointManager, atomic_text, read_checkpoint_file, split_save_ckpt
+from mtcore.train.display import TrainingDisplay, best_summary_table, print_table
 from mtcore.train.lcurve import LcurveWriter, truncate_after
 from mtcore.train.outdir import ensure_writable, locked, remove_leftovers
 from mtcore.train.lr import ExpDecay
@@ -121,6 +122,11 @@ class Trainer:
         self.workdir = Path(workdir)
         self.device = torch.device(device or os.environ.get("MTCORE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
         if restart is not None:
+            if restart.get("best_of") is not None:
+                raise MtcoreError(
+                    f"--restart {restart.get('path', '')}: a best-model file (no optimiser state) cannot be restarted; "
+                    "restart from a periodic checkpoint, or start a new run from it with --init-model"
+                )
             config = config_from_document(restart["config"], self.registry)
         self.config = config
         training = config.training
@@ -161,6 +167,13 @@ class Trainer:
         self.trained = config.trained_heads()
         self.weights = np.array([config.heads[h].weight for h in self.trained])
         self.weights = self.weights / self.weights.sum()
+        self.best = BestTracker.build(
+            config.heads, self.trained, {h: self.heads[h].valid for h in self.trained},
+            {h: self.heads[h].loss.metric_names() for h in self.trained},
+            int(training["disp_freq"]), self.seed, config.multi_task,
+        )
+        if restart is not None:
+            self.best.load_state_dict(restart.get("best"))
         if restart is not None:
             self._load_restart(restart)
             self.bias_source = {h: "restart checkpoint" for h in self.trained}
@@ -294,10 +307,22 @@ class Trainer:
             self.heads[name].optimizer = torch.optim.Adam(unique, lr=self.heads[name].schedule.start_lr)
 
     # stepping ------------------------------------------------------------------------------
+    @property
+    def active(self) -> list[str]:
+        """Trained heads still drawn (early stopping removes heads)."""
+        stopped = self.best.stopped()
+        return [h for h in self.trained if h not in stopped]
+
     def draw_head(self) -> str:
-        if len(self.trained) == 1:
-            return self.trained[0]
-        return self.trained[int(self.rng.choice(len(self.trained), p=self.weights))]
+        active = self.active
+        if len(active) == len(self.trained):
+            if len(self.trained) == 1:
+                return self.trained[0]
+            return self.trained[int(self.rng.choice(len(self.trained), p=self.weights))]
+        if len(active) == 1:
+            return active[0]
+        weights = np.array([self.weights[self.trained.index(h)] for h in active])
+        return active[int(self.rng.choice(len(active), p=weights / weights.sum()))]
 
     def _predict(self, head: str, batch: Batch, create_graph: bool) -> dict:
         loss = self.heads[head].loss
@@ -368,6 +393,77 @@ class Trainer:
             values[head] = (trn, val, runtime.schedule.value(self.step))
         return values
 
+    def fixed_set_metrics(self, head: str) -> dict[str, float]:
+        """The head's metrics on its fixed validation frames, pooled over all of them. A
+        non-finite prediction makes every metric NaN (never a best model)."""
+        best, runtime = self.best.heads[head], self.heads[head]
+        parts = []
+        for index, frames in best.chunks:
+            batch = runtime.valid.batch(index, frames)
+            lr = runtime.schedule.value(self.step)
+            pred = {k: v.detach() for k, v in self._predict(head, batch, create_graph=False).items()}
+            if not all(bool(torch.isfinite(v).all()) for v in pred.values() if v.is_floating_point()):
+                return {name: math.nan for name in runtime.loss.metric_names()}
+            atype = batch.atype.to(self.device)
+            _, metrics = runtime.loss(pred, labels_on(batch, self.device), batch.find, atype,
+                                      lr / runtime.schedule.start_lr, metrics=True)
+            parts.append((metrics, batch.nframes * runtime.loss.metric_weight(atype, pred)))
+        return pooled_rmse(parts)
+
+    def validate(self, checkpoints: CheckpointManager) -> list[str]:
+        """Evaluate the heads due at this step; write the best file of each that improved.
+        Returns the heads that early stopping stopped now."""
+        newly_stopped = []
+        for head, best in self.best.heads.items():
+            if not best.due(self.step):
+                continue
+            value = float(self.fixed_set_metrics(head).get(best.metric, math.nan))
+            bad = next((k for k, v in self.model.state_dict().items()
+                        if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+            if bad is not None and math.isfinite(value) and value < best.value:
+                warnings.warn(f"step {self.step}, head '{head}': parameter {bad} is not finite; not taken as its best model")
+                value = math.nan
+            if best.update(self.step, value):
+                state = {k: v for k, v in self.state_dict().items() if k != "optimizers"}
+                state["best_of"] = {"head": head, "metric": best.metric, "value": best.value, "step": self.step,
+                                    "run_id": self.best.run_id, "validation_frames": best.nframes}
+                _, best.digest = checkpoints.save_best(state, head)
+            elif best.stopped is not None:
+                newly_stopped.append(head)
+                self.console.print(
+                    f"head '{head}': {best.metric} did not improve in {best.patience} evaluations (best {best.value:.3e} "
+                    f"at step {best.step}); no longer trained from step {self.step}", highlight=False, soft_wrap=True,
+                )
+        return newly_stopped
+
+    def _adopt_best_files(self, checkpoints: CheckpointManager, continuing: bool) -> None:
+        """--restart: keep comparing against the best files the continued run wrote (same run
+        id). A newer one (written after the restart checkpoint) is adopted with its value; a
+        missing or foreign one restarts that head's comparison (a foreign file is moved aside
+        at the first write, never overwritten)."""
+        for head, best in self.best.heads.items():
+            path = checkpoints.best_path(head)
+            found = None
+            if continuing and path.is_file():
+                try:
+                    found = read_checkpoint_file(path).get("best_of")
+                except MtcoreError:
+                    found = None
+                if not isinstance(found, dict) or found.get("run_id") != self.best.run_id or found.get("head") != head \
+                        or found.get("metric") != best.metric:
+                    found = None
+            if found is not None:
+                checkpoints.adopt_best(head)
+                if found.get("step") != best.step or found.get("value") != best.value:
+                    best.value, best.step = float(found["value"]), int(found["step"])
+                    self.console.print(f"head '{head}': {path.name} (step {best.step}) adopted as its best model so far")
+            elif best.step is not None:
+                self.console.print(
+                    f"head '{head}': {path.name} is not the best model this run wrote; its best model is chosen again "
+                    "from the next evaluation", highlight=False, soft_wrap=True,
+                )
+                best.reset()
+
     # checkpoints ---------------------------------------------------------------------------
     def non_finite_parameter(self) -> Optional[str]:
         """The first model parameter/buffer or optimiser moment holding NaN or inf, if any."""
@@ -406,6 +502,7 @@ class Trainer:
             "optimizers": {h: self.heads[h].optimizer.state_dict() for h in self.trained},
             "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
+            "best": self.best.state_dict(),
             "datasets": {
                 h: {
                     "train": self.heads[h].train.state_dict() if self.heads[h].train else None,
@@ -425,8 +522,9 @@ class Trainer:
         with locked([self.workdir, ckpt_folder]):
             return self._run_locked(CheckpointManager(ckpt_folder, prefix, training.get("max_ckpt_keep", 5)))
 
-    def _prepare_folder(self, checkpoints: CheckpointManager, lcurve_path: Path) -> None:
-        """Clean what a killed run left, and keep an earlier run's files out of harm's way."""
+    def _prepare_folder(self, checkpoints: CheckpointManager, lcurve_path: Path) -> bool:
+        """Clean what a killed run left, and keep an earlier run's files out of harm's way.
+        Returns True when this run continues the run whose files are in the folder."""
         removed = checkpoints.remove_leftovers()
         removed += remove_leftovers(self.workdir, [lcurve_path.name, "out.json"])
         if removed:
@@ -435,10 +533,11 @@ class Trainer:
             backup = checkpoints.backup_previous_run([lcurve_path])
             if backup is not None:
                 self.console.print(f"an earlier run's checkpoints and {lcurve_path.name} were moved to {backup}")
-            return
+            return False
         dropped = truncate_after(lcurve_path, self.step)
         if dropped:
             self.console.print(f"{lcurve_path.name}: {dropped} line(s) after step {self.step} removed (they are trained again)")
+        return True
 
     def _run_locked(self, checkpoints: CheckpointManager) -> dict:
         training = self.config.training
@@ -447,24 +546,28 @@ class Trainer:
         show = bool(training.get("disp_training", True))
         lcurve_path = self.workdir / training["disp_file"]
         appending = self.restart is not None
-        self._prepare_folder(checkpoints, lcurve_path)
+        continuing = self._prepare_folder(checkpoints, lcurve_path)
+        self._adopt_best_files(checkpoints, continuing)
         atomic_text(self.workdir / "out.json", json.dumps(self.config.document, indent=2))
         columns = {
             h: (self.heads[h].loss.metric_names(), self.heads[h].valid is not None) for h in self.trained
         }
         lcurve = LcurveWriter(lcurve_path, columns, self.config.multi_task, append=appending) if show else None
-        self.console.print(plan_table(self, self.bias_source))
+        print_table(self.console, plan_table(self, self.bias_source))
         timings: list[float] = []
         last_saved = -1
         skipped_in_a_row = 0
         stop = _StopOnInterrupt()
         try:
             with stop, TrainingDisplay(self.console, self.numb_steps, self.step) as display:
-                if show and not appending and self.step == 0:
-                    values = self.display_values()
-                    lcurve.write(self.step, values)
-                    display.metrics(self.step, values)
-                while self.step < self.numb_steps and not stop.requested:
+                if not appending and self.step == 0:
+                    if show:
+                        values = self.display_values()
+                        lcurve.write(self.step, values)
+                        display.metrics(self.step, values)
+                    if self.numb_steps > 0:
+                        self.validate(checkpoints)
+                while self.step < self.numb_steps and not stop.requested and self.active:
                     start = time.perf_counter()
                     head = self.draw_head()
                     updated = self.train_step(head)
@@ -483,6 +586,7 @@ class Trainer:
                         values = self.display_values()
                         lcurve.write(self.step, values)
                         display.metrics(self.step, values)
+                    self.validate(checkpoints)
                     if save_freq > 0 and self.step % save_freq == 0:
                         self.save_checkpoint(checkpoints)
                         last_saved = self.step
@@ -500,6 +604,12 @@ class Trainer:
                 f"interrupted ({name}) at step {self.step}: checkpoint saved; continue with "
                 f"mtcore train --restart {shown}"
             )
-        elif timings:
-            self.console.print(f"finished training: {len(timings)} steps, {per_step * 1000:.1f} ms/step (first {skip} excluded)")
-        return {"steps": len(timings), "seconds_per_step": per_step, "interrupted": stop.requested, "signal": stop.signum}
+        else:
+            if not self.active:
+                self.console.print(f"every head stopped early (patience) by step {self.step}: training ended, checkpoint saved")
+            if timings:
+                self.console.print(f"finished training: {len(timings)} steps, {per_step * 1000:.1f} ms/step (first {skip} excluded)")
+        if self.best.heads or self.best.without_validation:
+            print_table(self.console, best_summary_table(self.best, checkpoints, self.workdir))
+        return {"steps": len(timings), "seconds_per_step": per_step, "interrupted": stop.requested, "signal": stop.signum,
+                "best": {h: b.state_dict() for h, b in self.best.heads.items()}}
