@@ -154,16 +154,25 @@ def freeze(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="output file (default frozen_model.pth)"),
     head: Optional[str] = typer.Option(None, "--head", help="multi-task: 'all' (default, one file per head) or one head"),
     united: bool = typer.Option(False, "--united", help="multi-task: every head in one file"),
+    best: bool = typer.Option(
+        False, "--best", help="each head from its own best model (model.best.<head>.pt, lowest validation metric)"
+    ),
 ) -> None:
     """Write self-contained TorchScript model file(s)."""
 
     def body():
         from mtcore.freeze import freeze as do_freeze
+        from mtcore.freeze import freeze_best
         from mtcore.train.checkpoint import load_checkpoint
         from mtcore.train.outdir import ensure_can_create
 
         ensure_can_create(output or Path("frozen_model.pth"))  # before the checkpoint is read
         state = load_checkpoint(checkpoint)
+        if best:
+            for path, mark in freeze_best(state, output, head, united):
+                console.print(f"wrote {path} (head {mark['head']}: best {mark['metric']} {mark['value']:.3e} at step "
+                              f"{mark['step']})", highlight=False, soft_wrap=True)
+            return
         for path in do_freeze(state, output, head, united):
             console.print(f"wrote {path}")
 

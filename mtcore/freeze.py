@@ -3,6 +3,11 @@
 Multi-task: one file per head by default (``<stem>_<head><suffix>``), each exactly what a
 single-task model with that head would freeze to; ``head`` picks one; ``united`` writes every head
 into one file (the head is chosen at evaluation; also usable as an ``--init-model`` source).
+
+``best`` (:func:`freeze_best`): each head from its own best-model file (``model.best.<head>.pt``,
+written by training when that head's validation metric improved), named like the per-head files.
+A united file holds ONE descriptor, so ``--united`` with ``--best`` is refused unless every head's
+best model is from the same step (then they are one and the same model).
 """
 
 from __future__ import annotations
@@ -99,9 +104,11 @@ def model_from_checkpoint(state: dict, registry: Optional[Registry] = None) -> t
     return model, state["config"], config.multi_task
 
 
-def freeze(state: dict, output: Optional[Path], head: Optional[str] = None, united: bool = False) -> list[Path]:
-    """Write the frozen file(s); returns their paths."""
+def freeze(state: dict, output: Optional[Path], head: Optional[str] = None, united: bool = False,
+           extra: Optional[dict] = None) -> list[Path]:
+    """Write the frozen file(s); returns their paths. ``extra``: more metadata for per-head files."""
     model, document, multi = model_from_checkpoint(state)
+    extra = extra or {}
     default = Path("frozen_model.pth")
     if not multi:
         if head is not None and head != "all":
@@ -109,7 +116,7 @@ def freeze(state: dict, output: Optional[Path], head: Optional[str] = None, unit
         if united:
             raise MtcoreError("--united: this checkpoint is single-task; a plain freeze already holds its only head")
         path = Path(output or default)
-        meta = head_metadata(model, document, "default", False, frozen_provenance(state, document))
+        meta = dict(head_metadata(model, document, "default", False, frozen_provenance(state, document)), **extra)
         _save_script(FrozenModel(model.descriptor, model.heads["default"], model.type_map, "default", json.dumps(meta)), path, json.dumps(meta))
         return [path]
     if united:
@@ -135,7 +142,83 @@ def freeze(state: dict, output: Optional[Path], head: Optional[str] = None, unit
     written = []
     for h in heads:
         path = base if (head not in (None, "all") and output is not None) else base.with_name(f"{base.stem}_{h}{base.suffix}")
-        meta = json.dumps(head_metadata(model, document, h, True, frozen_provenance(state, single_task_document(document, h))))
+        meta = json.dumps(dict(head_metadata(model, document, h, True, frozen_provenance(state, single_task_document(document, h))), **extra))
         _save_script(FrozenModel(model.descriptor, model.heads[h], model.type_map, h, meta), path, meta)
         written.append(path)
+    return written
+
+
+def best_files(state: dict, head: Optional[str] = None) -> tuple[dict[str, dict], list[str]]:
+    """The best-model states to freeze for ``state`` (a run's checkpoint, or a best file itself):
+    head → checksum-verified state of its best file; and the trained heads that have none
+    (no validation data). Errors name the file and what is wrong with it."""
+    from mtcore.train.checkpoint import best_file_name, read_checkpoint_file
+
+    where = state.get("path", "checkpoint")
+    own = state.get("best_of")
+    if own is not None:  # -c model.best.<head>.pt: that head, from that file
+        if head not in (None, "all", own.get("head")):
+            raise MtcoreError(f"--head {head}: {where} is the best model of head '{own.get('head')}'")
+        return {own["head"]: state}, []
+    record = state.get("best")
+    if not record or not record.get("heads"):
+        raise MtcoreError(
+            f"{where}: no best model is recorded (no head has validation data, or the run predates best "
+            "tracking); freeze without --best"
+        )
+    heads = record["heads"]
+    config = config_from_document(state["config"], get_registry())
+    without = [h for h in config.trained_heads() if h not in heads]
+    if head not in (None, "all"):
+        if head not in config.heads:
+            raise MtcoreError(f"--head {head}: not a head of this model; heads: {', '.join(config.heads)}")
+        if head not in heads:
+            raise MtcoreError(f"--head {head}: this head has no validation data in its run, so it has no best model")
+        wanted, without = [head], []
+    else:
+        wanted = list(heads)
+    folder = Path(where).parent
+    prefix = Path(config.training.get("save_ckpt", "model.ckpt")).name
+    found = {}
+    for h in wanted:
+        path = folder / best_file_name(prefix, h)
+        if not path.exists():
+            raise MtcoreError(f"{path}: best model of head '{h}' not found (it is written at the head's first validation)")
+        best_state = read_checkpoint_file(path)
+        mark = best_state.get("best_of") or {}
+        if mark.get("head") != h or mark.get("run_id") != record.get("run_id"):
+            raise MtcoreError(f"{path}: not the best model of head '{h}' written by the run of {where}")
+        found[h] = best_state
+    return found, without
+
+
+def freeze_best(state: dict, output: Optional[Path], head: Optional[str] = None,
+                united: bool = False) -> list[tuple[Path, dict]]:
+    """Freeze each head from its own best-model file; returns (path, that head's best_of)."""
+    found, without = best_files(state, head)
+    if united:
+        steps = {h: s["best_of"]["step"] for h, s in found.items()}
+        if len(set(steps.values())) > 1:
+            shown = ", ".join(f"{h} {step}" for h, step in steps.items())
+            raise MtcoreError(
+                f"--united --best: the heads' best models are from different steps ({shown}); a united file holds one "
+                "descriptor, so freeze each head from its own best model (drop --united)"
+            )
+        first = next(iter(found.values()))
+        return [(path, first["best_of"]) for path in freeze(first, output, head, united=True)]
+    for h in without:
+        warnings.warn(f"head '{h}' has no validation data, so no best model; not frozen (freeze without --best for it)")
+    multi = bool(state.get("multi_task"))
+    base = Path(output or "frozen_model.pth")
+    written = []
+    for h, best_state in found.items():
+        if not multi:
+            path = base
+        elif head not in (None, "all") and output is not None:
+            path = base
+        else:
+            path = base.with_name(f"{base.stem}_{h}{base.suffix}")
+        mark = dict(best_state["best_of"], file=Path(best_state["path"]).name)
+        freeze(best_state, path, h if multi else None, extra={"best": mark})
+        written.append((path, mark))
     return written
