@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -28,6 +28,22 @@ class StatSample:
     labels: dict
     find: dict
     system: str = ""
+
+
+@dataclass
+class EmbeddingInput:
+    """An embedding net that ``mtcore compress`` may replace by a table (mtcore.model.tabulate).
+
+    path: dotted name of the net inside the descriptor (``descriptor.get_submodule(path)``), a
+    one-input net with EmbeddingNet's interface (x [n, 1] → [n, M]); lower/upper: the smallest
+    and largest input it receives on frames whose atoms are at least ``min_distance`` apart
+    (empty neighbour slots included); meaning: what the input is, for messages and metadata.
+    """
+
+    path: str
+    lower: float
+    upper: float
+    meaning: str
 
 
 class Descriptor(nn.Module):
@@ -60,6 +76,14 @@ class Descriptor(nn.Module):
 
     def compute_input_stats(self, samples: list[StatSample]) -> None:
         """Set normalisation statistics from training frames (all heads' frames, pooled)."""
+
+    @torch.jit.unused
+    def compressible_embeddings(self, min_distance: float) -> Optional[List[EmbeddingInput]]:
+        """Optional (``mtcore compress``): the one-input embedding nets that may be tabulated,
+        with the range of their inputs when no two atoms are closer than ``min_distance`` (Å;
+        from the training data), or None when this descriptor cannot be compressed (default).
+        Called after statistics are set; the nets are swapped for tables with the same forward."""
+        return None
 
     def forward(
         self,

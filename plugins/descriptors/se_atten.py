@@ -52,10 +52,11 @@ from torch import nn
 
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, NeighborStat, SchemaContext, hookimpl
-from mtcore.model.descriptor import Descriptor, StatSample
+from mtcore.model.descriptor import Descriptor, EmbeddingInput, StatSample
 from mtcore.model.env import env_statistics, kept_rows, padded_positions, padding_rows, scatter_padded
 from mtcore.model.mlp import Dense, EmbeddingNet, dtype_of, new_generator
 from mtcore.model.sel import resolve_sel
+from mtcore.model.tabulate import normalised_s_range
 from mtcore_builtins.descriptors._common import exclusion_matrix as type_pair_exclusions
 
 #: the plugin API this module was written for (mtcore.hookspecs: versions)
@@ -257,6 +258,17 @@ class DescrptSeAtten(Descriptor):
         davg, dstd = env_statistics(samples, rows_of, self.ntypes, self.nnei, self.rcut, False, self.set_davg_zero)
         self.davg.copy_(davg.to(self.dtype))
         self.dstd.copy_(dstd.to(self.dtype))
+
+    @torch.jit.unused
+    def compressible_embeddings(self, min_distance: float) -> List[EmbeddingInput]:
+        """Stripped type embedding only: ``net`` takes normalised s(r) alone (the type net runs once
+        per type pair and stays); otherwise the net also takes the type embedding: not tabulable."""
+        if not self.stripped:
+            raise MtcoreError("se_atten: only stripped type embedding (stripped_type_embedding true, or se_atten_v2) "
+                              "can be compressed; this embedding net also takes the type embedding as input")
+        lower, upper = normalised_s_range(self.davg, self.dstd, list(range(self.ntypes)), min_distance,
+                                          self.rcut_smth, self.rcut)
+        return [EmbeddingInput("net", lower, upper, "normalised s(r), any type pair")]
 
     def _smooth_weight(self, s: torch.Tensor) -> torch.Tensor:
         """w = clip(1 - (1 - rcut_smth·s)³, 0, 1): 1 inside rcut_smth, 0 at rcut and for empty slots."""

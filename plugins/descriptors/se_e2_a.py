@@ -20,9 +20,10 @@ from torch import nn
 
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, SchemaContext, hookimpl
-from mtcore.model.descriptor import Descriptor, StatSample
+from mtcore.model.descriptor import Descriptor, EmbeddingInput, StatSample
 from mtcore.model.env import env_statistics, group_slices, kept_rows, padded_positions, padding_rows, scatter_padded
 from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
+from mtcore.model.tabulate import normalised_s_range
 from mtcore_builtins.descriptors._common import check_rcut, exclusion_matrix, update_sel_per_type
 
 #: the plugin API this module was written for (mtcore.hookspecs: versions)
@@ -106,6 +107,21 @@ class DescrptSeA(Descriptor):
         davg, dstd = env_statistics(samples, self._rows, self.ntypes, self.nnei, self.rcut, False, self.set_davg_zero)
         self.davg.copy_(davg.to(self.dtype))
         self.dstd.copy_(dstd.to(self.dtype))
+
+    @torch.jit.unused
+    def compressible_embeddings(self, min_distance: float) -> List[EmbeddingInput]:
+        """Every net takes normalised s(r) of its (centre, neighbour) type group (mtcore compress)."""
+        out: List[EmbeddingInput] = []
+        for k, g in enumerate(self.net_groups):
+            if self.type_one_side:
+                centres = list(range(self.ntypes))  # the padding term runs it for every centre type
+                what = f"normalised s(r) of neighbours of type {g}"
+            else:
+                centres = [g // self.ntypes]
+                what = f"normalised s(r) of type pair ({g // self.ntypes}, {g % self.ntypes})"
+            lower, upper = normalised_s_range(self.davg, self.dstd, centres, min_distance, self.rcut_smth, self.rcut)
+            out.append(EmbeddingInput(f"nets.{k}", lower, upper, what))
+        return out
 
     def _embed(self, s: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedding of every pair, grouped by net; returns (G in group order, that order)."""

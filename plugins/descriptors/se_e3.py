@@ -29,9 +29,10 @@ from dargs import Argument
 from torch import nn
 
 from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, SchemaContext, hookimpl
-from mtcore.model.descriptor import Descriptor, StatSample
+from mtcore.model.descriptor import Descriptor, EmbeddingInput, StatSample
 from mtcore.model.env import env_statistics, kept_rows
 from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
+from mtcore.model.tabulate import angular_product_range
 from mtcore_builtins.descriptors._common import check_rcut, checked_sel, exclusion_matrix, update_sel_per_type
 
 #: the plugin API this module was written for (mtcore.hookspecs: versions)
@@ -110,6 +111,13 @@ class DescrptSeT(Descriptor):
         davg, dstd = env_statistics(samples, self._rows, self.ntypes, self.nnei, self.rcut, False, self.set_davg_zero)
         self.davg.copy_(davg.to(self.dtype))
         self.dstd.copy_(dstd.to(self.dtype))
+
+    @torch.jit.unused
+    def compressible_embeddings(self, min_distance: float) -> List[EmbeddingInput]:
+        """Every net takes θ = e_j·e_k of its block pair, any centre type (mtcore compress)."""
+        lower, upper = angular_product_range(self.davg, self.dstd, min_distance, self.rcut_smth, self.rcut)
+        return [EmbeddingInput(f"nets.{b}", lower, upper, f"angular product θ of neighbour types ({p}, {q})")
+                for b, (p, q) in enumerate(zip(self.block_p, self.block_q))]
 
     def _block_pairs(
         self, counts: torch.Tensor, p: int, q: int, mp: int, mq: int
