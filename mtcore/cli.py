@@ -179,6 +179,29 @@ def freeze(
     _run(body)
 
 
+@app.command()
+def compress(
+    input_: Path = typer.Option(Path("frozen_model.pth"), "--input", "-i", help="frozen model file (mtcore freeze)"),
+    output: Path = typer.Option(Path("frozen_model_compressed.pth"), "--output", "-o", help="compressed model file"),
+    step: float = typer.Option(0.01, "--step", "-s", help="table step in the embedding nets' input (extrapolation region: 10x)"),
+    extrapolate: float = typer.Option(5.0, "--extrapolate", "-e", help="the table spans this many times the training data's input range"),
+    check_frequency: int = typer.Option(-1, "--check-frequency", "--frequency", "-f", help="warn every N evaluations about inputs outside the training range (-1: never)"),
+    training_script: Optional[Path] = typer.Option(None, "--training-script", "-t", help="input whose training data gives the range (default: the one recorded in -i)"),
+) -> None:
+    """Tabulate the embedding nets of a frozen model (as dp compress): faster inference, same results."""
+
+    def body():
+        from mtcore.compress import compress as do_compress
+        from mtcore.train.outdir import ensure_can_create
+
+        ensure_can_create(output)  # before the model is read
+        info = do_compress(input_, output, step, extrapolate, training_script, check_frequency)
+        console.print(f"wrote {output}: {len(info['tables'])} embedding net(s) tabulated "
+                      f"(step {step:g}, min neighbour distance {info['min_distance']:.3f} Å)", highlight=False)
+
+    _run(body)
+
+
 @app.command("test")
 def test_cmd(
     model: Path = typer.Option(Path("frozen_model.pth"), "--model", "-m", help="frozen model file"),
