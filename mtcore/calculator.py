@@ -8,6 +8,11 @@ their frame tensor (``dipole`` [3], ``polarizability`` [3, 3]) and its per-atom 
 The stress follows ASE's convention, σ = (1/V) ∂E/∂ε: the model's virial is W = −∂E/∂ε
 (DeePMD-kit's sign, Σ r⊗F), so σ = −W/V, returned in Voigt order xx, yy, zz, yz, xz, xy.
 
+Ensembles (active learning, as DP-GEN does with LAMMPS): give a list of models; the first one's
+energy, forces and stress are the results, and ``calc.results["model_devi"]`` holds
+[max, min, avg] of the per-atom force deviation across all of them (DeePMD-kit's definition, see
+:mod:`mtcore.model_devi`), also readable as ``atoms.calc.get_property("model_devi")``.
+
 ASE is an optional dependency (``pip install -e ".[ase]"``): importing :mod:`mtcore` never
 imports this module.
 """
@@ -46,7 +51,8 @@ def _resolve_device(device: Optional[str]) -> str:
 
 class MtcoreCalculator(Calculator):
     """ASE calculator for a frozen mtcore file, a united file (``head=`` required) or a training
-    checkpoint; ``model`` may also be an already loaded :class:`mtcore.infer.DeepPotential`.
+    checkpoint; ``model`` may also be an already loaded :class:`mtcore.infer.DeepPotential`, or a
+    list of either (an ensemble: the first model's results, plus ``model_devi``).
 
     fparam ([numb_fparam]) and aparam ([N, numb_aparam]) are passed to heads trained with them;
     change them with ``calc.set(fparam=...)``.
@@ -64,14 +70,15 @@ class MtcoreCalculator(Calculator):
         aparam: Optional[Any] = None,
         **kwargs: Any,
     ):
-        from mtcore.infer import DeepPotential, load
+        from mtcore.model_devi import load_models
 
-        if isinstance(model, DeepPotential):
-            if head is not None and head != model.head:
-                raise MtcoreError(f"head: the loaded model is head '{model.head}'; load it again with head='{head}'")
-            self.potential = model
-        else:
-            self.potential = load(model, head=head, device=_resolve_device(device))
+        members = list(model) if isinstance(model, (list, tuple)) else [model]
+        if not members:
+            raise MtcoreError("model: an empty list of models")
+        self.ensemble = [self._load(m, head, device) for m in members]
+        if len(self.ensemble) > 1:
+            load_models(self.ensemble)  # energy heads with one type_map, or a one-line error
+        self.potential = self.ensemble[0]
         output = self.potential.head_metadata.get("output", {})
         self.conservative = bool(output.get("conservative", True))
         self.output_name = str(output.get("name", "energy"))
@@ -79,11 +86,23 @@ class MtcoreCalculator(Calculator):
         self.atomic_key = str(output.get("atomic_key", "atom_energy"))
         self.output_size = int(output.get("size", 1))
         if self.conservative:
-            self.implemented_properties = list(ENERGY_PROPERTIES)
+            self.implemented_properties = list(ENERGY_PROPERTIES) + (["model_devi"] if len(self.ensemble) > 1 else [])
         else:
             self.implemented_properties = [self.output_name, f"atomic_{self.output_name}"]
+            if self.potential.reduction == "none":  # a per-atom-only head has no frame value
+                self.implemented_properties = self.implemented_properties[1:]
         self._type_index = {name: i for i, name in enumerate(self.potential.type_map)}
         super().__init__(fparam=fparam, aparam=aparam, **kwargs)
+
+    @staticmethod
+    def _load(model, head: Optional[str], device: Optional[str]):
+        from mtcore.infer import DeepPotential, load
+
+        if isinstance(model, DeepPotential):
+            if head is not None and head != model.head:
+                raise MtcoreError(f"head: the loaded model is head '{model.head}'; load it again with head='{head}'")
+            return model
+        return load(model, head=head, device=_resolve_device(device))
 
     @property
     def type_map(self) -> list[str]:
@@ -137,9 +156,23 @@ class MtcoreCalculator(Calculator):
             }
             if cell is not None:
                 self.results["stress"] = virial_to_stress(out["virial"][0], cell)
+            if len(self.ensemble) > 1:
+                self.results["model_devi"] = self._force_deviation(positions, cell, types, out["force"][0])
         else:
             shape = (3, 3) if self.output_size == 9 else (self.output_size,)
-            self.results = {
-                self.output_name: out[self.global_key][0].reshape(shape),
-                f"atomic_{self.output_name}": out[self.atomic_key][0].reshape((len(atoms),) + shape),
-            }
+            self.results = {f"atomic_{self.output_name}": out[self.atomic_key][0].reshape((len(atoms),) + shape)}
+            if self.global_key in out:
+                self.results[self.output_name] = out[self.global_key][0].reshape(shape)
+
+    def _force_deviation(self, positions: np.ndarray, cell, types: np.ndarray, first_force: np.ndarray) -> np.ndarray:
+        """[max, min, avg] over atoms of the ensemble's per-atom force deviation (forces only: the
+        other models need no virial)."""
+        from mtcore.model_devi import force_deviation
+
+        forces = [first_force.reshape(-1, 3)]
+        for member in self.ensemble[1:]:
+            out = member.evaluate(positions, cell, types, virial=False,
+                                  fparam=self.parameters.get("fparam"), aparam=self.parameters.get("aparam"))
+            forces.append(out["force"][0].reshape(-1, 3))
+        devi = force_deviation(np.stack(forces)[:, None])[0]
+        return np.array([devi.max(), devi.min(), devi.mean()])

@@ -84,12 +84,13 @@ def load_models(paths: Sequence, head: Optional[str] = None, device: str = "cpu"
     if len(paths) < 2:
         raise MtcoreError(f"-m/--models: model deviation needs at least two models, got {len(paths)}")
     models = [p if isinstance(p, DeepPotential) else DeepPotential(p, head=head, device=device) for p in paths]
+    names = [f"model {i}" if isinstance(p, DeepPotential) else str(p) for i, p in enumerate(paths)]
     first = models[0]
-    for path, model in zip(paths, models):
+    for name, model in zip(names, models):
         if not model.head_metadata.get("output", {}).get("conservative", True):
-            raise MtcoreError(f"{path}: head '{model.head}' is not an energy head (no forces to compare)")
+            raise MtcoreError(f"{name}: head '{model.head}' is not an energy head (no forces to compare)")
         if model.type_map != first.type_map:
-            raise MtcoreError(f"{path}: type_map {model.type_map} differs from {paths[0]}'s {first.type_map}")
+            raise MtcoreError(f"{name}: type_map {model.type_map} differs from {names[0]}'s {first.type_map}")
     return models
 
 
