@@ -10,7 +10,8 @@ per-type offset:
 - mode ``set``: ``b = argmin ||counts·b − label||``, the bias from the labels alone, as at the
   start of training (the network's part is ignored).
 
-Rows are frames (every set folder of every system). The head's bias is reached through
+Rows are frames (every set folder of every system). Only atoms of the head's ``sel_types`` count;
+a ``mean`` head (intensive frame value) is fitted on the per-type fractions instead of counts. The head's bias is reached through
 ``Fitting.output_bias()``, so any fitting that implements it works. The input file is never
 touched: the result goes to ``-o`` or to ``<stem>_bias<suffix>`` (``_bias1`` ... if taken).
 Checkpoints keep their optimiser and data-sampling state (a ``--restart`` continues from the new
@@ -87,13 +88,23 @@ def _collect(pot, systems: list[str], set_prefix: str, key: str, size: int, ntyp
 
 def compute_bias(pot, bias: np.ndarray, systems: list[str], mode: str, set_prefix: str = "set", numb_test: int = 0):
     """The new bias [ntypes, size] of the loaded head ``pot`` whose current bias is ``bias``, and
-    a summary: frames used, RMSE per atom of the frame quantity before and after (same frames)."""
+    a summary: frames used, RMSE per atom of the frame quantity before and after (same frames).
+    A ``mean`` head (an intensive frame value) is linear in the per-type fractions of its
+    selected atoms instead of the counts."""
     output = pot.head_metadata.get("output", {})
     key, size = str(output.get("global_key", "energy")), int(output.get("size", 1))
-    if output.get("reduction", "sum") != "sum":
-        raise MtcoreError(f"head '{pot.head}': its output is not a sum over atoms; a per-type bias shift does not apply")
+    reduction = str(output.get("reduction") or "sum")
+    if reduction not in ("sum", "mean"):
+        raise MtcoreError(f"head '{pot.head}': predicts per-atom values only (reduction {reduction!r}); "
+                          "change-bias fits frame labels")
     ntypes = len(pot.type_map)
     counts, label, pred = _collect(pot, systems, set_prefix, key, size, ntypes, numb_test)
+    natoms = counts.sum(1, keepdims=True)
+    sel = output.get("sel_types")
+    if sel is not None:  # atoms outside sel_types output 0: their bias is never added
+        counts[:, [t for t in range(ntypes) if t not in set(sel)]] = 0.0
+    if reduction == "mean":  # the frame value is the mean over the selected atoms: fractions
+        counts = counts / np.maximum(counts.sum(1, keepdims=True), 1.0)
     absent = np.flatnonzero(counts.sum(0) == 0)
     if mode == "change":
         new = bias + fit_shift(counts, label - pred)
@@ -101,10 +112,10 @@ def compute_bias(pot, bias: np.ndarray, systems: list[str], mode: str, set_prefi
         new = fit_shift(counts, label)
     new[absent] = bias[absent]  # a type the data lacks keeps its bias (min-norm would zero it)
     shift = new - bias
-    natoms = counts.sum(1, keepdims=True)
-    before = float(np.sqrt(np.mean(((pred - label) / natoms) ** 2)))
-    after = float(np.sqrt(np.mean(((pred + counts @ shift - label) / natoms) ** 2)))
-    return new, {"key": key, "frames": int(counts.shape[0]), "rmse_before": before, "rmse_after": after,
+    norm = natoms if reduction == "sum" else 1.0  # an extensive quantity is compared per atom
+    before = float(np.sqrt(np.mean(((pred - label) / norm) ** 2)))
+    after = float(np.sqrt(np.mean(((pred + counts @ shift - label) / norm) ** 2)))
+    return new, {"key": key, "per_atom": reduction == "sum", "frames": int(counts.shape[0]), "rmse_before": before, "rmse_after": after,
                  "absent_types": [pot.type_map[t] for t in absent]}
 
 

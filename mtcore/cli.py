@@ -397,7 +397,8 @@ def change_bias_cmd(
             table.add_row(name, " ".join(f"{v:.6f}" for v in old), " ".join(f"{v:.6f}" for v in new),
                           " ".join(f"{v:+.6f}" for v in new - old))
         console.print(table)
-        console.print(f"RMSE of {info['key']}/atom: {info['rmse_before']:.4e} before, {info['rmse_after']:.4e} after")
+        what = f"{info['key']}/atom" if info["per_atom"] else info["key"]
+        console.print(f"RMSE of {what}: {info['rmse_before']:.4e} before, {info['rmse_after']:.4e} after")
         if info["absent_types"]:
             console.print(f"not in the data (bias kept): {', '.join(info['absent_types'])}")
         console.print(f"wrote {path}")

@@ -138,3 +138,40 @@ def test_cli_and_errors(setup, tmp_path):
                   np.loadtxt(systems[0] / "type.raw", dtype=np.int64))
     with pytest.raises(MtcoreError, match="no energy labels"):
         change_bias(ckpt, [str(unlabelled)], output=tmp_path / "x.pt")
+
+
+class _MeanHead:
+    """A stand-in for a loaded intensive head (reduction "mean"; only type 1 selected): frame
+    value = mean over the H atoms of (a smooth function of the coordinates + bias[H])."""
+
+    head = "gap"
+    type_map = ["O", "H"]
+
+    def __init__(self, bias):
+        self.bias = np.asarray(bias, dtype=np.float64)
+        self.head_metadata = {"output": {"global_key": "gap", "size": 1, "reduction": "mean", "sel_types": [1]}}
+
+    def evaluate(self, coords, box, atypes, **_):
+        coords = np.asarray(coords, dtype=np.float64).reshape(len(atypes), -1, 3)
+        atypes = np.asarray(atypes)
+        h = atypes == 1
+        atomic = np.sin(coords.sum(-1)) + self.bias[atypes]
+        return {"gap": ((atomic * h).sum(1) / h.sum(1)).reshape(-1, 1)}
+
+
+def test_mean_head_shift_uses_fractions_of_selected_atoms(setup):
+    from mtcore.change_bias import compute_bias
+
+    _, _, systems = setup
+    old = np.array([[0.0], [0.3]])
+    truth = _MeanHead(old[:, 0] + np.array([5.0, -1.25]))  # the O shift is invisible: O is not selected
+    for folder in systems:
+        coord = np.load(folder / "set.000" / "coord.npy")
+        atype = np.loadtxt(folder / "type.raw", dtype=np.int64)
+        types = np.broadcast_to(atype, (coord.shape[0], atype.size))
+        np.save(folder / "set.000" / "gap.npy", truth.evaluate(coord, None, types)["gap"])
+    new, summary = compute_bias(_MeanHead(old[:, 0]), old, [str(s) for s in systems], "change")
+    assert np.allclose(new[:, 0], [0.0, 0.3 - 1.25], atol=1e-10, rtol=0)
+    assert summary["absent_types"] == ["O"] and not summary["per_atom"] and summary["rmse_after"] < 1e-10
+    for folder in systems:
+        (folder / "set.000" / "gap.npy").unlink()
