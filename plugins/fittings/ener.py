@@ -13,13 +13,13 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from dargs import Argument
-from torch import nn
 
 from mtcore.data.requirements import DataRequirement
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import FittingContext, FittingRegistration, SchemaContext, hookimpl
 from mtcore.model.fitting import Fitting, OutputDef, TestQuantity
-from mtcore.model.mlp import FittingMLP, dtype_of, new_generator
+from mtcore.model.fitting_net import TypeFittingNet
+from mtcore.model.mlp import dtype_of
 from mtcore.model.shared_layers import SharedLayerManager
 
 DOC = "Atomic energies summed to the frame energy; forces and virials by differentiation."
@@ -103,26 +103,12 @@ class EnerFitting(Fitting):
         self.rcond = rcond
         self.dtype = dtype_of(precision)
         self.dim_type_embedding = dim_type_embedding
-        names = SharedLayerManager.check_layer_name(layer_name, neuron, head)
-        trainable_layers = self._trainable_list(trainable, len(neuron), head)
-        gen = new_generator(seed)
         n_in = dim_descrpt + self.numb_fparam + self.numb_aparam + dim_type_embedding
-        nets = []
-        for t in range(1 if dim_type_embedding else ntypes):
-            suffix = "" if dim_type_embedding else f"/type_{t}"
-
-            def factory(index, width, n_out, activation, suffix=suffix):
-                name = names[index] if names else None
-                return layers.dense(
-                    head, index, name, suffix, width, n_out, activation or activation_function, self.dtype, gen
-                )
-
-            nets.append(FittingMLP(n_in, neuron, 1, resnet_dt, gen, factory))
-        self.nets = nn.ModuleList(nets)
-        for net in self.nets:
-            for block, flag in zip(net.blocks, trainable_layers):
-                for p in block.parameters():
-                    p.requires_grad_(flag)
+        self.nets = TypeFittingNet(
+            head=head, layers=layers, ntypes=ntypes, n_in=n_in, n_out=1, neuron=neuron,
+            activation_function=activation_function, precision=precision, resnet_dt=resnet_dt,
+            layer_name=layer_name, trainable=trainable, seed=seed, mixed_types=dim_type_embedding > 0,
+        )
         fixed = list(atom_ener or [])
         if len(fixed) > ntypes:
             raise MtcoreError(f"fitting net '{head}': atom_ener has {len(fixed)} entries for {ntypes} types")
@@ -132,14 +118,6 @@ class EnerFitting(Fitting):
         self.has_atom_ener = any(v is not None for v in self.atom_ener)
         self.register_buffer("atom_ener_mask", torch.tensor([v is not None for v in self.atom_ener]))
         self.register_buffer("bias_atom_e", torch.zeros(ntypes, dtype=torch.float64))
-
-    @staticmethod
-    def _trainable_list(trainable, nlayers: int, head: str) -> List[bool]:
-        if isinstance(trainable, bool):
-            return [trainable] * (nlayers + 1)
-        if len(trainable) != nlayers + 1:
-            raise MtcoreError(f"fitting net '{head}': trainable has {len(trainable)} entries; expected len(neuron)+1")
-        return [bool(v) for v in trainable]
 
     def output_def(self) -> OutputDef:
         return OutputDef("energy", 1, "energy", "atom_ener", conservative=True)
@@ -208,23 +186,17 @@ class EnerFitting(Fitting):
 
     def forward(self, descriptor: Dict[str, torch.Tensor], atype: torch.Tensor) -> torch.Tensor:
         x = self._net_input(descriptor)
-        if self.dim_type_embedding > 0:
-            net = self.nets[0]
-            out = net(x)
-            if self.has_atom_ener:
-                isolated = self._isolated(x)
+        out = self.nets(x, atype)
+        if self.has_atom_ener:
+            # a type with a fixed vacuum energy: F_t(x) - F_t(isolated x), zero for an isolated atom
+            if self.dim_type_embedding > 0:
                 mask = self.atom_ener_mask.index_select(0, atype).to(self.dtype).unsqueeze(1)
-                out = out - net(isolated) * mask
-        else:
-            out = torch.zeros(x.shape[0], 1, dtype=self.dtype, device=x.device)
-            for t, net in enumerate(self.nets):
-                idx = torch.nonzero(atype == t).squeeze(1)
+                out = out - self.nets(self._isolated(x), atype) * mask
+            else:
+                idx = torch.nonzero(self.atom_ener_mask.index_select(0, atype)).squeeze(1)
                 if idx.numel() > 0:
-                    xt = x.index_select(0, idx)
-                    y = net(xt)
-                    if self.has_atom_ener and bool(self.atom_ener_mask[t]):
-                        y = y - net(self._isolated(xt))
-                    out = out.index_put((idx,), y)
+                    vacuum = self.nets(self._isolated(x.index_select(0, idx)), atype.index_select(0, idx))
+                    out = out.index_put((idx,), out.index_select(0, idx) - vacuum)
         return out.to(torch.float64) + self.bias_atom_e.index_select(0, atype).unsqueeze(1)
 
 
@@ -232,21 +204,9 @@ def arguments(ctx: SchemaContext) -> list[Argument]:
     return [
         Argument("numb_fparam", int, optional=True, default=0, doc="frame parameters per frame (fparam.npy), fitting input"),
         Argument("numb_aparam", int, optional=True, default=0, doc="atomic parameters per atom (aparam.npy), fitting input"),
-        Argument("neuron", list, optional=True, default=[120, 120, 120], alias=["n_neuron"], doc="hidden widths"),
-        Argument("activation_function", str, optional=True, default="tanh"),
-        Argument("precision", str, optional=True, default="default"),
-        Argument("resnet_dt", bool, optional=True, default=True),
-        Argument("trainable", [list, bool], optional=True, default=True, doc="bool, or one bool per layer"),
+        *TypeFittingNet.arguments(),
         Argument("rcond", [float, None], optional=True, default=None, doc="rcond of the energy-bias least squares"),
-        Argument("seed", [int, None], optional=True, default=None),
         Argument("atom_ener", list, optional=True, default=[], doc="fixed vacuum energy per type (null: free)"),
-        Argument(
-            "layer_name",
-            [list, None],
-            optional=True,
-            default=None,
-            doc="len(neuron)+1 names or nulls; equal names share one layer across heads",
-        ),
         Argument("use_aparam_as_mask", bool, optional=True, default=False),
     ]
 

@@ -3,8 +3,9 @@
 For an atom i of a type in ``sel_type`` the net gives f_i = F_{t_i}(x_i) ∈ R^{n_out}, with
 x_i = D_i (or [D_i, T[t_i]] when the descriptor embeds types, then one net for all types);
 atoms of other types get f_i = 0, so every tensor built from f_i vanishes on them. Without a
-type embedding there is one MLP per *selected* type (as DeePMD-kit v2); ``layer_name`` shares
-layers per type through the core's :class:`SharedLayerManager`, exactly as the ener head does.
+type embedding there is one MLP per *selected* type (as DeePMD-kit v2). The nets, ``layer_name``
+sharing and ``trainable`` are the core's :class:`~mtcore.model.fitting_net.TypeFittingNet`, as
+in the ener head.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from dargs import Argument
-from torch import nn
 
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import FittingContext
 from mtcore.model.fitting import Fitting
-from mtcore.model.mlp import FittingMLP, dtype_of, new_generator
+from mtcore.model.fitting_net import TypeFittingNet
+from mtcore.model.mlp import dtype_of
 from mtcore.model.shared_layers import SharedLayerManager
 
 ROT_DESCRIPTORS = "se_e2_a, se_atten, or a hybrid containing one"
@@ -68,6 +69,7 @@ class TensorFitting(Fitting):
         resnet_dt: bool = True,
         seed: Optional[int] = None,
         layer_name: Optional[list] = None,
+        trainable: Union[bool, List[bool]] = True,
     ):
         super().__init__()
         neuron = list(neuron or [120, 120, 120])
@@ -76,23 +78,12 @@ class TensorFitting(Fitting):
         self.dtype = dtype_of(precision)
         self.dim_type_embedding = dim_type_embedding
         self.sel_types: List[int] = normalize_sel_type(sel_type, ntypes, head)
-        names = SharedLayerManager.check_layer_name(layer_name, neuron, head)
-        gen = new_generator(seed)
-        n_in = dim_descrpt + dim_type_embedding
-        net_types = [-1] if dim_type_embedding else list(self.sel_types)
-        nets = []
-        for t in net_types:
-            suffix = "" if dim_type_embedding else f"/type_{t}"
-
-            def factory(index, width, n_layer_out, activation, suffix=suffix):
-                name = names[index] if names else None
-                return layers.dense(
-                    head, index, name, suffix, width, n_layer_out, activation or activation_function, self.dtype, gen
-                )
-
-            nets.append(FittingMLP(n_in, neuron, n_out, resnet_dt, gen, factory))
-        self.nets = nn.ModuleList(nets)
-        self.net_types: List[int] = net_types
+        self.nets = TypeFittingNet(
+            head=head, layers=layers, ntypes=ntypes, n_in=dim_descrpt + dim_type_embedding, n_out=n_out,
+            neuron=neuron, activation_function=activation_function, precision=precision, resnet_dt=resnet_dt,
+            layer_name=layer_name, trainable=trainable, seed=seed, mixed_types=dim_type_embedding > 0,
+            sel_types=self.sel_types,
+        )
         mask = torch.zeros(ntypes, dtype=torch.bool)
         mask[self.sel_types] = True
         self.register_buffer("sel_mask", mask)
@@ -105,17 +96,7 @@ class TensorFitting(Fitting):
         x = descriptor["descriptor"].to(self.dtype)
         if self.dim_type_embedding > 0:
             x = torch.cat([x, descriptor["type_embedding"].to(self.dtype)], dim=1)
-            out = torch.zeros(x.shape[0], self.n_out, dtype=self.dtype, device=x.device)
-            idx = torch.nonzero(self.sel_mask.index_select(0, atype)).squeeze(1)
-            if idx.numel() > 0:
-                out = out.index_put((idx,), self.nets[0](x.index_select(0, idx)))
-            return out
-        out = torch.zeros(x.shape[0], self.n_out, dtype=self.dtype, device=x.device)
-        for k, net in enumerate(self.nets):
-            idx = torch.nonzero(atype == self.net_types[k]).squeeze(1)
-            if idx.numel() > 0:
-                out = out.index_put((idx,), net(x.index_select(0, idx)))
-        return out
+        return self.nets(x, atype)
 
     def _rot_mat(self, descriptor: Dict[str, torch.Tensor]) -> torch.Tensor:
         return descriptor["rot_mat"].to(self.dtype)
@@ -123,11 +104,10 @@ class TensorFitting(Fitting):
 
 def common_arguments(sel_alias: str) -> list[Argument]:
     """Keys of both tensor heads (DeePMD-kit v2 names and defaults; plus ``layer_name``)."""
+    net = {a.name: a for a in TypeFittingNet.arguments()}
+    net["layer_name"].doc += " (DeePMD-kit v2 allowed this for energy heads only)"
     return [
-        Argument("neuron", list, optional=True, default=[120, 120, 120], alias=["n_neuron"], doc="hidden widths"),
-        Argument("activation_function", str, optional=True, default="tanh"),
-        Argument("resnet_dt", bool, optional=True, default=True, doc="trainable timestep on residual layers"),
-        Argument("precision", str, optional=True, default="default"),
+        *(net[k] for k in ("neuron", "activation_function", "resnet_dt", "precision")),
         Argument(
             "sel_type",
             [list, int, None],
@@ -136,13 +116,5 @@ def common_arguments(sel_alias: str) -> list[Argument]:
             alias=[sel_alias],
             doc="atom types that carry the tensor (null: every type)",
         ),
-        Argument("seed", [int, None], optional=True, default=None),
-        Argument(
-            "layer_name",
-            [list, None],
-            optional=True,
-            default=None,
-            doc="len(neuron)+1 names or nulls; equal names share one layer across heads "
-            "(DeePMD-kit v2 allowed this for energy heads only)",
-        ),
+        *(net[k] for k in ("seed", "layer_name", "trainable")),
     ]
