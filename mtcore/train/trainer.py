@@ -172,6 +172,7 @@ class Trainer:
             {h: self.heads[h].loss.metric_names() for h in self.trained},
             int(training["disp_freq"]), self.seed, config.multi_task,
         )
+        self._warned_nan_metric: set[str] = set()
         if restart is not None:
             self.best.load_state_dict(restart.get("best"))
         if restart is not None:
@@ -423,6 +424,12 @@ class Trainer:
             if bad is not None and math.isfinite(value) and value < best.value:
                 warnings.warn(f"step {self.step}, head '{head}': parameter {bad} is not finite; not taken as its best model")
                 value = math.nan
+            if not math.isfinite(value) and head not in self._warned_nan_metric:
+                self._warned_nan_metric.add(head)
+                warnings.warn(
+                    f"step {self.step}, head '{head}': {best.metric} is not finite on its validation frames (a label "
+                    "missing from the validation data, or a diverged model); such an evaluation is never its best"
+                )
             if best.update(self.step, value):
                 state = {k: v for k, v in self.state_dict().items() if k != "optimizers"}
                 state["best_of"] = {"head": head, "metric": best.metric, "value": best.value, "step": self.step,
