@@ -16,8 +16,9 @@ Grid, in the net's input x (the descriptor says what x means and its data range 
 * beyond the table: linear continuation from its end (value and slope of the last interval),
   so inputs far outside the data stay finite and continuous (C¹), though no longer the net's.
 
-Evaluation is vectorised: interval index from the grid formulas, one row gather of the
-coefficients and one batched product per input with [1, t, .., t⁵] and its t-derivative. The
+Evaluation is vectorised: interval index from the grid formulas, then one ``embedding_bag`` sums
+the interval's coefficient rows weighted by [1, t, .., t⁵] (value) and by their t-derivatives
+(slope), without materialising a gathered [inputs, 6, M] copy of the table. The
 derivative enters autograd through one product (x - x̂)·dG/dx with x̂ the detached input, so
 forces and virials cost one multiply-add per output, not a pass back through the net. Second
 derivatives through a table are zero: a compressed model is for inference, not training.
@@ -134,6 +135,9 @@ class TabulatedEmbedding(nn.Module):
         self.hi = self.upper + self.n_coarse * self.coarse
         self.check_frequency = int(check_frequency)
         self.calls = 0
+        self.register_buffer("value_rows", torch.arange(0, 6, dtype=torch.long).unsqueeze(0), persistent=False)
+        self.register_buffer("slope_rows", torch.arange(1, 6, dtype=torch.long).unsqueeze(0), persistent=False)
+        self.register_buffer("bag_starts", torch.tensor([[0, 6]], dtype=torch.long), persistent=False)
 
     @classmethod
     def from_net(cls, net: nn.Module, lower: float, upper: float, step: float = 0.01, extrapolate: float = 5.0,
@@ -200,16 +204,23 @@ class TabulatedEmbedding(nn.Module):
         t = pos - idx  # [n, 1], in [0, 1]
         in_coarse = (idx < float(self.n_coarse)) | (idx >= float(self.n_coarse + self.n_fine))
         inv_width = torch.where(in_coarse, torch.full_like(t, inv_coarse), torch.full_like(t, inv_step))
-        coef = self.coef.index_select(0, idx.view(-1).to(torch.long))  # [n, 6, M]
+        n = t.shape[0]
         t2 = t * t
         t3 = t2 * t
         t4 = t3 * t
-        powers = torch.cat([torch.ones_like(t), t, t2, t3, t4, t4 * t,
-                            torch.zeros_like(t), torch.ones_like(t), 2.0 * t, 3.0 * t2, 4.0 * t3, 5.0 * t4], dim=1)
-        both = torch.bmm(powers.view(-1, 2, 6).to(coef.dtype), coef)  # [n, 2, M]: G(t), dG/dt
+        # per input two bags of table rows: G = Σ_k t^k C[i, k] (6 rows), dG/dt = Σ_k k t^(k-1) C[i, k] (5 rows);
+        # embedding_bag sums the weighted rows without materialising the [n, 6, M] gather
+        weights = torch.cat([torch.ones_like(t), t, t2, t3, t4, t4 * t, torch.ones_like(t), 2.0 * t, 3.0 * t2,
+                             4.0 * t3, 5.0 * t4], dim=1).to(self.coef.dtype)
+        base = idx.to(torch.long) * 6
+        rows = torch.cat([base + self.value_rows, base + self.slope_rows], dim=1)  # [n, 11]
+        offsets = (torch.arange(0, n, device=x.device, dtype=torch.long) * 11).unsqueeze(1) + self.bag_starts
+        table = self.coef.view(-1, self.n_out)
+        both = torch.nn.functional.embedding_bag(rows.view(-1), table, offsets.view(-1), mode="sum",
+                                                 per_sample_weights=weights.view(-1)).view(n, 2, self.n_out)
         # value at the clamped input plus slope × (x - x̂): exact first derivative inside the
         # table, linear continuation outside it
-        return torch.addcmul(both[:, 0], both[:, 1], ((x - xc) * inv_width).to(coef.dtype))
+        return torch.addcmul(both[:, 0], both[:, 1], ((x - xc) * inv_width).to(self.coef.dtype))
 
 
 def _as_float64(net: nn.Module) -> nn.Module:
