@@ -65,7 +65,7 @@ class TypeFittingNet(nn.ModuleList):
         self,
         *,
         head: str,
-        layers: SharedLayerManager,
+        layers: Optional[SharedLayerManager],
         ntypes: int,
         n_in: int,
         n_out: int,
@@ -98,6 +98,11 @@ class TypeFittingNet(nn.ModuleList):
         #: the type each net serves (-1: the one mixed-types net)
         self.net_types = [-1] if self.mixed_types else list(selected)
         names = SharedLayerManager.check_layer_name(layer_name, neuron, head)
+        if layers is None:
+            # standalone use (a test, a script): private layers only
+            if names and any(n is not None for n in names):
+                raise MtcoreError(f"fitting net '{head}': layer_name needs the model's shared-layer manager (ctx.layers)")
+            layers = SharedLayerManager()
         flags = trainable_flags(trainable, len(neuron), head)
         gen = new_generator(seed)
         for t in self.net_types:
@@ -111,7 +116,8 @@ class TypeFittingNet(nn.ModuleList):
 
             self.append(FittingMLP(self.n_in, neuron, self.n_out, resnet_dt, gen, factory))
         for net in self:
-            for block, flag in zip(net.blocks, flags):
+            for index, (block, flag) in enumerate(zip(net.blocks, flags)):
+                layers.set_trainable(block.dense, head, index, flag)
                 for p in block.parameters():
                     p.requires_grad_(flag)
 

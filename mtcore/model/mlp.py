@@ -150,7 +150,11 @@ class FittingMLP(nn.Module):
     """DeePMD-kit's fitting MLP: hidden layers (residual where widths repeat), linear output.
 
     ``dense_factory(index, n_in, n_out, activation)`` supplies each layer, index 0..len(neuron)
-    (the last one is the output layer); the shared-layer manager uses it to hand out shared layers.
+    (the last one is the output layer). ``activation`` is None for a hidden layer (the factory
+    supplies the head's activation_function) and ``"none"`` for the linear output layer. Heads
+    do not call this directly: :class:`mtcore.model.fitting_net.TypeFittingNet` builds these nets
+    with a factory that hands out shared layers by ``layer_name``. Layers are drawn from
+    ``generator`` in order (weight, bias, then the timestep of a residual layer).
     """
 
     def __init__(

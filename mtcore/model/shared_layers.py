@@ -5,6 +5,11 @@ with the same name, in one head or in several, are the very same :class:`~mtcore
 module: one tensor, updated once per step by whichever head trains, stored once in a checkpoint.
 ``null`` keeps a layer private. Sharing is per atom type for per-type networks (the type-0 nets of
 two heads share, types never share with each other), as in DeePMD-kit v2.
+
+Layers are stored under a key: ``<name>/type_<t>`` for type t's net of a per-type head, ``<name>``
+for the one net of a head whose descriptor provides a type embedding. Fittings do not build keys
+themselves: :class:`mtcore.model.fitting_net.TypeFittingNet` applies this rule for every head
+(built-in or plugin), so equal names mean the same tensors whoever wrote the head.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class SharedLayerManager:
     layers: dict[str, Dense] = field(default_factory=dict)
     owners: dict[str, _Owner] = field(default_factory=dict)
     users: dict[str, list[str]] = field(default_factory=dict)
+    #: key -> (first head that set it, its trainable flag)
+    trainable: dict[str, tuple[str, bool]] = field(default_factory=dict)
 
     @staticmethod
     def check_layer_name(layer_name: Optional[list], neuron: list[int], head: str) -> Optional[list]:
@@ -98,6 +105,20 @@ class SharedLayerManager:
         if head not in self.users[key]:
             self.users[key].append(head)
         return existing
+
+    def set_trainable(self, layer: Dense, head: str, index: int, flag: bool) -> None:
+        """Record a head's ``trainable`` flag for a layer; a shared layer trained by one head and
+        frozen by another is refused (one tensor cannot be both), naming both heads."""
+        key = next((k for k, known in self.layers.items() if known is layer), None)
+        if key is None:
+            return
+        first = self.trainable.setdefault(key, (head, flag))
+        if first[1] != flag:
+            trains, freezes = (first[0], head) if first[1] else (head, first[0])
+            raise MtcoreError(
+                f"shared layer '{key.split('/', 1)[0]}': head '{trains}' trains it but head '{freezes}' freezes it "
+                f"(trainable, layer {index}); give both heads the same trainable flag or different layer names"
+            )
 
     def check_usage(self, heads: dict[str, nn.Module]) -> None:
         """After every head is built: each shared layer must be applied the same way in every head
