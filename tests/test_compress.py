@@ -243,3 +243,29 @@ def test_cli_writes_the_file(models, tmp_path, monkeypatch):
     assert "wrote c.pth" in result.output
     meta = infer.load(tmp_path / "c.pth").metadata["compressed"]
     assert meta["step"] == 0.02 and meta["extrapolate"] == 3.0 and len(meta["tables"]) == 2
+
+
+def test_united_file_keeps_every_head(tmp_path):
+    """A united (multi-head) file: one descriptor tabulated once, every head still matches."""
+    from helpers import multi_task_input
+    from mtcore.model.frozen import UnitedModel
+
+    doc = multi_task_input(tmp_path, descriptor=DESCRIPTORS["se_e2_a"], layer_name=["l0", None, None])
+    for head in doc["model"]["fitting_net_dict"].values():
+        head["neuron"] = [16, 16]
+    model, config = model_with_stats(doc)
+    model.eval()
+    meta = {"format": "mtcore-frozen", "kind": "united", "type_map": model.type_map, "rcut": model.rcut,
+            "config": config.document, "heads": {h: head_metadata(model, config.document, h, True) for h in model.heads}}
+    text = json.dumps(meta)
+    plain = tmp_path / "united.pth"
+    _save_script(UnitedModel(model.descriptor, dict(model.heads.items()), model.type_map, text), plain, text)
+    info = compress(plain, tmp_path / "united_c.pth")
+    assert len(info["tables"]) == 4
+    coord, atype, box = water_frame(0, "data_3")
+    for head in model.heads:
+        ra = infer.load(plain, head=head).evaluate(coord.numpy(), box.numpy(), atype.numpy())
+        rb = infer.load(tmp_path / "united_c.pth", head=head).evaluate(coord.numpy(), box.numpy(), atype.numpy())
+        assert np.abs(ra["energy"] - rb["energy"]).max() / 192 <= E_TOL
+        assert np.abs(ra["force"] - rb["force"]).max() <= F_TOL
+        assert infer.load(tmp_path / "united_c.pth", head=head).head_metadata["compressed"]["tables"] == info["tables"]
