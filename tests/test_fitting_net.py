@@ -263,7 +263,10 @@ class ToyFitting(Fitting):
         return OutputDef("toy", 1, "toy", "atom_toy")
 
     def forward(self, descriptor: Dict[str, torch.Tensor], atype: torch.Tensor) -> torch.Tensor:
-        return self.net(descriptor["descriptor"], atype).to(torch.float64)
+        x = descriptor["descriptor"]
+        if self.net.mixed_types:  # one net for all types: the type embedding appended (as in docs/plugins.md)
+            x = torch.cat([x, descriptor["type_embedding"]], dim=1)
+        return self.net(x, atype).to(torch.float64)
 
 
 def _ener_and_toy(ener_names, toy_names, toy_kwargs=None):

@@ -8,7 +8,8 @@ For an atom i of a selected type, with the net output f_i ∈ R^M (M = the descr
 
 f_i is rotation invariant and Q_i rotates as a set of vectors (Q_i R for coordinates r ↦ r R),
 so μ_i does too. No output bias or statistics (as DeePMD-kit v2). Keys as v2's ``dipole`` plus
-``layer_name``, which v2 rejected for tensor heads.
+``layer_name`` (which v2 rejected for tensor heads) and ``trainable``, both from the shared
+:class:`~mtcore.model.fitting_net.TypeFittingNet`.
 """
 
 from __future__ import annotations
