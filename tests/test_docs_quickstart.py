@@ -130,7 +130,8 @@ def _environment(home: Path) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # this venv's mtcore
     env.setdefault("OMP_NUM_THREADS", "2")
     env.update(COLUMNS="100", NO_COLOR="1", TERM="dumb", HOME=str(home), MPLBACKEND="Agg")
-    for key in ("MTCORE_DEBUG", "FORCE_COLOR", "MTCORE_PLUGINS"):
+    for key in ("MTCORE_DEBUG", "MTCORE_PLUGINS", "MTCORE_TRACE_HOOKS", "FORCE_COLOR", "TTY_COMPATIBLE",
+                "TTY_INTERACTIVE", "LINES"):  # plain output, as a user's first run gives
         env.pop(key, None)
     return env
 
