@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from mtcore.errors import MtcoreError
+from mtcore.infer import _renumber_frames
 
 COLUMNS = ("max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f", "devi_e")
 
@@ -114,8 +115,11 @@ def ensemble_predictions(models: list, coords, box, atypes, virial: bool, fparam
             "aparam": None if aparam is None else aparam[start:stop],
         }
         for m, model in enumerate(models):
-            out = model.evaluate(coords[start:stop], part["box"], frame_types, virial=virial,
-                                 fparam=part["fparam"], aparam=part["aparam"])
+            try:
+                out = model.evaluate(coords[start:stop], part["box"], frame_types, virial=virial,
+                                     fparam=part["fparam"], aparam=part["aparam"])
+            except MtcoreError as exc:  # frame numbers of this chunk → of the caller's frames
+                raise MtcoreError(_renumber_frames(str(exc), list(range(start, stop)))) from None
             energies[m, start:stop] = out["energy"].reshape(-1)
             forces[m, start:stop] = out["force"].reshape(stop - start, natoms, 3)
             if virial:
@@ -123,11 +127,11 @@ def ensemble_predictions(models: list, coords, box, atypes, virial: bool, fparam
     return energies, forces, virials
 
 
-def system_deviation(models: list, path: Path, set_prefix: str = "set", relative=None, relative_v=None) -> np.ndarray:
+def system_deviation(models: list, path: Path, set_prefix: str = "set", relative=None, relative_v=None,
+                     block: int = 256) -> np.ndarray:
     """The [nframes, 7] table of one system: every set folder, frames in order (as dp model-devi)."""
     from mtcore.data.loading import load_system
     from mtcore.data.requirements import DataRequirement
-    from mtcore.evaluate import _renumber_frames
     from mtcore.plugins import get_registry
 
     first = models[0]
@@ -135,14 +139,20 @@ def system_deviation(models: list, path: Path, set_prefix: str = "set", relative
             for i in first.head_metadata.get("inputs", [])]
     system = load_system(Path(path), first.type_map, reqs, set_prefix, get_registry())
     atypes = np.asarray(system.atypes)  # one row per frame (mixed-type data too)
-    try:
-        energies, forces, virials = ensemble_predictions(
-            models, system.coords, system.boxes, atypes, virial=system.boxes is not None,
-            fparam=system.labels.get("fparam"), aparam=system.labels.get("aparam"),
-        )
-    except MtcoreError as exc:
-        raise MtcoreError(f"{path}: {_renumber_frames(str(exc), list(range(system.nframes)))}") from None
-    return deviation_table(energies, forces, virials, relative, relative_v)
+    fparam, aparam = system.labels.get("fparam"), system.labels.get("aparam")
+    tables = []
+    for start in range(0, system.nframes, block):  # a long trajectory: never all predictions at once
+        stop = min(system.nframes, start + block)
+        try:
+            energies, forces, virials = ensemble_predictions(
+                models, system.coords[start:stop], None if system.boxes is None else system.boxes[start:stop],
+                atypes[start:stop], virial=system.boxes is not None,
+                fparam=None if fparam is None else fparam[start:stop], aparam=None if aparam is None else aparam[start:stop],
+            )
+        except MtcoreError as exc:
+            raise MtcoreError(f"{path}: {_renumber_frames(str(exc), list(range(start, stop)))}") from None
+        tables.append(deviation_table(energies, forces, virials, relative, relative_v))
+    return np.concatenate(tables)
 
 
 def make_model_devi(

@@ -175,3 +175,35 @@ def test_mean_head_shift_uses_fractions_of_selected_atoms(setup):
     assert summary["absent_types"] == ["O"] and not summary["per_atom"] and summary["rmse_after"] < 1e-10
     for folder in systems:
         (folder / "set.000" / "gap.npy").unlink()
+
+
+def test_multi_task_checkpoint_changes_only_the_chosen_head(setup, tmp_path):
+    from helpers import multi_task_input
+
+    _, _, systems = setup
+    doc = multi_task_input(tmp_path, descriptor=dict(SE_E2_A, neuron=[4, 8], axis_neuron=2, rcut=4.0, sel=[16, 32]),
+                           layer_name=["l0", None, None])
+    for head in doc["model"]["fitting_net_dict"].values():
+        head["neuron"] = [8, 8]
+    model, config = model_with_stats(doc, nbatch=1)
+    state = {"format": FORMAT, "config": config.document, "multi_task": True, "step": 0, "model": model.state_dict()}
+    state[DIGEST_KEY] = state_digest(state)
+    ckpt = tmp_path / "multi.pt"
+    torch.save(state, ckpt)
+    data = tmp_path / "data"
+    for folder in systems:  # copies labelled with the wb97m head's energies + counts·SHIFT
+        target = data / folder.name
+        _write_system(target, np.load(folder / "set.000" / "coord.npy"), np.load(folder / "set.000" / "box.npy"),
+                      np.loadtxt(folder / "type.raw", dtype=np.int64))
+    _label(infer.load(ckpt, head="wb97m"), sorted(data.iterdir()), SHIFT)
+    with pytest.raises(MtcoreError, match="choose a head with --head"):
+        change_bias(ckpt, [str(data)], output=tmp_path / "x.pt")
+    out, summary = change_bias(ckpt, [str(data)], head="wb97m", output=tmp_path / "changed.pt")
+    assert summary["frames"] == 9
+    assert np.allclose(summary["new"][:, 0] - summary["old"][:, 0], SHIFT, atol=1e-8, rtol=0)
+    changed = load_checkpoint(out)["model"]
+    for key, value in state["model"].items():
+        if key == "heads.wb97m.bias_atom_e":
+            assert np.allclose(changed[key].numpy(), value.numpy() + SHIFT, atol=1e-8, rtol=0)
+        else:
+            assert torch.equal(changed[key], value), key

@@ -126,6 +126,17 @@ def test_relative_deviation(ensemble, tmp_path):
     assert np.allclose(rows[:, 1], eps_v.max(1), rtol=2e-6, atol=0)
 
 
+def test_blocks_of_frames_give_the_same_table(ensemble):
+    """A long trajectory is evaluated block by block (bounded memory): same rows as at once."""
+    from mtcore.model_devi import system_deviation
+
+    _, _, periodic, _, pots = ensemble
+    whole = system_deviation(pots[:2], periodic)
+    blocks = system_deviation(pots[:2], periodic, block=3)
+    assert whole.shape == (NFRAMES, 7)
+    assert np.allclose(whole, blocks, rtol=1e-10, atol=1e-14)
+
+
 def test_cli_and_refusals(ensemble, tmp_path):
     _, paths, periodic, _, _ = ensemble
     runner = CliRunner()
