@@ -191,8 +191,11 @@ def check_best_settings(section: Optional[dict], where: str) -> None:
         return
     for key in ("validation_freq", "validation_frames", "patience"):
         value = section.get(key)
+        if key == "validation_frames" and value == "all":
+            continue
         if value is not None and (not _is_int(value) or value < 1):
-            raise MtcoreError(f"{where}/{key}: must be a positive integer or null, got {value!r}")
+            also = ', "all"' if key == "validation_frames" else ""
+            raise MtcoreError(f"{where}/{key}: must be a positive integer{also} or null, got {value!r}")
     metric = section.get("best_metric")
     if metric is not None and (not isinstance(metric, str) or not metric.strip()):
         raise MtcoreError(f"{where}/best_metric: expected a metric name such as 'rmse_f', got {metric!r}")

@@ -96,9 +96,10 @@ def best_model_arguments(per_head: bool) -> list[Argument]:
             + (inherit if per_head else " (null: disp_freq)"),
         ),
         Argument(
-            "validation_frames", [int, None], optional=True, default=None,
-            doc="size of the fixed, seeded subset of validation frames evaluated each time"
-            + (inherit if per_head else " (null: all validation frames)"),
+            "validation_frames", [int, str, None], optional=True, default=None,
+            doc="frames of the fixed, seeded subset of validation frames evaluated each time, or \"all\""
+            + (inherit if per_head else " (null: as many frames as the display's numb_btch validation batches, "
+               "so the default costs what the display's validation costs)"),
         ),
         Argument(
             "best_metric", [str, None], optional=True, default=None,

@@ -117,7 +117,7 @@ def test_best_file_is_written_exactly_when_the_metric_improves(tmp_path, monkeyp
     later = model_from_checkpoint(load_checkpoint(tmp_path / "model.ckpt-8.pt"))[0]
     coord, atype, box = water_frame(1)
     diff = predict(model_from_checkpoint(best)[0], "default", coord, atype, box)["energy"] - predict(later, "default", coord, atype, box)["energy"]
-    assert float(diff.abs().max()) > 1e-9
+    assert float(diff.detach().abs().max()) > 1e-9
 
 
 def test_real_metrics_pick_the_lowest_evaluation_and_the_file_is_that_model(tmp_path, monkeypatch):
@@ -157,6 +157,11 @@ def test_fixed_frames_are_fixed_seeded_and_do_not_move_training(tmp_path):
     assert [list(f) for _, f in a] != [list(f) for _, f in other]
     every, _ = fixed_frames(valid, None, 7, "default")
     assert sorted(int(x) for _, f in every for x in f) == list(range(80))
+    # default: as many frames as the display's numb_btch validation batches (its cost), fixed
+    doc = single(tmp_path / "d", numb_steps=0)
+    del doc["training"]["validation_frames"]
+    doc["training"]["validation_data"].update(numb_btch=3, batch_size=2)
+    assert trainer(tmp_path / "d", doc).best.heads["default"].nframes == 6
     # pooled RMSE: exact for per-component errors (weights are atoms); NaN (no label) is skipped
     assert pooled_rmse([({"rmse_f": 1.0}, 1.0), ({"rmse_f": 3.0}, 3.0), ({"rmse_f": math.nan}, 9.0)])["rmse_f"] == pytest.approx(math.sqrt(28 / 4), rel=1e-14)
     # validating more or less often never changes the training itself (its own random stream)
@@ -301,7 +306,8 @@ def test_a_foreign_best_file_is_never_overwritten(tmp_path, monkeypatch):
 @pytest.mark.parametrize("key, value, message", [
     ("patience", 0, "training/patience: must be a positive integer or null, got 0"),
     ("validation_freq", -2, "training/validation_freq: must be a positive integer or null, got -2"),
-    ("validation_frames", 0, "training/validation_frames: must be a positive integer or null, got 0"),
+    ("validation_frames", 0, 'training/validation_frames: must be a positive integer, "all" or null, got 0'),
+    ("validation_frames", "some", 'training/validation_frames: must be a positive integer, "all" or null, got \'some\''),
     ("best_metric", "rmse_x", "training/best_metric: 'rmse_x' is not a metric of head 'default' (its loss reports rmse, rmse_e, rmse_f)"),
 ])
 def test_bad_settings_are_one_line_naming_the_key(tmp_path, key, value, message):
@@ -313,7 +319,7 @@ def test_bad_settings_are_one_line_naming_the_key(tmp_path, key, value, message)
 def test_plan_says_what_decides_the_best_model_and_a_head_without_validation_has_none(tmp_path):
     doc = multi(tmp_path, numb_steps=4, best_metric="rmse_e", validation_freq=4)
     del doc["training"]["data_dict"]["wb97m"]["validation_data"]
-    del doc["training"]["validation_frames"]
+    doc["training"]["data_dict"]["ccsd"]["validation_frames"] = "all"
     doc["training"]["data_dict"]["ccsd"]["patience"] = 4
     out_console, out = console()
     summary = trainer(tmp_path, doc, console=out_console).run()

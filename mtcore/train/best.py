@@ -3,7 +3,9 @@
 Why a fixed set: the display's validation metric (lcurve.out) is measured on ``numb_btch``
 randomly drawn batches, so two display steps compare different frames and the "best" one is
 mostly the luckiest draw. Here each head with validation data has a fixed list of frames (all
-of them, or a seeded subset of ``validation_frames``) evaluated every ``validation_freq`` steps;
+of them, or a seeded subset of ``validation_frames``; by default as many frames as the display's
+``numb_btch`` validation batches, so it costs what the display's validation costs) evaluated
+every ``validation_freq`` steps;
 when the chosen metric (``best_metric``) is strictly lower than the best so far, the whole model
 state at that step is written to ``<stem>.best.<head>.pt`` (checkpoint.CheckpointManager.save_best).
 
@@ -42,6 +44,13 @@ def default_metric(names: list[str]) -> str:
             return name
     others = [n for n in names if n != "rmse"]
     return others[0] if others else "rmse"
+
+
+def default_frame_count(valid: "DataSet", numb_btch: int) -> int:
+    """``validation_frames`` null: the frames of the display's ``numb_btch`` validation batches
+    (the largest batch size), so by default best-model tracking costs what the display's
+    validation costs; it compares the SAME frames every time, which the display does not."""
+    return max(1, int(numb_btch)) * max(valid.batch_sizes)
 
 
 def fixed_frames(valid: "DataSet", limit: Optional[int], seed: int, head: str) -> tuple[list[tuple[int, np.ndarray]], int]:
@@ -136,7 +145,8 @@ class BestTracker:
 
     @classmethod
     def build(cls, configs: dict[str, "HeadConfig"], trained: list[str], valid: dict[str, Optional["DataSet"]],
-              metric_names: dict[str, list[str]], disp_freq: int, seed: int, multi_task: bool) -> "BestTracker":
+              metric_names: dict[str, list[str]], disp_freq: int, seed: int, multi_task: bool,
+              numb_btch: Optional[dict[str, int]] = None) -> "BestTracker":
         heads, without = {}, []
         for name in trained:
             settings = configs[name].best or {}
@@ -152,6 +162,10 @@ class BestTracker:
                 without.append(name)
                 continue
             frames_limit = settings.get("validation_frames")
+            if frames_limit is None:
+                frames_limit = default_frame_count(valid[name], (numb_btch or {}).get(name, 1))
+            elif frames_limit == "all":
+                frames_limit = None
             chunks, total = fixed_frames(valid[name], frames_limit, seed, name)
             heads[name] = HeadBest(
                 head=name,

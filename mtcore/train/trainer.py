@@ -171,6 +171,7 @@ class Trainer:
             config.heads, self.trained, {h: self.heads[h].valid for h in self.trained},
             {h: self.heads[h].loss.metric_names() for h in self.trained},
             int(training["disp_freq"]), self.seed, config.multi_task,
+            {h: self.heads[h].numb_btch for h in self.trained},
         )
         self._warned_nan_metric: set[str] = set()
         if restart is not None:
