@@ -17,9 +17,9 @@ DOCS = ROOT / "docs"
 CONFIG = ROOT / "mkdocs.yml"
 
 
-def _require_mkdocs() -> None:
+def _require(*modules: str) -> None:
     """CI installs the docs tools (the `test` extra includes `docs`): there a missing one fails."""
-    for module in ("mkdocs", "material"):
+    for module in modules:
         try:
             __import__(module)
         except ImportError:
@@ -42,7 +42,9 @@ def _nav_pages(nav) -> list[str]:
 
 
 def _config() -> dict:
-    yaml = pytest.importorskip("yaml")  # PyYAML comes with mkdocs
+    _require("yaml")  # PyYAML comes with mkdocs
+    import yaml
+
     return yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
 
 
@@ -75,7 +77,7 @@ def _build(config_file: Path, site: Path) -> subprocess.CompletedProcess:
 
 
 def test_site_builds_strict(tmp_path):
-    _require_mkdocs()
+    _require("mkdocs", "material")
     built = _build(CONFIG, tmp_path / "site")
     log = built.stdout + built.stderr
     assert built.returncode == 0, f"mkdocs build --strict failed:\n{log[-6000:]}"
@@ -97,7 +99,7 @@ def test_site_builds_strict(tmp_path):
 ], ids=["missing-page", "missing-anchor", "page-not-in-nav"])
 def test_strict_build_fails_on_a_broken_reference(tmp_path, broken):
     """The same configuration on a copy of docs/ with one defect: the build must fail naming it."""
-    _require_mkdocs()
+    _require("mkdocs", "material")
     page, text, named = broken
     docs = tmp_path / "docs"
     shutil.copytree(DOCS, docs)
