@@ -334,6 +334,7 @@ def show(path: Path = typer.Argument(..., help="checkpoint or frozen model")) ->
 @app.command("model-devi")
 def model_devi(
     models: List[Path] = typer.Option(..., "--models", "-m", help="two or more frozen models (or checkpoints) of one ensemble"),
+    more: Optional[List[Path]] = typer.Argument(None, help="more models: '-m a.pth b.pth c.pth' works as in dp model-devi", show_default=False),
     system: List[str] = typer.Option([], "--system", "-s", help="system folder(s) or file(s), or a folder searched for systems (default .)"),
     output: Path = typer.Option(Path("model_devi.out"), "--output", "-o", help="output file (DeePMD-kit's model_devi.out layout)"),
     head: Optional[str] = typer.Option(None, "--head", help="the head of multi-head (united) models"),
@@ -347,8 +348,9 @@ def model_devi(
     def body():
         from mtcore.model_devi import make_model_devi
 
-        done = make_model_devi(models, list(system) or ["."], output, head, set_prefix, frequency, relative, relative_v)
-        console.print(f"wrote {output}: {sum(n for _, n in done)} frames of {len(done)} system(s), {len(models)} models")
+        ensemble = list(models) + list(more or [])
+        done = make_model_devi(ensemble, list(system) or ["."], output, head, set_prefix, frequency, relative, relative_v)
+        console.print(f"wrote {output}: {sum(n for _, n in done)} frames of {len(done)} system(s), {len(ensemble)} models")
 
     _run(body)
 

@@ -144,6 +144,12 @@ def test_cli_and_refusals(ensemble, tmp_path):
     args = ["model-devi", "-m", str(paths[0]), "-m", str(paths[1]), "-s", str(periodic), "-o", str(out)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert "2 models" in result.output
+    first = out.read_text()
+    # dp model-devi's spelling, as DP-GEN calls it: -m followed by several files
+    result = runner.invoke(app, ["model-devi", "-m", str(paths[0]), str(paths[1]), "-s", str(periodic), "-o", str(out)])
+    assert result.exit_code == 0 and "2 models" in result.output, result.output
+    assert out.read_text() == first
     assert _read(out)[0][2].shape == (NFRAMES, 8)
     assert runner.invoke(app, args).exit_code == 0  # its own earlier output may be replaced
     mine = tmp_path / "notes.txt"
