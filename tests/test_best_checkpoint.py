@@ -26,7 +26,7 @@ from mtcore.config import load_config
 from mtcore.errors import MtcoreError
 from mtcore.freeze import freeze_best, model_from_checkpoint
 from mtcore.infer import load as load_frozen
-from mtcore.train.best import fixed_frames, pooled_rmse
+from mtcore.train.best import default_metric, fixed_frames, pooled_rmse
 from mtcore.train.checkpoint import CheckpointManager, load_checkpoint, read_checkpoint_file
 from mtcore.train.trainer import Trainer
 
@@ -163,7 +163,12 @@ def test_fixed_frames_are_fixed_seeded_and_do_not_move_training(tmp_path):
     doc["training"]["validation_data"].update(numb_btch=3, batch_size=2)
     assert trainer(tmp_path / "d", doc).best.heads["default"].nframes == 6
     # pooled RMSE: exact for per-component errors (weights are atoms); NaN (no label) is skipped
-    assert pooled_rmse([({"rmse_f": 1.0}, 1.0), ({"rmse_f": 3.0}, 3.0), ({"rmse_f": math.nan}, 9.0)])["rmse_f"] == pytest.approx(math.sqrt(28 / 4), rel=1e-14)
+    pooled = pooled_rmse([({"rmse_f": 1.0, "mae_x": 1.0}, 1.0), ({"rmse_f": 3.0, "mae_x": 3.0}, 3.0),
+                          ({"rmse_f": math.nan, "mae_x": math.nan}, 9.0)])
+    assert pooled["rmse_f"] == pytest.approx(math.sqrt(28 / 4), rel=1e-14)
+    assert pooled["mae_x"] == pytest.approx(10 / 4, rel=1e-14)  # a mean absolute error pools linearly
+    assert [default_metric(n) for n in (["rmse", "rmse_e", "rmse_f"], ["rmse", "rmse_lc", "rmse_gl"], ["rmse", "rmse_lc"],
+                                        ["rmse", "rmse_gap", "mae_gap"], ["rmse", "mae"])] == ["rmse_f", "rmse_gl", "rmse_lc", "rmse_gap", "rmse"]
     # validating more or less often never changes the training itself (its own random stream)
     finals = []
     for freq, sub in ((1, "a"), (3, "b")):

@@ -33,8 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from mtcore.data.dataset import DataSet
 
 #: default best_metric: the first of these the head's loss reports (forces for energy heads, the
-#: frame tensor, then the atomic tensor for tensor heads); else the first metric other than the
-#: total "rmse" (whose loss prefactors change with the learning rate), else "rmse"
+#: frame tensor, then the atomic tensor for tensor heads); else the first other "rmse_*" (the total
+#: "rmse" of an energy loss mixes prefactors that change with the learning rate), else "rmse"
 PREFERRED_METRICS = ("rmse_f", "rmse_gl", "rmse_lc", "rmse_e", "rmse_v")
 
 
@@ -42,8 +42,10 @@ def default_metric(names: list[str]) -> str:
     for name in PREFERRED_METRICS:
         if name in names:
             return name
-    others = [n for n in names if n != "rmse"]
-    return others[0] if others else "rmse"
+    partial = [n for n in names if n.startswith("rmse_")]
+    if partial:
+        return partial[0]
+    return "rmse" if "rmse" in names or not names else names[0]
 
 
 def default_frame_count(valid: "DataSet", numb_btch: int) -> int:
@@ -195,9 +197,10 @@ class BestTracker:
 
 
 def pooled_rmse(parts: list[tuple[dict, float]]) -> dict[str, float]:
-    """Metrics of several batches as one RMSE over all of them: sqrt(Σ w·m² / Σ w), w the
-    batch's atoms (frames × the loss's metric weight per frame). Exact for per-component RMSEs
-    such as rmse_f; a batch without a label (NaN) does not count for that metric."""
+    """Metrics of several batches as one over all of them: an RMSE as sqrt(Σ w·m² / Σ w), a
+    mean absolute error (``mae*``) as Σ w·m / Σ w; w is the batch's atoms (frames × the loss's
+    metric weight per frame). Exact for per-component errors such as rmse_f; a batch without a
+    label (NaN) does not count for that metric."""
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for metrics, weight in parts:
@@ -205,6 +208,9 @@ def pooled_rmse(parts: list[tuple[dict, float]]) -> dict[str, float]:
             sums.setdefault(key, 0.0)
             weights.setdefault(key, 0.0)
             if math.isfinite(value):
-                sums[key] += weight * value * value
+                sums[key] += weight * (value if key.startswith("mae") else value * value)
                 weights[key] += weight
-    return {k: math.sqrt(sums[k] / weights[k]) if weights[k] > 0 else math.nan for k in sums}
+    return {
+        k: (sums[k] / weights[k] if k.startswith("mae") else math.sqrt(sums[k] / weights[k])) if weights[k] > 0 else math.nan
+        for k in sums
+    }
