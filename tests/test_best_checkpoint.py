@@ -332,3 +332,15 @@ def test_plan_says_what_decides_the_best_model_and_a_head_without_validation_has
     assert "rmse_e every 4 steps on all 80 frames, patience 4" in text
     assert text.count("no validation data: no best model") == 2  # plan and summary
     assert set(summary["best"]) == {"ccsd"} and not (tmp_path / "model.best.wb97m.pt").exists()
+
+
+def test_a_tensor_head_is_judged_by_its_frame_tensor_rmse(tmp_path):
+    from test_tensor_heads import DIPOLE, tensor_input
+
+    doc = tensor_input(DIPOLE, "dipole", tmp_path, numb_steps=2, disp_freq=2, save_freq=2, validation_freq=2,
+                       validation_frames=4)
+    doc["model"]["descriptor"] = dict(TINY_DESCRIPTOR)
+    summary = trainer(tmp_path, doc).run()
+    best = summary["best"]["default"]
+    assert best["metric"] == "rmse_gl" and math.isfinite(best["value"]) and best["step"] in (0, 2)
+    assert read_checkpoint_file(tmp_path / "model.best.default.pt")["best_of"]["metric"] == "rmse_gl"
