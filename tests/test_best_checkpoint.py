@@ -344,3 +344,21 @@ def test_a_tensor_head_is_judged_by_its_frame_tensor_rmse(tmp_path):
     best = summary["best"]["default"]
     assert best["metric"] == "rmse_gl" and math.isfinite(best["value"]) and best["step"] in (0, 2)
     assert read_checkpoint_file(tmp_path / "model.best.default.pt")["best_of"]["metric"] == "rmse_gl"
+
+
+def test_restart_from_before_a_newer_best_adopts_that_file(tmp_path, monkeypatch):
+    """A best model written after the checkpoint a restart starts from (a run killed between
+    saves) is this run's: adopted with its value, not overwritten by an equal or worse one."""
+    values = {"default": {0: 3.0, 2: 2.0, 4: 2.5, 6: 1.0, 8: 1.5}}
+    written = script(monkeypatch, values)
+    trainer(tmp_path, single(tmp_path, numb_steps=8, save_freq=4)).run()
+    assert written[-1] == ("default", 6)
+    before = (tmp_path / "model.best.default.pt").read_bytes()
+    state = load_checkpoint(tmp_path / "model.ckpt-4.pt")
+    assert state["best"]["heads"]["default"]["step"] == 2
+    out_console, out = console()
+    Trainer(None, tmp_path, out_console, restart=state).run()
+    assert "model.best.default.pt (step 6) adopted as its best model so far" in out.getvalue()
+    assert written[-1] == ("default", 6) and len(written) == 3  # 1.0 at step 6 again is not better
+    assert (tmp_path / "model.best.default.pt").read_bytes() == before
+    assert load_checkpoint(tmp_path)["best"]["heads"]["default"]["step"] == 6
