@@ -50,6 +50,23 @@ def _output(output: dict) -> str:
     return f"{output['name']} ({'per atom only' if reduction == 'none' else reduction})"
 
 
+def _checkpoint_outputs(document: dict) -> dict[str, str]:
+    """Each head's output as :func:`_output` shows it, from the heads a checkpoint's input builds
+    (untrained: only ``output_def`` is read); empty when its plugins are not installed, since
+    ``show`` must work without them."""
+    try:
+        from mtcore.config import config_from_document
+        from mtcore.model.build import build_model
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = build_model(config_from_document(document))
+        return {h: _output({"name": f.output_def().name, "reduction": getattr(f.output_def(), "reduction", "sum")})
+                for h, f in model.heads.items()}
+    except Exception:  # noqa: BLE001 - a missing plugin or an old input: the column stays empty
+        return {}
+
+
 def describe(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -65,7 +82,8 @@ def describe(path: Path) -> dict:
 
         state = load_checkpoint(path, check_plugins=False)  # show works without the plugins installed
         kind = f"checkpoint, step {state['step']}, {'multi' if state.get('multi_task') else 'single'}-task"
-        return dict(_summary(state["config"], kind, {}), provenance=lines(state.get("provenance")))
+        return dict(_summary(state["config"], kind, _checkpoint_outputs(state["config"])),
+                    provenance=lines(state.get("provenance")))
     if meta.get("kind") == "united":
         outputs = {h: _output(m["output"]) for h, m in meta["heads"].items()}
         return dict(_summary(meta["config"], "frozen, united (all heads)", outputs), provenance=lines(meta.get("provenance")))

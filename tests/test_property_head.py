@@ -464,6 +464,8 @@ def test_multi_task_ener_dipole_property_trains_freezes_and_tests(tmp_path):
         shown = runner.invoke(app, ["show", "model_gap.pth"])
         assert shown.exit_code == 0 and "property" in shown.output, shown.output
         assert describe(Path("model_gap.pth"))["heads"][0]["output"] == "property (mean)"
+        outputs = {h["name"]: h["output"] for h in describe(Path("model.ckpt-6.pt"))["heads"]}
+        assert outputs == {"gap": "property (mean)", "water_ener": "energy (sum)", "water_dipole": "dipole (sum)"}
         tested = runner.invoke(app, ["test", "-m", "model_gap.pth", "-s", "data", "--json", "-d", "gap"])
         assert tested.exit_code == 0, tested.output
         table = runner.invoke(app, ["test", "-m", "model_gap.pth", "-s", clusters[0]])
