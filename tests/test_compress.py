@@ -269,3 +269,8 @@ def test_united_file_keeps_every_head(tmp_path):
         assert np.abs(ra["energy"] - rb["energy"]).max() / 192 <= E_TOL
         assert np.abs(ra["force"] - rb["force"]).max() <= F_TOL
         assert infer.load(tmp_path / "united_c.pth", head=head).head_metadata["compressed"]["tables"] == info["tables"]
+
+
+def test_a_table_too_large_is_refused_before_it_is_built():
+    with pytest.raises(MtcoreError, match=r"--step 1e-07: a table of .* would take .* GB"):
+        TabulatedEmbedding.from_net(_net(), -1.0, 3.0, step=1e-7)

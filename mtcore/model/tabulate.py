@@ -39,8 +39,8 @@ from mtcore.model.mlp import DOUBLING, RESIDUAL, EmbeddingNet
 
 #: coarse intervals (extrapolation region) are this many fine steps wide, as in DeePMD-kit
 COARSE_FACTOR = 10
-#: a table with more intervals than this is refused (a tiny step or a huge range: memory)
-MAX_INTERVALS = 2_000_000
+#: a table larger than this is refused (a tiny step or a huge input range: memory)
+MAX_TABLE_BYTES = 2 * 1024**3
 
 
 def _derivatives(net: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,8 +154,11 @@ class TabulatedEmbedding(nn.Module):
         coarse = step * COARSE_FACTOR
         n_coarse = max(1, math.ceil((extrapolate - 1.0) * (upper - lower) / coarse - 1e-9))
         total = n_fine + 2 * n_coarse
-        if total > MAX_INTERVALS:
-            raise MtcoreError(f"--step {step}: the table would have {total} intervals (over {MAX_INTERVALS}); use a larger step")
+        width_out = int(getattr(net, "n_out", 0)) or int(net(torch.zeros(1, 1, dtype=next(iter(net.parameters())).dtype)).shape[1])
+        size = total * 6 * width_out * 8
+        if size > MAX_TABLE_BYTES:
+            raise MtcoreError(f"--step {step}: a table of {total} intervals over [{lower:.4g}, {upper:.4g}] would take "
+                              f"{size / 1024**3:.1f} GB (limit {MAX_TABLE_BYTES // 1024**3} GB); use a larger step")
         # knots: coarse below, fine, coarse above; computed from integers, no accumulated rounding
         below = lower - coarse * torch.arange(n_coarse, 0, -1, dtype=torch.float64)
         fine = lower + step * torch.arange(0, n_fine, dtype=torch.float64)
