@@ -43,14 +43,20 @@ def read_deepmd_npy(system: Path, frames: Optional[slice] = None, labels: Option
     for key in wanted:
         if not all((s / f"{key}.npy").is_file() for s in sets):
             raise MtcoreError(f"{system}: label '{key}' is not in every set folder ({key}.npy)")
+    reserved = [key for key in wanted if key in STRUCTURE_FILES + ("types", "type_map")]
+    if reserved:
+        raise MtcoreError(f"{system}: '{reserved[0]}' is not a label")
     parts: dict[str, list] = {key: [] for key in ["coord"] + (["box"] if periodic else []) + wanted}
     for s in sets:
-        nframes = None
+        coord = _read_npy(s / "coord.npy")
+        nframes = coord.shape[0] if coord.ndim > 1 else 1
+        if coord.size != nframes * 3 * types.size:
+            raise MtcoreError(f"{s / 'coord.npy'}: {coord.size} values are not {nframes} frame(s) of {types.size} atoms x 3")
         for key in parts:
-            value = np.load(s / f"{key}.npy", allow_pickle=False).astype(np.float64)
-            value = value.reshape(value.shape[0] if value.ndim > 1 else (nframes or 1), -1)
-            nframes = nframes or value.shape[0]
-            parts[key].append(value)
+            value = _read_npy(s / f"{key}.npy")
+            if value.size % nframes:
+                raise MtcoreError(f"{s / f'{key}.npy'}: {value.size} values are not {nframes} frames (coord.npy)")
+            parts[key].append(value.reshape(nframes, -1))
     out = {key: np.concatenate(value) for key, value in parts.items()}
     nframes = out["coord"].shape[0]
     window = frames or slice(None)
@@ -64,6 +70,16 @@ def read_deepmd_npy(system: Path, frames: Optional[slice] = None, labels: Option
     if (system / "type_map.raw").is_file():
         out["type_map"] = np.array(system.joinpath("type_map.raw").read_text().split())
     return out
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        value = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise MtcoreError(f"{path}: cannot be read as a .npy array ({exc})") from None
+    if value.dtype.kind not in "biuf" or value.ndim == 0:
+        raise MtcoreError(f"{path}: expected an array of real numbers, one row per frame")
+    return value.astype(np.float64)
 
 
 def write_npz(path: Path, arrays: dict) -> None:

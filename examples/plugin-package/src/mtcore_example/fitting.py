@@ -71,8 +71,9 @@ class GapFitting(Fitting):
         x = descriptor["descriptor"]
         if self.dim_type_embedding > 0:
             x = torch.cat([x, descriptor["type_embedding"]], dim=1)
-        out = self.net(x.to(self.dtype), atype).to(torch.float64)
-        return out + self.bias_atom_gap.index_select(0, atype.clamp_min(0))
+        out = self.net(x.to(self.dtype), atype).to(torch.float64)  # zero rows for virtual atoms (type -1)
+        real = (atype >= 0).to(torch.float64).unsqueeze(1)
+        return out + self.bias_atom_gap.index_select(0, atype.clamp_min(0)) * real
 
 
 def arguments(ctx: SchemaContext) -> list[Argument]:
