@@ -81,7 +81,7 @@ def test_lcurve_one_row_per_display_step_with_head_suffixes(trained):
 
 def test_head_draws_follow_fitting_weight_and_idle_heads_never_move(tmp_path):
     doc = multi_task_input(tmp_path, numb_steps=3000, weights={"ccsd": 3, "wb97m": 1, "idle": 0, "broken": "x"},
-                           disp_training=False, save_freq=0)
+                           disp_training=False, save_freq=0, validation_freq=3000)
     fits = doc["model"]["fitting_net_dict"]
     fits["idle"] = dict(ENER, seed=5)
     fits["broken"] = dict(ENER, seed=6)
