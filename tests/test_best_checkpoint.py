@@ -362,3 +362,22 @@ def test_restart_from_before_a_newer_best_adopts_that_file(tmp_path, monkeypatch
     assert written[-1] == ("default", 6) and len(written) == 3  # 1.0 at step 6 again is not better
     assert (tmp_path / "model.best.default.pt").read_bytes() == before
     assert load_checkpoint(tmp_path)["best"]["heads"]["default"]["step"] == 6
+
+
+def test_a_default_metric_without_validation_labels_falls_back_and_a_restart_keeps_it(tmp_path):
+    from test_tensor_heads import DIPOLE, TENSOR, tensor_input
+
+    doc = tensor_input(DIPOLE, "dipole", tmp_path, numb_steps=2, disp_freq=2, save_freq=2, validation_freq=2,
+                       validation_frames=2)
+    doc["model"]["descriptor"] = dict(TINY_DESCRIPTOR)
+    doc["training"]["validation_data"]["systems"] = [str(TENSOR / "dipole" / "validation_data" / "atomic_system")]
+    out_console, out = console()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not finite" warning: the fallback is silent but printed
+        summary = trainer(tmp_path, doc, console=out_console).run()
+    assert "no label for rmse_gl; its best model is judged by rmse_lc" in out.getvalue()
+    assert summary["best"]["default"]["metric"] == "rmse_lc" and math.isfinite(summary["best"]["default"]["value"])
+    state = load_checkpoint(tmp_path)
+    state["config"]["training"]["numb_steps"] = 4
+    again = Trainer(None, tmp_path, console()[0], restart=state)
+    assert again.best.heads["default"].metric == "rmse_lc" and again.best.heads["default"].step is not None

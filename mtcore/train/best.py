@@ -93,6 +93,7 @@ class HeadBest:
     since: int = 0  # evaluations in a row without improvement
     stopped: Optional[int] = None  # step at which patience stopped the head
     digest: Optional[str] = None  # sha256 of the best file this run wrote
+    chosen: bool = False  # best_metric given in the input (else the default, which may be revised once)
 
     def due(self, step: int) -> bool:
         return self.stopped is None and step % self.freq == 0
@@ -115,9 +116,22 @@ class HeadBest:
         return {"metric": self.metric, "value": self.value, "step": self.step, "since": self.since,
                 "stopped": self.stopped, "sha256": self.digest}
 
+    def revise_default(self, metrics: dict[str, float]) -> Optional[str]:
+        """Before the first best: a default metric the validation frames have no label for
+        (e.g. rmse_gl when only atomic dipoles are given) is replaced by the preferred one they
+        do have. Returns the new metric name, or None when nothing changed."""
+        if self.chosen or self.step is not None or math.isfinite(metrics.get(self.metric, math.nan)):
+            return None
+        finite = [name for name, value in metrics.items() if math.isfinite(value)]
+        if not finite:
+            return None
+        self.metric = default_metric(finite)
+        return self.metric
+
     def load_state_dict(self, state: dict) -> None:
-        if state.get("metric") != self.metric:
-            return  # a different metric: values are not comparable, start again
+        if state.get("metric") != self.metric and (self.chosen or not state.get("metric")):
+            return  # a different chosen metric: values are not comparable, start again
+        self.metric = state.get("metric", self.metric)
         self.value = float(state.get("value", math.inf))
         self.step = state.get("step")
         self.since = int(state.get("since", 0))
@@ -175,6 +189,7 @@ class BestTracker:
                 freq=int(settings.get("validation_freq") or max(1, int(disp_freq))),
                 patience=settings.get("patience"),
                 chunks=chunks,
+                chosen=metric is not None,
                 nframes=int(sum(len(frames) for _, frames in chunks)),
                 total=total,
             )

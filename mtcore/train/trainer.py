@@ -419,7 +419,14 @@ class Trainer:
         for head, best in self.best.heads.items():
             if not best.due(self.step):
                 continue
-            value = float(self.fixed_set_metrics(head).get(best.metric, math.nan))
+            metrics = self.fixed_set_metrics(head)
+            previous = best.metric
+            if best.revise_default(metrics) is not None:
+                self.console.print(
+                    f"head '{head}': its validation frames have no label for {previous}; its best model is judged by "
+                    f"{best.metric} (set best_metric to choose)", highlight=False, soft_wrap=True,
+                )
+            value = float(metrics.get(best.metric, math.nan))
             bad = next((k for k, v in self.model.state_dict().items()
                         if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
             if bad is not None and math.isfinite(value) and value < best.value:
