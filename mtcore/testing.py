@@ -976,7 +976,7 @@ def _check_sharing(registration: FittingRegistration, params: dict, type_map: Li
         heads[head] = _build_fitting(registration, section, head, type_map, desc, manager)
     manager.check_usage(heads)
     if not manager.layers:
-        raise AssertionError("layer_name was given but the builder asked ctx.layers for no layer (use ctx.layers.dense)")
+        raise AssertionError("layer_name was given but the builder asked ctx.layers for no layer (build the nets with mtcore.model.fitting_net.TypeFittingNet and pass it ctx.layers)")
     own = {head: {id(p) for p in module.parameters()} for head, module in heads.items()}
     for key, layer in manager.layers.items():
         for head in ("a", "b"):

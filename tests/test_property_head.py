@@ -478,3 +478,39 @@ def test_multi_task_ener_dipole_property_trains_freezes_and_tests(tmp_path):
     labels = np.concatenate([np.load(Path(s) / "set.000" / "gap.npy") for s in clusters])
     assert 0 < stat["mae"] <= stat["rmse"] < 10 * float(labels.std(0).max())  # near the data thanks to the bias
     assert (tmp_path / "gap.property.out").exists() and not (tmp_path / "gap.property_peratom.out").exists()
+
+
+def test_mean_reduction_skips_virtual_atoms():
+    """Padding atoms of mixed-type data (type -1) are not atoms of the frame: a mean over every
+    type divides by the real atoms only, and a frame of padding only gives 0."""
+    from mtcore.model.geometry import reduce_atomic
+
+    atomic = torch.tensor([[[1.0], [3.0], [100.0]], [[7.0], [7.0], [7.0]], [[5.0], [5.0], [5.0]]], dtype=torch.float64)
+    atype = torch.tensor([[0, 1, -1], [1, 1, 0], [-1, -1, -1]])
+    got = reduce_atomic(atomic, atype, "mean", [])
+    assert torch.allclose(got, torch.tensor([[2.0], [7.0], [0.0]], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.allclose(reduce_atomic(atomic, atype, "mean", [1]), torch.tensor([[3.0], [7.0], [0.0]], dtype=torch.float64))
+    assert torch.allclose(reduce_atomic(atomic, atype, "sum", []), atomic.sum(1))
+
+
+def test_tensor_loss_on_a_per_atom_only_head():
+    """The built-in tensor loss trains a 'none' head through its atomic label alone (no frame key
+    in the predictions), and refuses a frame weight for it in one line."""
+    from types import SimpleNamespace
+
+    from mtcore.errors import MtcoreError
+    from mtcore.hookspecs import LossContext
+    from mtcore.model.fitting import OutputDef
+    from mtcore_builtins.losses.tensor import build
+
+    odef = OutputDef("charge", 3, "charge", "atomic_charge", sel_types=None, reduction="none")
+    fitting = SimpleNamespace(output_def=lambda: odef)
+    loss = build({"pref": 0.0, "pref_atomic": 1.0}, LossContext("q", fitting, 1e-3))
+    atype = torch.tensor([[0, 1, 1]])
+    pred = {"atomic_charge": torch.ones(1, 3, 3, dtype=torch.float64)}
+    label = {"atomic_charge": torch.zeros(1, 3, 3, dtype=torch.float64)}
+    value, metrics = loss(pred, label, {"atomic_charge": 1.0}, atype, 1.0, metrics=True)
+    assert abs(float(value) - 1.0) < 1e-12 and abs(metrics["rmse_lc"] - 1.0) < 1e-12
+    with pytest.raises(MtcoreError, match="per-atom values only.*set pref to 0") as info:
+        build({"pref": 1.0, "pref_atomic": 1.0}, LossContext("q", fitting, 1e-3))
+    assert "\n" not in str(info.value)

@@ -52,7 +52,7 @@ def reduce_atomic(atomic: torch.Tensor, atype: torch.Tensor, reduction: str, sel
     """The frame quantity [B, k] of atomic outputs [B, N, k] by the head's declared reduction.
 
     ``sum``: Σ_i over all atoms (outputs vanish outside ``sel_types`` anyway). ``mean``: the sum
-    over the atoms whose type is in ``sel_types`` (every atom when empty) divided by their number,
+    over the atoms whose type is in ``sel_types`` (every real atom, type >= 0, when empty) divided by their number,
     so an intensive quantity does not grow with the frame; a frame without such atoms gives 0.
     The loop runs over the selected types, never over atoms. TorchScript-scriptable: the frozen
     models call it too, so training and inference reduce alike.
@@ -60,10 +60,11 @@ def reduce_atomic(atomic: torch.Tensor, atype: torch.Tensor, reduction: str, sel
     if reduction != "mean":
         return atomic.sum(1)
     if len(sel_types) == 0:
-        return atomic.mean(1)
-    keep = torch.zeros(atype.shape, dtype=torch.bool, device=atype.device)
-    for t in sel_types:
-        keep = keep | (atype == t)
+        keep = atype >= 0  # virtual atoms (type -1, padding of mixed-type data) are not atoms of the frame
+    else:
+        keep = torch.zeros(atype.shape, dtype=torch.bool, device=atype.device)
+        for t in sel_types:
+            keep = keep | (atype == t)
     weight = keep.to(atomic.dtype)
     count = torch.clamp(weight.sum(1, keepdim=True), min=1.0)
     return (atomic * weight.unsqueeze(-1)).sum(1) / count

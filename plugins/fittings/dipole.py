@@ -23,6 +23,9 @@ from mtcore.hookspecs import FittingContext, FittingRegistration, SchemaContext,
 from mtcore.model.fitting import OutputDef, TestQuantity
 from mtcore_builtins.fittings.tensor_common import TensorFitting, check_rot_mat, common_arguments
 
+#: the plugin API this module was written for (mtcore.hookspecs: versions)
+MTCORE_PLUGIN_API = 2
+
 DOC = "Atomic dipoles f·Q (net output contracted with the descriptor's rotation matrix), summed to the frame dipole."
 
 #: The loss a dipole head gets when the input has none: v2 has no usable default (its loss

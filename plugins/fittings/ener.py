@@ -22,6 +22,9 @@ from mtcore.model.fitting_net import TypeFittingNet
 from mtcore.model.mlp import dtype_of
 from mtcore.model.shared_layers import SharedLayerManager
 
+#: the plugin API this module was written for (mtcore.hookspecs: versions)
+MTCORE_PLUGIN_API = 2
+
 DOC = "Atomic energies summed to the frame energy; forces and virials by differentiation."
 
 

@@ -33,6 +33,9 @@ from mtcore.hookspecs import FittingContext, FittingRegistration, SchemaContext,
 from mtcore.model.fitting import OutputDef, TestQuantity
 from mtcore_builtins.fittings.tensor_common import TensorFitting, check_rot_mat, common_arguments
 
+#: the plugin API this module was written for (mtcore.hookspecs: versions)
+MTCORE_PLUGIN_API = 2
+
 DOC = "Atomic polarizabilities s·QᵀBQ + c·I (B from the net, Q the descriptor's rotation matrix), summed per frame."
 
 #: As for dipole heads: v2 has no usable default loss (spec D6); mtcore weights both labels 1.

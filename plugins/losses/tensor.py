@@ -25,6 +25,7 @@ from dargs import Argument
 from mtcore.data.requirements import DataRequirement
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import LossContext, LossRegistration, SchemaContext, hookimpl
+from mtcore.model.fitting import reduction_of
 from mtcore.model.loss import Loss
 
 #: the plugin API this module was written for (mtcore.hookspecs: versions)
@@ -93,7 +94,7 @@ class TensorLoss(Loss):
         mask = self.selected(atype)
         n_sel_total = int(mask.sum())
         n_s = n_sel_total / max(nframes, 1)
-        loss = pred[self.global_key].new_zeros(())
+        loss = pred[self.atomic_key].new_zeros(())  # the frame key is absent for a per-atom-only head
         local: Optional[torch.Tensor] = None
         glob: Optional[torch.Tensor] = None
         if self.pref_atomic > 0 and find.get(self.atomic_key, 0.0) > 0 and n_sel_total > 0:
@@ -140,6 +141,9 @@ def build(params: dict, ctx: LossContext) -> TensorLoss:
         raise MtcoreError(f"{where}: pref and pref_atomic must be >= 0 (got {pref}, {pref_atomic})")
     if pref == 0 and pref_atomic == 0:
         raise MtcoreError(f"{where}: pref and pref_atomic are both 0; nothing to train")
+    if pref > 0 and reduction_of(odef) == "none":
+        raise MtcoreError(f"{where}: the head predicts per-atom values only (reduction 'none'), so it has no "
+                          f"frame value to fit: set pref to 0 and train it with pref_atomic")
     return TensorLoss(pref, pref_atomic, odef.global_key, odef.atomic_key, odef.size, odef.sel_types)
 
 
