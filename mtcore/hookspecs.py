@@ -200,8 +200,9 @@ class LossRegistration:
 class DataLoaderRegistration:
     """A data format on disk.
 
-    ``detect(path)`` answers whether ``path`` is a system of this format (the core asks each
-    loader in turn, and uses it to find systems below a folder given as ``systems``). A system
+    ``detect(path)`` answers whether ``path`` is a system of this format (the core asks every
+    loader, and two claiming one path is an error naming both; it also uses ``detect`` to find
+    systems below a folder given as ``systems``). A system
     may be a folder (deepmd/npy) or a single file (one ``.npz``/``.h5``/extended-XYZ file per
     system): ``path`` is a file as well as a folder, both when named in ``systems`` or ``mtcore
     test -s/-f`` and for every file met while searching a folder (files inside a folder that is

@@ -361,14 +361,19 @@ class Registry:
         return self.entry(kind, name).source
 
     def loader_entry_for(self, path: Any) -> Optional[Registered]:
-        """The first data loader that recognises ``path`` (None if none); an error when that
-        loader's name is registered by another package too."""
-        for entry in self._entries["data_loader"]:
-            if entry.registration.detect(path):
-                if self._tag(entry) != entry.name:
-                    raise PluginError(f"{path}: {self.clash_message('data_loader', entry.name)}")
-                return entry
-        return None
+        """The data loader that recognises ``path`` (None if none). Every loader is asked: when
+        two claim the same path (two packages reading ``.npz``), which one reads it would depend
+        on the order packages happen to be found, so that is an error naming both, as is a
+        loader whose name another package registers too."""
+        claims = [entry for entry in self._entries["data_loader"] if entry.registration.detect(path)]
+        for entry in claims:
+            if self._tag(entry) != entry.name:
+                raise PluginError(f"{path}: {self.clash_message('data_loader', entry.name)}")
+        if len(claims) > 1:
+            listed = " and ".join(f"'{e.name}' from {_label(e.source)}" for e in claims)
+            raise PluginError(f"{path}: more than one data loader reads it: {listed}; uninstall one of them "
+                              f"(or select entry points with MTCORE_PLUGINS)")
+        return claims[0] if claims else None
 
     def loader_for(self, path: Any) -> Optional[Any]:
         """The registration of :meth:`loader_entry_for`."""

@@ -113,8 +113,36 @@ def train(workdir: Path, doc: dict) -> Path:
     return workdir / "model.ckpt.pt"
 
 
-def test_discovery_finds_files_and_folders(tmp_path, installed_plugins):
+def only_the_toy_npz_loader(monkeypatch) -> None:
+    """Two installed loaders that both read ``.npz`` files are refused where a file is met (see
+    the next test); the example plugin package (installed in CI) has one, so these tests select
+    every entry point but that one, as a user would with MTCORE_PLUGINS."""
+    from importlib.metadata import entry_points
+
+    names = ({ep.name for ep in entry_points(group="mtcore")} - {"npz_system"}) | {"loader"}
+    monkeypatch.setenv("MTCORE_PLUGINS", ",".join(sorted(names)))
+
+
+def test_two_loaders_claiming_one_file_are_refused_naming_both(tmp_path, installed_plugins, monkeypatch):
     fake_distribution(tmp_path / "site", "toy-npz", "1.0", TOY_NPZ, entry_point="loader")
+    fake_distribution(tmp_path / "site", "other-npz", "2.0", TOY_NPZ.replace('"toy/npz"', '"other/npz"'), entry_point="other_loader")
+    only_the_toy_npz_loader(monkeypatch)
+    monkeypatch.setenv("MTCORE_PLUGINS", os.environ["MTCORE_PLUGINS"] + ",other_loader")
+    registry = installed_plugins(tmp_path / "site")
+    systems = write_systems(tmp_path / "data")
+    file = systems["a"][0]
+    with pytest.raises(MtcoreError) as info:
+        load_system(file, ["O", "H"], [], "set", registry)
+    text = str(info.value)
+    assert "\n" not in text and "more than one data loader reads it" in text, text
+    assert "'toy/npz'" in text and "toy-npz" in text and "'other/npz'" in text and "other-npz" in text, text
+    with pytest.raises(MtcoreError, match="more than one data loader reads it"):
+        expand_systems(str(file.parent), registry, "t")
+
+
+def test_discovery_finds_files_and_folders(tmp_path, installed_plugins, monkeypatch):
+    fake_distribution(tmp_path / "site", "toy-npz", "1.0", TOY_NPZ, entry_point="loader")
+    only_the_toy_npz_loader(monkeypatch)
     registry = installed_plugins(tmp_path / "site")
     systems = write_systems(tmp_path / "data")
     tree = tmp_path / "tree"
@@ -161,8 +189,9 @@ def test_a_folder_only_detect_skips_files_with_a_warning(tmp_path, installed_plu
         expand_systems(str(tree / "loose.dat"), registry, "t")
 
 
-def test_train_and_test_on_file_systems(tmp_path, installed_plugins):
+def test_train_and_test_on_file_systems(tmp_path, installed_plugins, monkeypatch):
     fake_distribution(tmp_path / "site", "toy-npz", "1.0", TOY_NPZ, entry_point="loader")
+    only_the_toy_npz_loader(monkeypatch)
     installed_plugins(tmp_path / "site")
     systems = write_systems(tmp_path / "data")
     (tmp_path / "data" / "npz" / "README").write_text("frames of water data_0")  # ignored by the search
@@ -184,8 +213,7 @@ def test_train_and_test_on_file_systems(tmp_path, installed_plugins):
             assert abs(stat.rmse - got_all[title].rmse) <= 1e-10 * max(1.0, stat.rmse), title
     # the command line: -s FILE and -f LIST with a file entry, in a process that finds the plugin
     (tmp_path / "list.txt").write_text(npz[1] + "\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="250")
-    env.pop("MTCORE_PLUGINS", None)
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="250")  # MTCORE_PLUGINS: only the toy .npz loader
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(tmp_path / "site"), env.get("PYTHONPATH", "")] if p)
     proc = subprocess.run(MTCORE + ["test", "-m", str(ckpt), "-s", npz[0], "-f", "list.txt", "--json"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
