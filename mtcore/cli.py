@@ -92,6 +92,9 @@ def train(
         None, "--init-model", "-i", help="start a new run from the weights of a checkpoint or a frozen (united) model"
     ),
     head: Optional[str] = typer.Option(None, "--head", help="with --init-model: the checkpoint head to start from"),
+    init_optimizer: bool = typer.Option(
+        False, "--init-optimizer", help="with --init-model CHECKPOINT: old heads also keep their Adam state (moments, step count)"
+    ),
     device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu)"),
 ) -> None:
     """Train a model (single- or multi-task, detected from the input)."""
@@ -109,6 +112,8 @@ def train(
             raise MtcoreError("--restart and --init-model exclude each other")
         if head is not None and init_model is None:
             raise MtcoreError("--head only applies with --init-model")
+        if init_optimizer and init_model is None:
+            raise MtcoreError("--init-optimizer only applies with --init-model")
         if restart is None and input_file is None:
             raise MtcoreError("give an input file (or --restart CHECKPOINT)")
         workdir = Path(".")
@@ -136,7 +141,8 @@ def train(
                 ensure_writable(ckpt_folder, create=True)
                 with locked([ckpt_folder]):
                     init_state = load_init_source(init_model) if init_model is not None else None
-                    trainer = Trainer(config, workdir, console, restart=restart_state, init_model=init_state, init_head=head, device=device)
+                    trainer = Trainer(config, workdir, console, restart=restart_state, init_model=init_state, init_head=head, device=device,
+                                      init_optimizer=init_optimizer)
                     summary = trainer.run()
         finally:
             if main:

@@ -80,6 +80,11 @@ class RunConfig:
         return self.document["training"]
 
     @property
+    def auto_weights(self) -> bool:
+        """``fitting_weight: "auto"``: the trainer sets each head's weight from its frame count."""
+        return self.multi_task and self.training.get("fitting_weight") == AUTO_WEIGHT
+
+    @property
     def type_map(self) -> Optional[list[str]]:
         return self.model.get("type_map")
 
@@ -128,8 +133,11 @@ _NESTED = {
     ("training", "training_data"): dict,
     ("training", "validation_data"): dict,
     ("training", "data_dict"): dict,
-    ("training", "fitting_weight"): dict,
 }
+
+#: ``training/fitting_weight: "auto"``: each trained head drawn with probability proportional to
+#: its number of training frames (resolved by the trainer once the data are read)
+AUTO_WEIGHT = "auto"
 
 
 def _check_sections(doc: dict) -> None:
@@ -143,6 +151,12 @@ def _check_sections(doc: dict) -> None:
         value = (doc.get(outer) or {}).get(key)
         if value is not None and not isinstance(value, kind):
             raise MtcoreError(f"{outer}/{key}: expected a dict (JSON object), got {type(value).__name__} {value!r}")
+    weights = (doc.get("training") or {}).get("fitting_weight")
+    if weights is not None and not isinstance(weights, dict) and weights != AUTO_WEIGHT:
+        raise MtcoreError(
+            f'training/fitting_weight: expected a dict head → weight or "{AUTO_WEIGHT}" (weights ∝ training '
+            f"frames), got {type(weights).__name__} {weights!r}"
+        )
     for missing in ("model", "training"):
         if missing not in doc:
             raise MtcoreError(f"{missing}: section missing; an input needs model, training (and usually learning_rate, loss)")
@@ -226,8 +240,17 @@ def _absolute_systems(section: Optional[dict], base_dir: Path) -> Optional[dict]
 def _normalise_weights(
     heads: list[str], with_data: list[str], weights: Optional[dict]
 ) -> dict[str, float]:
-    """Head → sampling probability (v2 rules): missing/invalid/non-positive weight → 0, warned."""
-    if weights is None:
+    """Head → sampling probability (v2 rules): missing/invalid/zero weight → 0, warned; a negative
+    number is an error (a typo, not a way to switch a head off). ``"auto"``: 1 per head with data
+    here, replaced by the frame-count proportions once the trainer has read the data."""
+    numbers = {h: v for h, v in (weights.items() if isinstance(weights, dict) else ())
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    negative = [h for h, v in numbers.items() if v < 0]
+    if negative and any(v > 0 and h in with_data for h, v in numbers.items()):
+        # (all weights ≤ 0: the error below says that nothing is trained)
+        h = negative[0]
+        raise MtcoreError(f"training/fitting_weight/{h}: {numbers[h]!r} is negative; give a weight ≥ 0 (0: the head is not trained)")
+    if weights is None or weights == AUTO_WEIGHT:
         raw = {h: (1.0 if h in with_data else 0.0) for h in heads}
     else:
         raw = {}
@@ -318,7 +341,8 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None, ch
     loss_dict = doc.pop("loss_dict", None) or {}
     lr_dict = doc.pop("learning_rate_dict", None)
     for name, value in (("model/fitting_net_dict", fitting_dict), ("training/data_dict", data_dict),
-                        ("loss_dict", loss_dict), ("learning_rate_dict", lr_dict), ("training/fitting_weight", weights)):
+                        ("loss_dict", loss_dict), ("learning_rate_dict", lr_dict),
+                        ("training/fitting_weight", None if weights == AUTO_WEIGHT else weights)):
         if value is not None and not isinstance(value, dict):
             raise MtcoreError(f"{name}: expected a dict keyed by head name, got {type(value).__name__}")
     if not fitting_dict:
@@ -330,7 +354,7 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None, ch
     _unknown_keys("loss_dict", loss_dict, heads)
     if lr_dict is not None:
         _unknown_keys("learning_rate_dict", lr_dict, heads)
-    if weights is not None:
+    if isinstance(weights, dict):
         _unknown_keys("training/fitting_weight", weights, heads)
     if not model.get("type_map"):
         raise MtcoreError("model/type_map: required in multi-task mode (heads' data are mapped onto it by element)")
@@ -385,7 +409,8 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None, ch
     else:
         checked.pop("learning_rate_dict", None)
     checked["training"]["data_dict"] = datas
-    checked["training"]["fitting_weight"] = probabilities
+    # "auto" and "not given" are kept as such (the plan and lcurve.out say which rule drew the heads)
+    checked["training"]["fitting_weight"] = probabilities if isinstance(weights, dict) else weights
     checked["training"].pop("training_data", None)
     checked["training"].pop("validation_data", None)
     head_configs = {

@@ -130,7 +130,9 @@ def training_argument() -> Argument:
             data_argument("training_data", False),
             data_argument("validation_data", True),
             Argument("data_dict", dict, optional=True, default=None, doc="multi-task: head → its data"),
-            Argument("fitting_weight", dict, optional=True, default=None, doc="multi-task: head → sampling weight"),
+            Argument("fitting_weight", [dict, str], optional=True, default=None,
+                     doc='multi-task: head → sampling weight, or "auto": each head with training data is drawn '
+                     "with probability proportional to its number of training frames"),
             Argument("numb_steps", int, alias=["stop_batch"], doc="training steps (all heads together)"),
             Argument("seed", [int, None], optional=True, default=None, doc="seed of data sampling and head draws"),
             Argument("disp_file", str, optional=True, default="lcurve.out"),

@@ -13,9 +13,12 @@ from typing import Optional
 
 
 class LcurveWriter:
-    def __init__(self, path: Path, columns: dict[str, tuple[list[str], bool]], multi_task: bool, append: bool):
-        """columns: head → (metric names, has validation data)."""
+    def __init__(self, path: Path, columns: dict[str, tuple[list[str], bool]], multi_task: bool, append: bool,
+                 notes: Optional[list[str]] = None):
+        """columns: head → (metric names, has validation data); notes: extra ``#`` comment lines
+        of the header (multi-task: the heads' draw probabilities), never extra columns."""
         self.path = Path(path)
+        self.notes = list(notes or [])
         self.columns = columns
         self.multi = multi_task
         continuing = append and self.path.is_file() and self.path.stat().st_size > 0
@@ -51,6 +54,8 @@ class LcurveWriter:
         if to_file:
             self.handle.write("".join(parts) + "\n")
             self.handle.write("# If there is no available reference data, rmse_*_{val,trn} will print nan\n")
+            for note in self.notes:
+                self.handle.write(f"# {note}\n")
 
     def write(self, step: int, values: dict[str, tuple[dict, Optional[dict], float]]) -> None:
         """values: head → (training metrics, validation metrics or None, lr)."""

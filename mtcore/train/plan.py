@@ -51,6 +51,11 @@ def plan_table(trainer: "Trainer", bias_source: dict[str, str]) -> Table:
     if len(model.shared_layers) > 0:
         shared_total, shared_trainable = _count(model.shared_layers.parameters())
         title += f" · shared fitting layers: {_fmt_count(shared_total, shared_trainable)} parameters"
+    if config.multi_task:
+        title += f" · head draws: {trainer.weight_rule}"
+    carried = getattr(trainer, "carried_optimizers", [])
+    if carried:
+        title += f" · optimiser state from --init-model: {', '.join(carried)}"
     table = Table(title=title)
     for column in ("head", "fitting", "drawn", "training data", "epochs", "validation", "own parameters",
                    "shared layers", "output bias", "best model"):

@@ -34,9 +34,10 @@ from mtcore.model.build import build_losses, build_model, head_requirements, upd
 from mtcore.model.loss import Loss
 from mtcore.model.model import MultiHeadModel
 from mtcore.plugins import Registry, get_registry
-from mtcore.train.best import BestTracker, pooled_rmse
+from mtcore.train.best import BestTracker, fixed_frames, pooled_rmse
 from mtcore.train.checkpoint import FORMAT, CheckpointManager, atomic_text, read_checkpoint_file, split_save_ckpt
 from mtcore.train.display import TrainingDisplay, best_summary_table, print_table
+from mtcore.train.forgetting import forgetting_table
 from mtcore.train.lcurve import LcurveWriter, truncate_after
 from mtcore.train.outdir import ensure_writable, locked, remove_leftovers
 from mtcore.train.lr import ExpDecay
@@ -59,6 +60,9 @@ def model_inputs(batch: Batch, device: torch.device) -> dict:
 def labels_on(batch: Batch, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.labels.items()}
 
+
+#: the forgetting report of a run started with --init-model, beside lcurve.out
+FORGETTING_FILE = "forgetting.json"
 
 #: consecutive steps with a non-finite loss or gradient after which training stops
 MAX_NONFINITE_STEPS = 5
@@ -116,6 +120,7 @@ class Trainer:
         init_head: Optional[str] = None,
         registry: Optional[Registry] = None,
         device: Optional[str] = None,
+        init_optimizer: bool = False,
     ):
         self.registry = registry or get_registry()
         self.console = console or Console()
@@ -141,8 +146,14 @@ class Trainer:
         fresh = restart is None and init_model is None
         if not config.type_map:
             raise MtcoreError('model/type_map: required (the element of each type index, e.g. ["O", "H"])')
+        if init_optimizer and init_model is None:
+            raise MtcoreError("--init-optimizer only applies with --init-model")
+        #: heads of the --init-model source (their validation error before/after: the forgetting report)
+        self.source_heads = sorted({k.split(".")[1] for k in init_model["model"] if k.startswith("heads.")}) \
+            if init_model is not None else []
         if init_model is not None and init_model.get("config"):
-            self._inherit_descriptor(init_model["config"])
+            self._inherit_descriptor(init_model["config"], extending=init_head is None and config.multi_task
+                                     and any(h in self.source_heads for h in config.heads))
         if fresh:
             self._resolve_sel()
         self.model: MultiHeadModel = build_model(config, self.registry)
@@ -155,8 +166,9 @@ class Trainer:
             train = valid = None
             if head.trained:
                 train = load_dataset(head.training_data, config.type_map, reqs, self.cache, self.registry, where + "/training_data")
-                if head.validation_data is not None:
-                    valid = load_dataset(head.validation_data, config.type_map, reqs, self.cache, self.registry, where + "/validation_data")
+            if head.validation_data is not None and (head.trained or (init_head is None and name in self.source_heads)):
+                # an old head kept without training data still gets its forgetting measured
+                valid = load_dataset(head.validation_data, config.type_map, reqs, self.cache, self.registry, where + "/validation_data")
             self.heads[name] = HeadRuntime(
                 losses[name],
                 ExpDecay.from_config(head.learning_rate, self.numb_steps),
@@ -165,6 +177,7 @@ class Trainer:
                 int(head.validation_data.get("numb_btch", 1)) if head.validation_data else 0,
             )
         self.trained = config.trained_heads()
+        self.weight_rule = self._resolve_weights()
         self.weights = np.array([config.heads[h].weight for h in self.trained])
         self.weights = self.weights / self.weights.sum()
         self.best = BestTracker.build(
@@ -181,6 +194,7 @@ class Trainer:
             self.bias_source = {h: "restart checkpoint" for h in self.trained}
         elif init_model is not None:
             self._load_init_model(init_model, init_head)
+            self.init_path = str(init_model.get("path", ""))
             self.bias_source = {
                 h: f"--init-model head '{self.init_mapping[h]}'" if h in self.init_mapping else "own training data"
                 for h in self.trained
@@ -190,6 +204,16 @@ class Trainer:
             self.bias_source = {h: "own training data" for h in self.trained}
         self.model.to(self.device)  # statistics run on the CPU copies of the data
         self._make_optimizers()
+        self.carried_optimizers: list[str] = []
+        if init_optimizer:
+            self._carry_optimizers(init_model)
+        #: old head → its validation metrics with the --init-model weights (before any step)
+        self.forgetting_before: dict[str, dict] = dict((restart or {}).get("forgetting_before") or {})
+        if restart is not None:
+            self.init_path = str(restart.get("init_model_path") or "")
+        self.forgetting_heads = list(self.forgetting_before) if restart is not None else [
+            h for h in getattr(self, "init_mapping", {}) if self.heads[h].valid is not None
+        ]
         if restart is not None and "optimizers" in restart:
             for name, state in restart["optimizers"].items():
                 if self.heads.get(name) and self.heads[name].optimizer is not None:
@@ -207,9 +231,31 @@ class Trainer:
         stat = pooled_neighbor_stat(systems, len(self.config.type_map))
         update_sel(self.config, stat, self.registry)
 
-    def _inherit_descriptor(self, source: dict) -> None:
+    def _resolve_weights(self) -> str:
+        """Each trained head's drawing weight; returns the rule in words (plan table, lcurve.out).
+
+        ``"auto"``: probability ∝ the head's number of training frames, so that every head goes
+        through its data at the same rate (epochs) when batch sizes are equal, as DeePMD-kit's
+        ``prob_sys_size`` balances systems within one data set."""
+        training = self.config.training
+        if self.config.auto_weights:
+            frames = {h: sum(s.nframes for s in self.heads[h].train.systems) for h in self.trained}
+            total = float(sum(frames.values()))
+            for h in self.trained:
+                self.config.heads[h].weight = frames[h] / total
+            return "auto (∝ training frames)"
+        if training.get("fitting_weight") is None or not self.config.multi_task:
+            return "equal (no fitting_weight)" if self.config.multi_task else "single head"
+        return "fitting_weight (normalised)"
+
+    #: descriptor keys that do not change what the descriptor computes from given weights
+    _NOT_ARCHITECTURE = ("trainable", "sel", "seed")
+
+    def _inherit_descriptor(self, source: dict, extending: bool = False) -> None:
         """--init-model: the descriptor (and type_map) come from the source model, as DeePMD-kit's
-        initialisation does; only ``trainable`` is kept from the new input."""
+        initialisation does; only ``trainable`` is kept from the new input. Extending a multi-task
+        model (old heads kept by name) needs the same descriptor: old heads were fitted to its
+        output, so a different one is an error rather than a silent replacement."""
         source_model = source["model"]
         if list(source_model.get("type_map") or []) != list(self.config.type_map):
             raise MtcoreError(
@@ -221,6 +267,14 @@ class Trainer:
         if "trainable" in mine:
             inherited["trainable"] = mine["trainable"]
         differs = {k for k in set(mine) | set(inherited) if k not in ("trainable", "sel") and mine.get(k) != inherited.get(k)}
+        architecture = sorted(k for k in differs if k not in self._NOT_ARCHITECTURE)
+        if extending and architecture:
+            key = architecture[0]
+            raise MtcoreError(
+                f"model/descriptor/{key}: {mine.get(key)!r} here but {inherited.get(key)!r} in the --init-model source; "
+                "extending a model with new heads needs the same descriptor architecture"
+                + (f" (also differing: {', '.join(architecture[1:])})" if len(architecture) > 1 else "")
+            )
         if differs:
             self.console.print(
                 "--init-model: model/descriptor is taken from the source model "
@@ -298,6 +352,36 @@ class Trainer:
                 samples = [b.stat_sample() for b in self.heads[name].train.stat_batches(nbatch, stat_rng)]
                 self.model.heads[name].compute_output_stats(samples)
         self.init_mapping = mapping
+
+    def _carry_optimizers(self, state: dict) -> None:
+        """--init-optimizer: each old head (matched by name, or the --head choice) continues with
+        its Adam moments and step count from the checkpoint; new heads start fresh. The parameter
+        lists must match one to one (same descriptor, same fitting net, same sharing)."""
+        stored = state.get("optimizers")
+        if not stored:
+            raise MtcoreError(
+                f"--init-optimizer: {state.get('path') or 'the --init-model source'} holds no optimiser state "
+                "(a frozen model or a best-model file); give a periodic checkpoint"
+            )
+        for target, src in self.init_mapping.items():
+            if target not in self.trained or src not in stored:
+                continue
+            optimizer = self.heads[target].optimizer
+            mine = [p for group in optimizer.param_groups for p in group["params"]]
+            theirs = stored[src]
+            their_ids = [i for group in theirs["param_groups"] for i in group["params"]]
+            shapes = [tuple(theirs["state"][i]["exp_avg"].shape) if i in theirs["state"] else None for i in their_ids]
+            if len(mine) != len(their_ids) or any(s is not None and s != tuple(p.shape) for s, p in zip(shapes, mine)):
+                raise MtcoreError(
+                    f"--init-optimizer: head '{src}' of the checkpoint optimised {len(their_ids)} tensors, head "
+                    f"'{target}' here has {len(mine)} (or other shapes): its fitting net or layer sharing changed"
+                )
+            optimizer.load_state_dict(theirs)
+            for slot in optimizer.state.values():  # a checkpoint from a GPU run, resumed on the CPU or back
+                for key, value in slot.items():
+                    if torch.is_tensor(value) and key != "step":
+                        slot[key] = value.to(self.device)
+            self.carried_optimizers.append(target)
 
     def _make_optimizers(self) -> None:
         descriptor_params = [p for p in self.model.descriptor.parameters() if p.requires_grad]
@@ -398,9 +482,14 @@ class Trainer:
     def fixed_set_metrics(self, head: str) -> dict[str, float]:
         """The head's metrics on its fixed validation frames, pooled over all of them. A
         non-finite prediction makes every metric NaN (never a best model)."""
-        best, runtime = self.best.heads[head], self.heads[head]
+        return self.pooled_metrics(head, self.best.heads[head].chunks)
+
+    def pooled_metrics(self, head: str, chunks: list) -> dict[str, float]:
+        """The head's loss metrics on the validation frames ``chunks`` (system index, frames),
+        pooled over all of them (√(Σ atoms·rmse²/Σ atoms))."""
+        runtime = self.heads[head]
         parts = []
-        for index, frames in best.chunks:
+        for index, frames in chunks:
             batch = runtime.valid.batch(index, frames)
             lr = runtime.schedule.value(self.step)
             pred = {k: v.detach() for k, v in self._predict(head, batch, create_graph=False).items()}
@@ -411,6 +500,47 @@ class Trainer:
                                       lr / runtime.schedule.start_lr, metrics=True)
             parts.append((metrics, batch.nframes * runtime.loss.metric_weight(atype, pred)))
         return pooled_rmse(parts)
+
+    def forgetting_metrics(self) -> dict[str, dict]:
+        """Each old head's metrics on ALL its validation frames (the forgetting report)."""
+        out = {}
+        for head in self.forgetting_heads:
+            chunks, total = fixed_frames(self.heads[head].valid, None, self.seed, head)
+            out[head] = {"validation_frames": total, "metrics": self.pooled_metrics(head, chunks)}
+        return out
+
+    def write_forgetting(self, path: Path) -> Optional[Path]:
+        """forgetting.json beside lcurve.out and a table: each old head's validation error with the
+        --init-model weights and now. A file of that name this run did not write is kept (the
+        report then goes to forgetting.<run id>.json)."""
+        if not self.forgetting_heads:
+            return None
+        after = self.forgetting_metrics()
+        report = {
+            "init_model": getattr(self, "init_path", ""),
+            "run_id": self.best.run_id,
+            "step": self.step,
+            "heads": {
+                h: {
+                    "trained": h in self.trained,
+                    "fitting_weight": float(self.config.heads[h].weight),
+                    "validation_frames": after[h]["validation_frames"],
+                    "before": self.forgetting_before[h]["metrics"],
+                    "after": after[h]["metrics"],
+                }
+                for h in self.forgetting_heads
+            },
+        }
+        if path.exists() or path.is_symlink():
+            try:
+                ours = json.loads(path.read_text()).get("run_id") == self.best.run_id
+            except (OSError, ValueError, AttributeError):
+                ours = False
+            if not ours:
+                path = path.with_name(f"{path.stem}.{self.best.run_id[:8]}{path.suffix}")
+        atomic_text(path, json.dumps(report, indent=2, allow_nan=True) + "\n")
+        print_table(self.console, forgetting_table(report, path.name))
+        return path
 
     def validate(self, checkpoints: CheckpointManager) -> list[str]:
         """Evaluate the heads due at this step; write the best file of each that improved.
@@ -518,6 +648,8 @@ class Trainer:
             "rng": self.rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(),
             "best": self.best.state_dict(),
+            "forgetting_before": self.forgetting_before,
+            "init_model_path": getattr(self, "init_path", None),
             "datasets": {
                 h: {
                     "train": self.heads[h].train.state_dict() if self.heads[h].train else None,
@@ -541,11 +673,12 @@ class Trainer:
         """Clean what a killed run left, and keep an earlier run's files out of harm's way.
         Returns True when this run continues the run whose files are in the folder."""
         removed = checkpoints.remove_leftovers()
-        removed += remove_leftovers(self.workdir, [lcurve_path.name, "out.json"])
+        forgetting = lcurve_path.with_name(FORGETTING_FILE)
+        removed += remove_leftovers(self.workdir, [lcurve_path.name, "out.json", forgetting.name])
         if removed:
             self.console.print(f"removed {len(removed)} temporary file(s) left by an interrupted run")
         if self.restart is None or not checkpoints.continue_run(self.restart.get("path")):
-            backup = checkpoints.backup_previous_run([lcurve_path])
+            backup = checkpoints.backup_previous_run([lcurve_path] + ([forgetting] if self.forgetting_heads else []))
             if backup is not None:
                 self.console.print(f"an earlier run's checkpoints and {lcurve_path.name} were moved to {backup}")
             return False
@@ -567,7 +700,13 @@ class Trainer:
         columns = {
             h: (self.heads[h].loss.metric_names(), self.heads[h].valid is not None) for h in self.trained
         }
-        lcurve = LcurveWriter(lcurve_path, columns, self.config.multi_task, append=appending) if show else None
+        notes = []
+        if self.config.multi_task:
+            shares = ", ".join(f"{h} {p:.6g}" for h, p in zip(self.trained, self.weights))
+            notes.append(f"head draw probabilities, {self.weight_rule}: {shares}")
+        lcurve = LcurveWriter(lcurve_path, columns, self.config.multi_task, append=appending, notes=notes) if show else None
+        if self.forgetting_heads and not self.forgetting_before:
+            self.forgetting_before = self.forgetting_metrics()  # the --init-model weights, before step 1
         print_table(self.console, plan_table(self, self.bias_source))
         timings: list[float] = []
         last_saved = -1
@@ -626,5 +765,6 @@ class Trainer:
                 self.console.print(f"finished training: {len(timings)} steps, {per_step * 1000:.1f} ms/step (first {skip} excluded)")
         if self.best.heads or self.best.without_validation:
             print_table(self.console, best_summary_table(self.best, checkpoints, self.workdir))
+        self.write_forgetting(lcurve_path.with_name(FORGETTING_FILE))
         return {"steps": len(timings), "seconds_per_step": per_step, "interrupted": stop.requested, "signal": stop.signum,
                 "best": {h: b.state_dict() for h, b in self.best.heads.items()}}
