@@ -134,8 +134,9 @@ def _fitting_weight_argument() -> Argument:
         [int, float],
         optional=True,
         doc="sampling weight of the head; the weights are normalised to probabilities. Without "
-        "fitting_weight every head with training data has weight 1; a missing, zero, negative or "
-        "non-finite weight means the head is not trained (a warning says so)",
+        "fitting_weight every head with training data has weight 1; a missing, zero or non-finite "
+        "weight means the head is not trained (a warning says so); a negative one is an error. "
+        'fitting_weight: "auto" instead of a dict: probability ∝ the head\'s number of training frames',
     )
 
 

@@ -231,3 +231,9 @@ def test_forgetting_report_matches_an_independent_mtcore_test(data, source_path,
             assert abs(entry[when]["rmse_f"] - combined["Force"].rmse) <= 1e-8
     assert math.isfinite(report["heads"]["ccsd"]["after"]["rmse_f"])
     assert report["heads"]["ccsd"]["after"]["rmse_f"] != report["heads"]["ccsd"]["before"]["rmse_f"]  # it trained
+    # --restart keeps the "before" values of the run it continues (and reads wb97m's validation frames again)
+    again = Trainer(None, work, QUIET, restart=load_checkpoint(work / "model.ckpt.pt"))
+    assert again.forgetting_heads == ["ccsd", "wb97m"]
+    for head in ("ccsd", "wb97m"):
+        for metric, value in report["heads"][head]["before"].items():
+            assert again.forgetting_before[head]["metrics"][metric] == pytest.approx(value, rel=1e-12, abs=0)

@@ -154,6 +154,9 @@ class Trainer:
         if init_model is not None and init_model.get("config"):
             self._inherit_descriptor(init_model["config"], extending=init_head is None and config.multi_task
                                      and any(h in self.source_heads for h in config.heads))
+        # old heads kept without training data: their validation frames are still read (forgetting)
+        measured = set((restart or {}).get("forgetting_before") or {}) if restart is not None else \
+            (set(self.source_heads) if init_head is None else set())
         if fresh:
             self._resolve_sel()
         self.model: MultiHeadModel = build_model(config, self.registry)
@@ -166,7 +169,7 @@ class Trainer:
             train = valid = None
             if head.trained:
                 train = load_dataset(head.training_data, config.type_map, reqs, self.cache, self.registry, where + "/training_data")
-            if head.validation_data is not None and (head.trained or (init_head is None and name in self.source_heads)):
+            if head.validation_data is not None and (head.trained or name in measured):
                 # an old head kept without training data still gets its forgetting measured
                 valid = load_dataset(head.validation_data, config.type_map, reqs, self.cache, self.registry, where + "/validation_data")
             self.heads[name] = HeadRuntime(
@@ -211,7 +214,8 @@ class Trainer:
         self.forgetting_before: dict[str, dict] = dict((restart or {}).get("forgetting_before") or {})
         if restart is not None:
             self.init_path = str(restart.get("init_model_path") or "")
-        self.forgetting_heads = list(self.forgetting_before) if restart is not None else [
+        self.forgetting_heads = [h for h in self.forgetting_before if self.heads[h].valid is not None] \
+            if restart is not None else [
             h for h in getattr(self, "init_mapping", {}) if self.heads[h].valid is not None
         ]
         if restart is not None and "optimizers" in restart:
