@@ -1,4 +1,4 @@
-"""Small checks and tables shared by the built-in descriptors (se_e2_r, se_e3, se_atten).
+"""Small checks and tables shared by the built-in descriptors (se_e2_a, se_e2_r, se_e3, se_atten).
 
 Kept apart from the descriptor modules so that no plugin module imports another plugin module.
 """
@@ -11,7 +11,9 @@ import torch
 
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import NeighborStat
+from mtcore.model.descriptor import EmbeddingInput
 from mtcore.model.sel import resolve_sel
+from mtcore.model.tabulate import normalised_s_range
 
 
 def exclusion_matrix(ntypes: int, exclude_types: list) -> torch.Tensor:
@@ -45,4 +47,23 @@ def update_sel_per_type(params: dict, stat: NeighborStat) -> dict:
     """``sel: "auto"`` resolved per neighbour type from the pooled neighbour statistics."""
     out = dict(params)
     out["sel"] = resolve_sel(params["sel"], params["rcut"], stat, stat.ntypes, False, "model/descriptor")
+    return out
+
+
+def type_group_embeddings(descriptor, min_distance: float) -> List[EmbeddingInput]:
+    """What ``mtcore compress`` tabulates in se_e2_a and se_e2_r: net k embeds the normalised s(r)
+    of type group k (a neighbour type with ``type_one_side``, else a (centre, neighbour) pair), over
+    the range the training data's shortest distance allows for the centres that use it."""
+    ntypes = descriptor.ntypes
+    out: List[EmbeddingInput] = []
+    for k, g in enumerate(descriptor.net_groups):
+        if descriptor.type_one_side:
+            centres = list(range(ntypes))  # the padding term runs it for every centre type
+            what = f"normalised s(r) of neighbours of type {g}"
+        else:
+            centres = [g // ntypes]
+            what = f"normalised s(r) of type pair ({g // ntypes}, {g % ntypes})"
+        lower, upper = normalised_s_range(descriptor.davg, descriptor.dstd, centres, min_distance,
+                                          descriptor.rcut_smth, descriptor.rcut)
+        out.append(EmbeddingInput(f"nets.{k}", lower, upper, what))
     return out

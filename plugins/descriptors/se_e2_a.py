@@ -23,8 +23,7 @@ from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, SchemaCo
 from mtcore.model.descriptor import Descriptor, EmbeddingInput, StatSample
 from mtcore.model.env import env_statistics, group_slices, kept_rows, padded_positions, padding_rows, scatter_padded
 from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
-from mtcore.model.tabulate import normalised_s_range
-from mtcore_builtins.descriptors._common import check_rcut, exclusion_matrix, update_sel_per_type
+from mtcore_builtins.descriptors._common import check_rcut, exclusion_matrix, update_sel_per_type, type_group_embeddings
 
 #: the plugin API this module was written for (mtcore.hookspecs: versions)
 MTCORE_PLUGIN_API = 2
@@ -111,17 +110,7 @@ class DescrptSeA(Descriptor):
     @torch.jit.unused
     def compressible_embeddings(self, min_distance: float) -> List[EmbeddingInput]:
         """Every net takes normalised s(r) of its (centre, neighbour) type group (mtcore compress)."""
-        out: List[EmbeddingInput] = []
-        for k, g in enumerate(self.net_groups):
-            if self.type_one_side:
-                centres = list(range(self.ntypes))  # the padding term runs it for every centre type
-                what = f"normalised s(r) of neighbours of type {g}"
-            else:
-                centres = [g // self.ntypes]
-                what = f"normalised s(r) of type pair ({g // self.ntypes}, {g % self.ntypes})"
-            lower, upper = normalised_s_range(self.davg, self.dstd, centres, min_distance, self.rcut_smth, self.rcut)
-            out.append(EmbeddingInput(f"nets.{k}", lower, upper, what))
-        return out
+        return type_group_embeddings(self, min_distance)
 
     def _embed(self, s: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedding of every pair, grouped by net; returns (G in group order, that order)."""
