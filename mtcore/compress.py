@@ -25,7 +25,7 @@ import torch
 import mtcore
 from mtcore.config import config_from_document, load_config
 from mtcore.errors import MtcoreError
-from mtcore.freeze import METADATA_FILE, _save_script
+from mtcore.freeze import _save_script, load_frozen
 from mtcore.model.build import build_model
 from mtcore.model.frozen import FrozenModel, UnitedModel
 from mtcore.model.mlp import EmbeddingNet
@@ -39,12 +39,8 @@ def read_frozen(path: Path) -> tuple[torch.jit.ScriptModule, dict]:
     path = Path(path)
     if not path.is_file():
         raise MtcoreError(f"-i {path}: frozen model file not found")
-    extra = {METADATA_FILE: ""}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript: see mtcore.freeze
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        meta = json.loads(extra[METADATA_FILE] or "{}")
+        module, meta = load_frozen(path)
     except Exception as exc:  # noqa: BLE001
         raise MtcoreError(f"-i {path}: not a frozen mtcore model ({type(exc).__name__}); compress a file written by mtcore freeze") from None
     if meta.get("format") != "mtcore-frozen" or "config" not in meta:

@@ -54,6 +54,17 @@ def _write_script(scripted, path: Path, metadata: str) -> None:
         raise
 
 
+def load_frozen(path: Path, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
+    """A TorchScript file and its ``mtcore.json`` metadata ({} when it has none). Whatever torch
+    raises for a file that is not TorchScript is passed on: each caller decides what that means
+    (a checkpoint to try instead, or its own one-line error)."""
+    extra = {METADATA_FILE: ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated; see _save_script
+        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    return module, json.loads(extra[METADATA_FILE] or "{}")
+
+
 def head_metadata(model: MultiHeadModel, document: dict, head: str, multi_task: bool,
                   provenance: Optional[dict] = None) -> dict:
     fitting = model.heads[head]

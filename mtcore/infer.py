@@ -8,7 +8,6 @@ too (a multi-task one with ``head=``), evaluated exactly as its frozen head woul
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from mtcore.errors import MtcoreError
-from mtcore.freeze import METADATA_FILE
+from mtcore.freeze import load_frozen
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -98,12 +97,8 @@ class DeepPotential:
         path = Path(path)
         if not path.is_file():
             raise MtcoreError(f"{path}: model file not found")
-        extra = {METADATA_FILE: ""}
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript: see mtcore.freeze
-                self.module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-            self.metadata = json.loads(extra[METADATA_FILE] or "{}")
+            self.module, self.metadata = load_frozen(path, device)
         except Exception as exc:  # noqa: BLE001
             if not _is_checkpoint(path):
                 raise MtcoreError(f"{path}: neither a frozen mtcore model nor a checkpoint ({type(exc).__name__})") from None

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
-import torch
 
 from mtcore.errors import MtcoreError
-from mtcore.freeze import METADATA_FILE
+from mtcore.freeze import load_frozen
 from mtcore.provenance import lines
 
 
@@ -71,12 +69,8 @@ def describe(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise MtcoreError(f"{path}: file not found")
-    extra = {METADATA_FILE: ""}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-        meta = json.loads(extra[METADATA_FILE])
+        meta = load_frozen(path)[1]
     except Exception:  # noqa: BLE001 - not TorchScript: try a checkpoint
         from mtcore.train.checkpoint import load_checkpoint
 
@@ -84,6 +78,8 @@ def describe(path: Path) -> dict:
         kind = f"checkpoint, step {state['step']}, {'multi' if state.get('multi_task') else 'single'}-task"
         return dict(_summary(state["config"], kind, _checkpoint_outputs(state["config"])),
                     provenance=lines(state.get("provenance")))
+    if meta.get("format") != "mtcore-frozen":
+        raise MtcoreError(f"{path}: a TorchScript file, but not a frozen mtcore model")
     if meta.get("kind") == "united":
         outputs = {h: _output(m["output"]) for h, m in meta["heads"].items()}
         return dict(_summary(meta["config"], "frozen, united (all heads)", outputs), provenance=lines(meta.get("provenance")))

@@ -6,26 +6,18 @@ All three become ``{"model": state_dict}`` with MultiHeadModel's key layout (``d
 
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
 
-import torch
-
 from mtcore.errors import MtcoreError
-from mtcore.freeze import METADATA_FILE
+from mtcore.freeze import load_frozen
 from mtcore.train.checkpoint import FORMAT, load_checkpoint
 
 
 def _frozen(path: Path):
-    extra = {METADATA_FILE: ""}
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        return load_frozen(path)
     except Exception:  # noqa: BLE001 - not TorchScript
         return None, None
-    return module, json.loads(extra[METADATA_FILE] or "{}")
 
 
 def load_init_source(path: Path) -> dict:
