@@ -95,3 +95,14 @@ def test_single_task_freeze_rejects_head_options(trained):
         freeze(state, path.parent / "x.pth", head="default")
     with pytest.raises(MtcoreError, match="single-task"):
         freeze(state, path.parent / "x.pth", united=True)
+
+
+def test_show_names_a_torchscript_file_that_is_not_a_frozen_model(tmp_path):
+    """A TorchScript file without mtcore's metadata is one line, not a KeyError."""
+    from mtcore.errors import MtcoreError
+    from mtcore.show import describe
+
+    path = tmp_path / "other.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    with pytest.raises(MtcoreError, match=r"other\.pt: a TorchScript file, but not a frozen mtcore model$"):
+        describe(path)
