@@ -333,6 +333,8 @@ def show(path: Path = typer.Argument(..., help="checkpoint or frozen model")) ->
         console.print(table)
         for line in info.get("provenance", []):
             console.print(f"provided by: {line}", highlight=False)
+        for line in info.get("notes", []):
+            console.print(line, highlight=False)
 
     _run(body)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Optional
 
 
 from mtcore.errors import MtcoreError
@@ -77,15 +78,33 @@ def describe(path: Path) -> dict:
         state = load_checkpoint(path, check_plugins=False)  # show works without the plugins installed
         kind = f"checkpoint, step {state['step']}, {'multi' if state.get('multi_task') else 'single'}-task"
         return dict(_summary(state["config"], kind, _checkpoint_outputs(state["config"])),
-                    provenance=lines(state.get("provenance")))
+                    provenance=lines(state.get("provenance")), notes=_notes(state.get("best_of"), None))
     if meta.get("format") != "mtcore-frozen":
         raise MtcoreError(f"{path}: a TorchScript file, but not a frozen mtcore model")
+    notes = _notes(meta.get("best"), meta.get("compressed"))
     if meta.get("kind") == "united":
         outputs = {h: _output(m["output"]) for h, m in meta["heads"].items()}
-        return dict(_summary(meta["config"], "frozen, united (all heads)", outputs), provenance=lines(meta.get("provenance")))
+        return dict(_summary(meta["config"], "frozen, united (all heads)", outputs), provenance=lines(meta.get("provenance")),
+                    notes=notes)
     summary = _summary(meta["config"], f"frozen, head '{meta['head']}'", {})
     summary["provenance"] = lines(meta.get("provenance"))
+    summary["notes"] = notes
     for head in summary["heads"]:
         head["name"] = meta["head"]
         head["output"] = _output(meta["output"])
     return summary
+
+
+def _notes(best: Optional[dict], compressed: Optional[dict]) -> list[str]:
+    """What else a user should know about the file: the best-model record it came from (``freeze
+    --best``, or a ``model.best.<head>.pt`` itself) and whether its embeddings are tabulated."""
+    notes = []
+    if isinstance(best, dict) and best.get("head") is not None:
+        source = f" ({best['file']})" if best.get("file") else ""
+        value = best.get("value")
+        shown = f"{value:.6g}" if isinstance(value, (int, float)) else str(value)
+        notes.append(f"best model of head '{best['head']}': {best.get('metric')} = {shown} at step {best.get('step')}{source}")
+    if isinstance(compressed, dict):
+        notes.append(f"compressed: {len(compressed.get('tables') or [])} embedding table(s), step "
+                     f"{compressed.get('step')}, extrapolate {compressed.get('extrapolate')} (inference only)")
+    return notes

@@ -208,6 +208,12 @@ def test_freeze_best_writes_each_head_from_its_own_best_model(tmp_path, monkeypa
     assert path == tmp_path / "one.pth" and mark["step"] == 6
     [(path, mark)] = freeze_best(read_checkpoint_file(tmp_path / "model.best.ccsd.pt"), tmp_path / "c.pth")
     assert mark["head"] == "ccsd" and path == tmp_path / "c_ccsd.pth"
+    # show says where a best-model file (or a file frozen from one) comes from
+    from mtcore.show import describe
+
+    assert describe(tmp_path / "frozen_model_wb97m.pth")["notes"] == [
+        "best model of head 'wb97m': rmse_f = 1 at step 6 (model.best.wb97m.pt)"]
+    assert describe(tmp_path / "model.best.ccsd.pt")["notes"] == ["best model of head 'ccsd': rmse_f = 1 at step 2"]
 
 
 def test_freeze_best_united_when_the_best_steps_agree_and_errors_are_one_line(tmp_path, monkeypatch):

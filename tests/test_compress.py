@@ -243,6 +243,10 @@ def test_cli_writes_the_file(models, tmp_path, monkeypatch):
     assert "wrote c.pth" in result.output
     meta = infer.load(tmp_path / "c.pth").metadata["compressed"]
     assert meta["step"] == 0.02 and meta["extrapolate"] == 3.0 and len(meta["tables"]) == 2
+    from mtcore.show import describe
+
+    assert describe(tmp_path / "c.pth")["notes"] == ["compressed: 2 embedding table(s), step 0.02, extrapolate 3.0 (inference only)"]
+    assert describe(plain)["notes"] == []
 
 
 def test_united_file_keeps_every_head(tmp_path):
