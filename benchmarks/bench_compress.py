@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_inference import replicated_water  # the same water supercells as the inference benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 REPS = {192: 1, 1536: 2, 12288: 4}
 
@@ -84,19 +86,6 @@ def floor_model(plain: Path, info: dict, workdir: Path) -> Path:
     path = workdir / (plain.stem + "_floor.pth")
     _save_script(FrozenModel(model.descriptor, model.heads["default"], model.type_map, "default", "{}"), path, "{}")
     return path
-
-
-def replicated_water(reps: int):
-    import numpy as np
-    import torch
-
-    data = ROOT / "examples" / "water" / "data" / "data_0"
-    coord = np.load(data / "set.000" / "coord.npy")[0].reshape(-1, 3)
-    box = np.load(data / "set.000" / "box.npy")[0].reshape(3, 3)
-    atype = np.loadtxt(data / "type.raw", dtype=np.int64)
-    cells = np.array([[i, j, k] for i in range(reps) for j in range(reps) for k in range(reps)], dtype=np.float64)
-    big = (coord[None, :, :] + (cells @ box)[:, None, :]).reshape(-1, 3)
-    return torch.tensor(big), torch.tensor(np.tile(atype, len(cells))), torch.tensor(box * reps)
 
 
 def load(path: Path):
