@@ -80,6 +80,13 @@ def data_argument(name: str, validation: bool) -> Argument:
     ]
     if validation:
         args.append(Argument("numb_btch", int, optional=True, default=1, alias=["numb_batch"], doc="batches per display"))
+    else:
+        args.append(Argument(
+            "pseudo_labels", bool, optional=True, default=False,
+            doc="with --init-model: label these frames with this head's predictions from the --init-model weights "
+            "(energy, forces, virial or tensors; before any step) instead of their label files, so an old head whose "
+            "data is gone replays them while new heads train (distillation against forgetting)",
+        ))
     return Argument(name, [dict, None] if validation else dict, args, optional=True, default=None)
 
 

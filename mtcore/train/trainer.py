@@ -9,6 +9,7 @@ learning-rate schedule evaluated at the global step.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from mtcore.train.lcurve import LcurveWriter, truncate_after
 from mtcore.train.outdir import ensure_writable, locked, remove_leftovers
 from mtcore.train.lr import ExpDecay
 from mtcore.train.plan import plan_table
+from mtcore.train.pseudo_labels import label_frames, loading_requirements, teacher_state
 
 
 def model_inputs(batch: Batch, device: torch.device) -> dict:
@@ -168,7 +170,14 @@ class Trainer:
             where = f"training/data_dict/{name}" if config.multi_task else "training"
             train = valid = None
             if head.trained:
-                train = load_dataset(head.training_data, config.type_map, reqs, self.cache, self.registry, where + "/training_data")
+                pseudo = bool(head.training_data.get("pseudo_labels"))
+                if pseudo and init_model is None and not ((restart or {}).get("pseudo_teachers") or {}).get(name):
+                    raise MtcoreError(
+                        f"{where}/training_data/pseudo_labels: needs --init-model (the model whose predictions "
+                        "of this head become the labels)"
+                    )
+                train = load_dataset(head.training_data, config.type_map, loading_requirements(reqs) if pseudo else reqs,
+                                     self.cache, self.registry, where + "/training_data")
             if head.validation_data is not None and (head.trained or name in measured):
                 # an old head kept without training data still gets its forgetting measured
                 valid = load_dataset(head.validation_data, config.type_map, reqs, self.cache, self.registry, where + "/validation_data")
@@ -206,6 +215,7 @@ class Trainer:
             self._statistics()
             self.bias_source = {h: "own training data" for h in self.trained}
         self.model.to(self.device)  # statistics run on the CPU copies of the data
+        self.pseudo_teachers = self._pseudo_label(restart, losses)
         self._make_optimizers()
         self.carried_optimizers: list[str] = []
         if init_optimizer:
@@ -298,6 +308,42 @@ class Trainer:
         self.model.descriptor.compute_input_stats(pooled)
         for name, samples in per_head.items():
             self.model.heads[name].compute_output_stats(samples)
+
+    def _pseudo_label(self, restart: Optional[dict], losses: dict) -> dict[str, dict]:
+        """Label the training frames of heads with ``pseudo_labels`` by their --init-model weights
+        (on --restart: by those weights, kept in the checkpoint). Returns head → teacher weights."""
+        teachers: dict[str, dict] = {}
+        for name in self.trained:
+            section = self.config.heads[name].training_data
+            if not section.get("pseudo_labels"):
+                continue
+            where = (f"training/data_dict/{name}" if self.config.multi_task else "training") + "/training_data"
+            if restart is not None:
+                teachers[name] = restart["pseudo_teachers"][name]
+                teacher = copy.deepcopy(self.model)
+                teacher.load_state_dict(teachers[name], strict=False)
+            else:
+                if name not in getattr(self, "init_mapping", {}):
+                    raise MtcoreError(
+                        f"{where}/pseudo_labels: head '{name}' is not a head of the --init-model source; only a trained "
+                        "head can label frames with its own predictions"
+                    )
+                teachers[name] = teacher_state(self.model.state_dict(), name)
+                teacher = self.model
+
+            def predict(batch: Batch, model: MultiHeadModel = teacher, head: str = name) -> dict:
+                conservative = model.heads[head].output_def().conservative
+                return model(head, **model_inputs(batch, self.device), want_force=conservative,
+                             want_virial=conservative and batch.box is not None, create_graph=False)
+
+            reqs = head_requirements(self.model, losses[name], name)
+            keys = label_frames(predict, self.heads[name].train, reqs, where)
+            nframes = sum(s.nframes for s in self.heads[name].train.systems)
+            self.console.print(
+                f"head '{name}': {nframes} training frames pseudo-labelled ({', '.join(keys)}) by its --init-model weights",
+                highlight=False, soft_wrap=True,
+            )
+        return teachers
 
     def _load_restart(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -654,6 +700,7 @@ class Trainer:
             "best": self.best.state_dict(),
             "forgetting_before": self.forgetting_before,
             "init_model_path": getattr(self, "init_path", None),
+            "pseudo_teachers": self.pseudo_teachers,
             "datasets": {
                 h: {
                     "train": self.heads[h].train.state_dict() if self.heads[h].train else None,
