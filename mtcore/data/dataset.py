@@ -174,6 +174,8 @@ class DataSet:
             for s, bs in zip(systems, self.batch_sizes)
         ]
         self.probs = system_probabilities(self.nbatches, auto_prob, sys_probs, where)
+        self._prob_rule = (auto_prob, sys_probs)
+        self.rank, self.world = 0, 1  # data-parallel: this rank's slice of what all ranks draw
         self._orders: list[Optional[np.ndarray]] = [None] * len(systems)
         self._cursor = [0] * len(systems)
 
@@ -184,9 +186,21 @@ class DataSet:
         return {k for s in self.systems for k in s.labels}
 
     # sampling -----------------------------------------------------------------------------
+    def set_ranks(self, rank: int, world: int) -> None:
+        """Data-parallel: every rank draws what ONE process with batch world·batch_size would
+        draw (the same shared random stream) and keeps its own slice of it, so a run with N
+        ranks equals a single-process run with the summed batch. System probabilities follow
+        the summed batch too (``prob_sys_size`` counts batches)."""
+        self.rank, self.world = int(rank), int(world)
+        self.nbatches = [
+            sum(max(1, size // (bs * self.world)) for size in (s.set_sizes or [s.nframes]))
+            for s, bs in zip(self.systems, self.batch_sizes)
+        ]
+        self.probs = system_probabilities(self.nbatches, *self._prob_rule, self.where)
+
     def _next_frames(self, index: int, rng: np.random.Generator) -> np.ndarray:
         system = self.systems[index]
-        bs = min(self.batch_sizes[index], system.nframes)
+        bs = min(self.batch_sizes[index] * self.world, system.nframes)
         order = self._orders[index]
         if order is None or self._cursor[index] + bs > len(order):
             order = rng.permutation(system.nframes)
@@ -199,7 +213,12 @@ class DataSet:
     def sample(self, rng: np.random.Generator) -> Batch:
         """The next batch: a system drawn by probability, its next frames."""
         index = int(rng.choice(len(self.systems), p=self.probs)) if len(self.systems) > 1 else 0
-        return self.batch(index, self._next_frames(index, rng))
+        frames = self._next_frames(index, rng)
+        if self.world > 1:
+            from mtcore.train.distributed import rank_positions
+
+            frames = frames[rank_positions(len(frames), self.batch_sizes[index], self.rank, self.world)]
+        return self.batch(index, frames)
 
     def state_dict(self) -> dict:
         return {"orders": [None if o is None else o.copy() for o in self._orders], "cursor": list(self._cursor)}
@@ -243,7 +262,7 @@ class DataSet:
         """``nbatch`` batches from every system, for statistics (does not touch the sampling state)."""
         out = []
         for index, system in enumerate(self.systems):
-            bs = min(self.batch_sizes[index], system.nframes)
+            bs = min(self.batch_sizes[index] * self.world, system.nframes)  # data-parallel: the summed batch
             order = rng.permutation(system.nframes)
             for b in range(nbatch):
                 start = (b * bs) % system.nframes
