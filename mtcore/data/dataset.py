@@ -229,12 +229,17 @@ class DataSet:
 
     # assembling ---------------------------------------------------------------------------
     def batch(self, index: int, frames: np.ndarray) -> Batch:
+        """The frames ``frames`` of system ``index``. Each array is read once for the whole batch
+        (frames on disk are read, converted and checked for NaN/inf here)."""
         system = self.systems[index]
         natoms = system.natoms
+        frames = np.asarray(frames, dtype=np.int64)
+        coord = np.ascontiguousarray(system.coords[frames])
+        atype = np.ascontiguousarray(system.atypes[frames])
+        box = None if system.boxes is None else np.ascontiguousarray(system.boxes[frames])
         centers, neighbors, images = [], [], []
         for k, f in enumerate(frames):
-            box = None if system.boxes is None else system.boxes[f]
-            c, n, img = self.cache.get(system.path, int(f), system.coords[f], box, system.atypes[f])
+            c, n, img = self.cache.get(system.path, int(f), coord[k], None if box is None else box[k], atype[k])
             if k == 0 and len(frames) == 1:
                 centers, neighbors, images = [c], [n], [img]
                 break
@@ -247,9 +252,9 @@ class DataSet:
             labels[key] = torch.from_numpy(np.ascontiguousarray(values[frames]))
             find[key] = 1.0
         return Batch(
-            coord=torch.from_numpy(np.ascontiguousarray(system.coords[frames])),
-            atype=torch.from_numpy(np.ascontiguousarray(system.atypes[frames])).long(),
-            box=None if system.boxes is None else torch.from_numpy(np.ascontiguousarray(system.boxes[frames])),
+            coord=torch.from_numpy(coord),
+            atype=torch.from_numpy(atype).long(),
+            box=None if box is None else torch.from_numpy(box),
             center=torch.from_numpy(np.concatenate(centers).astype(np.int64)),
             neighbor=torch.from_numpy(np.concatenate(neighbors).astype(np.int64)),
             image=torch.from_numpy(np.concatenate(images).astype(np.float64)),

@@ -11,6 +11,7 @@ from typing import Optional, Union
 import numpy as np
 
 from mtcore.data.dataset import DataSet
+from mtcore.data.frames import FrameStore, check_stores, stores_of
 from mtcore.data.neighbors import NeighborCache, max_neighbor_counts
 from mtcore.data.requirements import DataRequirement
 from mtcore.data.system import SystemData
@@ -118,27 +119,40 @@ def expand_systems(systems: Union[str, list], registry: Registry, where: str) ->
 
 
 def load_system(
-    path: Path, type_map: Optional[list[str]], requirements: list[DataRequirement], set_prefix: str, registry: Registry
+    path: Path, type_map: Optional[list[str]], requirements: list[DataRequirement], set_prefix: str, registry: Registry,
+    full_check: Optional[bool] = None,
 ) -> SystemData:
+    """One system through its loader, checked (:func:`check_system`; ``full_check`` as there)."""
     loader = _loader_for(path, registry)
     if loader is None:
         what = "folder" if Path(path).is_dir() else "file"
         raise MtcoreError(f"{path}: not a data system any loader recognises as a {what} "
                           f"(formats: {_formats(registry)}; a deepmd/npy folder needs type.raw)")
     system = loader.load(path, type_map, requirements, set_prefix)
-    check_system(system, len(type_map) if type_map else None)
+    check_system(system, len(type_map) if type_map else None, full_check)
     return system
 
 
-def check_system(system: SystemData, ntypes: Optional[int] = None) -> None:
+def _arrays(system: SystemData) -> list:
+    return [("coordinates", system.coords), ("cells", system.boxes)] + sorted(system.labels.items())
+
+
+def check_system(system: SystemData, ntypes: Optional[int] = None, full_check: Optional[bool] = None) -> None:
     """What every loader must deliver, checked whatever the format: frames, finite numbers,
     types inside the type_map. Loaders give more precise messages (the file); this is the net
-    under third-party loaders. One vectorised pass per array."""
+    under third-party loaders. One vectorised pass per in-memory array. Arrays read from disk
+    (FrameStore) check each frame as it is read; they are scanned whole here as well when
+    ``full_check`` says so (None: when this system holds at most FULL_CHECK_BYTES)."""
     if system.nframes == 0 or system.natoms == 0:
         raise MtcoreError(f"{system.path}: holds no frames or no atoms")
-    arrays = [("coordinates", system.coords), ("cells", system.boxes)] + sorted(system.labels.items())
+    arrays = _arrays(system)
+    stores = stores_of(values for _, values in arrays)
+    if full_check is None:
+        check_stores(stores)
+    elif full_check:
+        check_stores(stores, limit=1 << 62)
     for name, values in arrays:
-        if values is None:
+        if values is None or isinstance(values, FrameStore):
             continue
         bad = ~np.isfinite(np.asarray(values))
         if bad.any():
@@ -158,7 +172,10 @@ def load_dataset(
     where: str,
 ) -> DataSet:
     paths = expand_systems(section["systems"], registry, where)
-    systems = [load_system(p, type_map, requirements, section.get("set_prefix", "set"), registry) for p in paths]
+    systems = [load_system(p, type_map, requirements, section.get("set_prefix", "set"), registry, full_check=False)
+               for p in paths]
+    # small data is scanned whole now (errors before anything starts); large data frame by frame
+    check_stores(stores_of(values for s in systems for _, values in _arrays(s)))
     return DataSet(systems, section.get("batch_size", "auto"), section.get("auto_prob", "prob_sys_size"),
                    section.get("sys_probs"), cache, where)
 

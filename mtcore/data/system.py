@@ -1,4 +1,5 @@
-"""One data system in memory: frames of the same atoms, whatever format it came from."""
+"""One data system: frames of the same atoms, whatever format it came from (in memory, or
+read frame by frame from disk through :class:`~mtcore.data.frames.FrameStore`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Optional
 
 import numpy as np
 
+from mtcore.data.frames import FrameStore
+
 
 @dataclass
 class SystemData:
@@ -14,7 +17,9 @@ class SystemData:
 
     atypes: ``[nframes, natoms]`` model type indices (a broadcast view when the types do not
         change between frames; mixed-type data varies per frame).
-    coords: ``[nframes, natoms, 3]`` float64, Å.
+    coords: ``[nframes, natoms, 3]`` float64, Å. Coordinates, cells and labels are numpy arrays
+        or :class:`~mtcore.data.frames.FrameStore` s (same indexing; frames are read when asked
+        for), so a data set need not fit in memory.
     boxes: ``[nframes, 3, 3]`` float64 (rows are cell vectors), or ``None`` when not periodic.
     labels: label key → ``[nframes, natoms, ndof]`` (atomic) or ``[nframes, ndof]`` (per frame);
         only labels whose file exists.
@@ -48,11 +53,16 @@ class SystemData:
         return SystemData(
             path=self.path,
             atypes=self.atypes[start:],
-            coords=self.coords[start:],
-            boxes=None if self.boxes is None else self.boxes[start:],
-            labels={k: v[start:] for k, v in self.labels.items()},
+            coords=_tail(self.coords, start),
+            boxes=None if self.boxes is None else _tail(self.boxes, start),
+            labels={k: _tail(v, start) for k, v in self.labels.items()},
             set_sizes=[self.set_sizes[-1]],
         )
 
     def has(self, key: str) -> bool:
         return key in self.labels
+
+
+def _tail(values, start: int):
+    """Frames ``start:`` without reading them when they live on disk."""
+    return values.view(start) if isinstance(values, FrameStore) else values[start:]

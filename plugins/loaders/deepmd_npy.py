@@ -4,6 +4,10 @@ Only ever reads. Atom types are mapped from the system's ``type_map.raw`` onto t
 ``type_map`` by element name. Mixed-type systems (``real_atom_types.npy`` per set) give per-frame
 types. Atomic tensor labels stored for selected types only (v2) or for every atom (v3) are both
 accepted and returned with one row per atom.
+
+Set files are memory-mapped: a system is opened from the file headers, and its frames are read,
+converted to float64 and checked for NaN/inf when a batch or the statistics ask for them
+(mtcore.data.frames), so a data set can be larger than memory.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from mtcore.data.frames import FramePart, FrameStore, check_finite_rows, open_npy
 from mtcore.data.requirements import DataRequirement
 from mtcore.data.system import SystemData
 from mtcore.errors import MtcoreError
@@ -29,9 +34,11 @@ def detect(path: Path) -> bool:
 
 
 def _read_npy(path: Path) -> np.ndarray:
-    """A numeric .npy file as float64; anything else is one line naming the file."""
+    """A numeric .npy file, memory-mapped when it can be (frames are read when a batch asks for
+    them; float32 stays float32 on disk and becomes float64 per read); anything else is one line
+    naming the file."""
     try:
-        raw = np.load(path)
+        raw = open_npy(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable file becomes one clear line
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise MtcoreError(f"{path}: cannot be read as a .npy array ({type(exc).__name__}: {detail})") from None
@@ -40,7 +47,7 @@ def _read_npy(path: Path) -> np.ndarray:
         raise MtcoreError(f"{path}: holds {kind} values; expected real numbers")
     if raw.ndim == 0:
         raise MtcoreError(f"{path}: holds a single number; expected one row per frame")
-    return raw.astype(np.float64, copy=False)
+    return raw
 
 
 def _frames(path: Path, raw: np.ndarray, nframes: int, width: Optional[int] = None) -> np.ndarray:
@@ -60,20 +67,12 @@ def _frames(path: Path, raw: np.ndarray, nframes: int, width: Optional[int] = No
 
 
 def check_finite(path: Path, values: np.ndarray, per_atom: int = 0) -> None:
-    """Refuse NaN/inf: one vectorised test over the whole array; the message names the first bad
-    frame (and atom, for atomic arrays of ``per_atom`` values per atom) and how many are bad."""
-    bad = ~np.isfinite(values)
-    if not bad.any():
-        return
-    flat = values.reshape(values.shape[0], -1)
-    frame, column = (int(v) for v in np.argwhere(bad.reshape(flat.shape))[0])
-    value = flat[frame, column]
-    where = f"frame {frame}" + (f", atom {column // per_atom}" if per_atom else f", column {column}")
-    count = int(bad.sum())
-    raise MtcoreError(
-        f"{path}: non-finite value {value} at {where} ({count} non-finite value{'s' if count > 1 else ''} in the file); "
-        "fix or drop these frames"
-    )
+    """Refuse NaN/inf in a whole in-memory array: one vectorised test; the message names the
+    first bad frame (and atom, for atomic arrays of ``per_atom`` values per atom) and how many
+    are bad. Frames read lazily are checked as they are read (mtcore.data.frames)."""
+    values = np.asarray(values, dtype=np.float64)
+    check_finite_rows(str(path), values.reshape(values.shape[0], -1), np.arange(values.shape[0]), per_atom,
+                      whole_file=True)
 
 
 def _read_types(system: Path) -> np.ndarray:
@@ -125,41 +124,59 @@ def _type_mapping(system: Path, ntypes_in_file: int, type_map: Optional[list[str
 
 def _label(
     set_dir: Path, req: DataRequirement, nframes: int, natoms: int, atypes: np.ndarray
-) -> Optional[np.ndarray]:
+) -> Optional[FramePart]:
+    """The label file of one set as a lazily read part (None when the file is absent). Shapes
+    are checked now, from the file header; values when frames are read."""
     path = set_dir / f"{req.key}.npy"
     if not path.is_file():
         return None
     fixed = req.ndof if not req.atomic else (natoms * req.ndof if req.sel_types is None else None)
     raw = _frames(path, _read_npy(path), nframes, fixed)
-    check_finite(path, raw, req.ndof if req.atomic and raw.shape[1] == natoms * req.ndof else 0)
     width = raw.shape[1]
     if not req.atomic:
         if width != req.ndof:
             raise MtcoreError(f"{path}: has {width} values per frame; expected {req.ndof}")
-        return raw
-    if width == natoms * req.ndof:
-        out = raw.reshape(nframes, natoms, req.ndof)
-        if req.sel_types is not None:
-            selected = np.isin(atypes, req.sel_types)
-            out = out * selected[..., None]
-        return out
+        return FramePart(str(path), raw)
+    ndof = req.ndof
+    if width == natoms * ndof:
+        if req.sel_types is None:
+            return FramePart(str(path), raw, ndof)
+        selected = np.isin(atypes, req.sel_types)  # [nframes, natoms] (a broadcast view: no copy)
+
+        def masked(rows: np.ndarray, local: np.ndarray) -> np.ndarray:
+            return rows.reshape(len(local), natoms, ndof) * selected[local][..., None]
+
+        return FramePart(str(path), raw, ndof, masked)
     if req.sel_types is not None:
         selected = np.isin(atypes, req.sel_types)  # [nframes, natoms]
         counts = selected.sum(1)
-        if np.all(counts * req.ndof == width):
-            out = np.zeros((nframes, natoms, req.ndof))
-            out[selected] = raw.reshape(-1, req.ndof)
-            return out
+        if np.all(counts * ndof == width):
+
+            def scattered(rows: np.ndarray, local: np.ndarray) -> np.ndarray:
+                out = np.zeros((len(local), natoms, ndof))
+                out[selected[local]] = rows.reshape(-1, ndof)
+                return out
+
+            return FramePart(str(path), raw, 0, scattered)
         if int(counts.min()) == natoms:  # every atom is selected: one layout only
-            raise MtcoreError(f"{path}: has {width} values per frame; expected {natoms * req.ndof} ({req.ndof} per atom)")
+            raise MtcoreError(f"{path}: has {width} values per frame; expected {natoms * ndof} ({ndof} per atom)")
         raise MtcoreError(
-            f"{path}: has {width} values per frame; expected {natoms * req.ndof} (every atom) or "
-            f"{int(counts[0]) * req.ndof} (atoms of types {list(req.sel_types)} only)"
+            f"{path}: has {width} values per frame; expected {natoms * ndof} (every atom) or "
+            f"{int(counts[0]) * ndof} (atoms of types {list(req.sel_types)} only)"
         )
-    raise MtcoreError(f"{path}: has {width} values per frame; expected {natoms * req.ndof} ({req.ndof} per atom)")
+    raise MtcoreError(f"{path}: has {width} values per frame; expected {natoms * ndof} ({ndof} per atom)")
+
+
+def _check_volume(path: str, rows: np.ndarray, local: np.ndarray) -> None:
+    """A cell of zero volume makes every periodic image the same point: refuse it by frame."""
+    flat = np.abs(np.linalg.det(rows.reshape(-1, 3, 3))) < 1e-8
+    if flat.any():
+        raise MtcoreError(f"{path}: the cell of frame {int(local[int(np.argmax(flat))])} has zero volume")
 
 
 def load(path: Path, type_map: Optional[list[str]], requirements: list[DataRequirement], set_prefix: str) -> SystemData:
+    """Open a system: headers, shapes and types are checked now; coordinates, cells and labels
+    stay on disk (memory-mapped) and are read, converted and checked frame by frame."""
     system = Path(path)
     if not system.is_dir():
         raise MtcoreError(f"{system}: data system folder not found")
@@ -173,6 +190,7 @@ def load(path: Path, type_map: Optional[list[str]], requirements: list[DataRequi
         raise MtcoreError(f"{system}: no {set_prefix}.* folder found")
     periodic = not (system / "nopbc").exists()
     coords, boxes, atypes, sizes = [], [], [], []
+    mixed = False
     labels: dict[str, list] = {}
     for set_dir in set_dirs:
         coord_file = set_dir / "coord.npy"
@@ -187,13 +205,13 @@ def load(path: Path, type_map: Optional[list[str]], requirements: list[DataRequi
                 f"{coord_file}: has {coord.shape[1]} values per frame but type.raw lists {natoms} atoms "
                 f"(expected {3 * natoms})"
             )
-        check_finite(coord_file, coord, 3)
         nframes = coord.shape[0]
-        coords.append(coord.reshape(nframes, natoms, 3))
+        coords.append(FramePart(str(coord_file), coord, 3))
         sizes.append(nframes)
         real_types_file = set_dir / "real_atom_types.npy"
-        if real_types_file.is_file():
-            real_raw = _frames(real_types_file, _read_npy(real_types_file), nframes, natoms)
+        if real_types_file.is_file():  # per-frame types are read whole: one small int per atom
+            mixed = True
+            real_raw = np.asarray(_frames(real_types_file, _read_npy(real_types_file), nframes, natoms), dtype=np.float64)
             check_finite(real_types_file, real_raw, 1)
             if np.any(real_raw != np.round(real_raw)):
                 raise MtcoreError(f"{real_types_file}: atom types must be integers")
@@ -213,33 +231,33 @@ def load(path: Path, type_map: Optional[list[str]], requirements: list[DataRequi
             box = _frames(box_file, _read_npy(box_file), nframes, 9)
             if box.shape[1] != 9:
                 raise MtcoreError(f"{box_file}: has {box.shape[1]} values per frame; expected 9 (a 3x3 cell)")
-            check_finite(box_file, box)
-            flat = np.abs(np.linalg.det(box.reshape(-1, 3, 3))) < 1e-8
-            if flat.any():
-                raise MtcoreError(f"{box_file}: the cell of frame {int(np.argmax(flat))} has zero volume")
-            boxes.append(box.reshape(nframes, 3, 3))
+            boxes.append(FramePart(str(box_file), box, 0, None, _check_volume))
         for req in requirements:
             value = _label(set_dir, req, nframes, natoms, frame_types)
             labels.setdefault(req.key, []).append(value)
-    merged: dict[str, np.ndarray] = {}
+    merged: dict[str, FrameStore] = {}
     for req in requirements:
         parts = labels.get(req.key, [])
         found = [p is not None for p in parts]
         if all(found) and parts:
-            merged[req.key] = np.concatenate(parts)
+            merged[req.key] = FrameStore(parts, (natoms, req.ndof) if req.atomic else (req.ndof,))
         elif any(found):
             missing = [str(d.name) for d, f in zip(set_dirs, found) if not f]
             raise MtcoreError(f"{system}: {req.key}.npy is missing in {', '.join(missing)} but present in other sets")
         elif req.must:
             raise MtcoreError(f"{set_dirs[0]}/{req.key}.npy: not found (required)")
-    all_types = np.concatenate([np.asarray(a) for a in atypes])
-    if len(set(map(tuple, all_types))) == 1:
-        all_types = np.broadcast_to(all_types[0], all_types.shape)
+    total = sum(sizes)
+    if not mixed:  # the same types in every frame: one row, broadcast (nothing per frame in memory)
+        all_types = np.broadcast_to(mapping[types], (total, natoms))
+    else:
+        all_types = np.concatenate([np.asarray(a) for a in atypes])
+        if len(set(map(tuple, all_types))) == 1:
+            all_types = np.broadcast_to(all_types[0], all_types.shape)
     return SystemData(
         path=str(system),
         atypes=all_types,
-        coords=np.concatenate(coords),
-        boxes=np.concatenate(boxes) if periodic else None,
+        coords=FrameStore(coords, (natoms, 3)),
+        boxes=FrameStore(boxes, (3, 3)) if periodic else None,
         labels=merged,
         set_sizes=sizes,
     )
