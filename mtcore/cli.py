@@ -107,6 +107,7 @@ def train(
         from mtcore.train.init_source import load_init_source
         from mtcore.train.outdir import ensure_writable, locked
         from mtcore.train.trainer import Trainer
+        from mtcore.train import distributed
 
         if restart is not None and init_model is not None:
             raise MtcoreError("--restart and --init-model exclude each other")
@@ -117,7 +118,13 @@ def train(
         if restart is None and input_file is None:
             raise MtcoreError("give an input file (or --restart CHECKPOINT)")
         workdir = Path(".")
-        ensure_writable(workdir)  # before anything is loaded: a read-only folder fails at once
+        group, train_device = distributed.setup(device)  # torchrun: join the process group (docs/distributed.md)
+        own = distributed.main_only  # data-parallel: rank 0 alone checks, locks and writes the folders
+        trainer_console = console if group.is_main else Console(quiet=True)
+        if not group.is_main:
+            warnings.simplefilter("ignore")  # rank 0 says it once
+        if group.is_main:
+            ensure_writable(workdir)  # before anything is loaded: a read-only folder fails at once
 
         def terminated(signum, frame):  # until the trainer's loop takes SIGTERM over: exit cleanly
             raise SystemExit(143)
@@ -127,7 +134,7 @@ def train(
         main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, terminated) if main else None
         try:
-            with locked([workdir]):  # a second run here refuses now, naming this one
+            with own(locked([workdir])):  # a second run here refuses now, naming this one
                 restart_state = load_checkpoint(restart, data_loaders=True) if restart is not None else None
                 config = None
                 if restart_state is not None:
@@ -138,13 +145,16 @@ def train(
                     config = load_config(input_file)
                     save_ckpt = config.training.get("save_ckpt", "model.ckpt")
                 ckpt_folder = split_save_ckpt(workdir, save_ckpt)[0]
-                ensure_writable(ckpt_folder, create=True)
-                with locked([ckpt_folder]):
+                if group.is_main:
+                    ensure_writable(ckpt_folder, create=True)
+                with own(locked([ckpt_folder])):
                     init_state = load_init_source(init_model) if init_model is not None else None
-                    trainer = Trainer(config, workdir, console, restart=restart_state, init_model=init_state, init_head=head, device=device,
+                    trainer = Trainer(config, workdir, trainer_console, restart=restart_state, init_model=init_state, init_head=head,
+                                      device=train_device,
                                       init_optimizer=init_optimizer)
                     summary = trainer.run()
         finally:
+            distributed.shutdown()
             if main:
                 signal.signal(signal.SIGTERM, previous)
         if summary.get("interrupted"):

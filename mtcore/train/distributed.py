@@ -19,6 +19,7 @@ turns it into one line for the user.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -138,6 +139,11 @@ def shutdown() -> None:
         except RuntimeError:
             pass
     _current = Group()
+
+
+def main_only(context):
+    """``context`` on rank 0, a no-op elsewhere (locks and folder checks belong to rank 0)."""
+    return context if _current.is_main else contextlib.nullcontext()
 
 
 def _first_line(exc: BaseException) -> str:

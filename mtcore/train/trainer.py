@@ -37,6 +37,7 @@ from mtcore.model.model import MultiHeadModel
 from mtcore.plugins import Registry, get_registry
 from mtcore.train.best import BestTracker, fixed_frames, pooled_rmse
 from mtcore.train.checkpoint import FORMAT, CheckpointManager, atomic_text, read_checkpoint_file, split_save_ckpt
+from mtcore.train import distributed
 from mtcore.train.display import TrainingDisplay, best_summary_table, print_table
 from mtcore.train.forgetting import forgetting_table
 from mtcore.train.lcurve import LcurveWriter, truncate_after
@@ -128,6 +129,9 @@ class Trainer:
         self.console = console or Console()
         self.workdir = Path(workdir)
         self.device = torch.device(device or os.environ.get("MTCORE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        #: data-parallel place (rank 0 of 1 without torchrun): rank 0 computes statistics and writes files
+        self.group = distributed.current()
+        self._stop_agreed = False
         if restart is not None:
             if restart.get("best_of") is not None:
                 raise MtcoreError(
@@ -139,6 +143,7 @@ class Trainer:
         training = config.training
         if training.get("seed") is None:
             training["seed"] = int(np.random.SeedSequence().entropy % (2**31))
+            training["seed"] = distributed.broadcast_object(training["seed"], "agreeing on the seed")
         self.seed = int(training["seed"])
         torch.manual_seed(self.seed)
         self.rng = np.random.default_rng(self.seed)
@@ -188,6 +193,8 @@ class Trainer:
                 valid,
                 int(head.validation_data.get("numb_btch", 1)) if head.validation_data else 0,
             )
+        if self.group.enabled:
+            self._set_ranks()
         self.trained = config.trained_heads()
         self.weight_rule = self._resolve_weights()
         self.weights = np.array([config.heads[h].weight for h in self.trained])
@@ -196,7 +203,7 @@ class Trainer:
             config.heads, self.trained, {h: self.heads[h].valid for h in self.trained},
             {h: self.heads[h].loss.metric_names() for h in self.trained},
             int(training["disp_freq"]), self.seed, config.multi_task,
-            {h: self.heads[h].numb_btch for h in self.trained},
+            {h: self.heads[h].numb_btch * self.group.world for h in self.trained},  # the summed batches' frames
         )
         self._warned_nan_metric: set[str] = set()
         if restart is not None:
@@ -215,6 +222,7 @@ class Trainer:
             self._statistics()
             self.bias_source = {h: "own training data" for h in self.trained}
         self.model.to(self.device)  # statistics run on the CPU copies of the data
+        distributed.broadcast_module(self.model, "receiving the statistics from rank 0")
         self.pseudo_teachers = self._pseudo_label(restart, losses)
         self._make_optimizers()
         self.carried_optimizers: list[str] = []
@@ -235,7 +243,12 @@ class Trainer:
 
     # setup ---------------------------------------------------------------------------------
     def _resolve_sel(self) -> None:
-        """Pool every trained head's training systems for the neighbour statistics (sel "auto")."""
+        """Pool every trained head's training systems for the neighbour statistics (sel "auto").
+        Data-parallel: rank 0 computes them and sends the resolved descriptor (sel changes the
+        architecture, so every rank must build the same model)."""
+        if not self.group.is_main:
+            self.config.model["descriptor"] = distributed.broadcast_object(None, "receiving sel from rank 0")
+            return
         systems, scratch = [], NeighborCache(0.0, budget_bytes=0)
         for name in self.config.trained_heads():
             head = self.config.heads[name]
@@ -244,6 +257,7 @@ class Trainer:
             systems.extend(ds.systems)
         stat = pooled_neighbor_stat(systems, len(self.config.type_map))
         update_sel(self.config, stat, self.registry)
+        distributed.broadcast_object(self.config.model["descriptor"], "sending sel")
 
     def _resolve_weights(self) -> str:
         """Each trained head's drawing weight; returns the rule in words (plan table, lcurve.out).
@@ -296,8 +310,27 @@ class Trainer:
             )
         self.config.model["descriptor"] = inherited
 
+    def _set_ranks(self) -> None:
+        """Data-parallel: each data set draws the summed batch and keeps this rank's slice."""
+        short = []
+        for name, runtime in self.heads.items():
+            for ds in (runtime.train, runtime.valid):
+                if ds is None:
+                    continue
+                ds.set_ranks(self.group.rank, self.group.world)
+                short += [f"{s.path} ({s.nframes} frames, batch {bs} x {self.group.world} ranks)"
+                          for s, bs in zip(ds.systems, ds.batch_sizes) if s.nframes < bs * self.group.world]
+        if short and self.group.is_main:
+            warnings.warn(
+                f"{len(short)} system(s) have fewer frames than the summed batch of all ranks, e.g. {short[0]}: "
+                "there the ranks' batches overlap (docs/distributed.md)"
+            )
+
     def _statistics(self) -> None:
-        """Descriptor statistics from all trained heads' frames; each head's bias from its own."""
+        """Descriptor statistics from all trained heads' frames; each head's bias from its own.
+        Data-parallel: rank 0 only (broadcast afterwards), from the summed batches."""
+        if not self.group.is_main:
+            return
         nbatch = int(self.config.model.get("data_stat_nbatch", 10))
         stat_rng = np.random.default_rng([self.seed, 1])
         pooled, per_head = [], {}
@@ -395,7 +428,7 @@ class Trainer:
                 )
         self.model.load_state_dict(wanted, strict=False)
         fresh_heads = [h for h in self.trained if h not in mapping]
-        if fresh_heads:
+        if fresh_heads and self.group.is_main:  # data-parallel: broadcast from rank 0 afterwards
             nbatch = int(self.config.model.get("data_stat_nbatch", 10))
             stat_rng = np.random.default_rng([self.seed, 1])
             for name in fresh_heads:
@@ -487,6 +520,9 @@ class Trainer:
             what = f"loss {float(loss.detach())}"
         else:
             loss.backward()
+        if self.group.enabled:  # every rank takes the same decision (one all_reduce)
+            what = self._average_gradients(runtime, what)
+        if what is None:
             grads = [p.grad for group in runtime.optimizer.param_groups for p in group["params"] if p.grad is not None]
             if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
                 what = "gradient"
@@ -498,6 +534,25 @@ class Trainer:
         runtime.optimizer.zero_grad(set_to_none=True)
         return True
 
+    def _average_gradients(self, runtime: HeadRuntime, what: Optional[str]) -> Optional[str]:
+        """Data-parallel: average this head's gradients over the ranks; the same message says
+        whether any rank had a non-finite loss and whether any rank was asked to stop."""
+        params = [p for group in runtime.optimizer.param_groups for p in group["params"]]
+        interrupt = getattr(self, "_interrupt", None)
+        flags = distributed.average_gradients(
+            params, [0.0 if what is None else 1.0, 1.0 if interrupt is not None and interrupt.requested else 0.0],
+            f"averaging the gradients of step {self.step + 1}",
+        )
+        self._stop_agreed = flags[1] > 0
+        if what is None and flags[0] > 0:
+            what = "loss on another rank"
+        return what
+
+    def _stop_requested(self, stop: _StopOnInterrupt) -> bool:
+        """Data-parallel: the stop agreed in the last step's all_reduce (a rank that left the loop
+        alone would leave the others waiting)."""
+        return self._stop_agreed if self.group.enabled else stop.requested
+
     def evaluate_batch(self, head: str, batch: Batch) -> tuple[dict, float]:
         runtime = self.heads[head]
         lr = runtime.schedule.value(self.step)
@@ -505,7 +560,10 @@ class Trainer:
         pred = {k: v.detach() for k, v in pred.items()}
         atype = batch.atype.to(self.device)
         _, metrics = runtime.loss(pred, labels_on(batch, self.device), batch.find, atype, lr / runtime.schedule.start_lr, metrics=True)
-        return metrics, runtime.loss.metric_weight(atype, pred)
+        weight = runtime.loss.metric_weight(atype, pred)
+        if self.group.enabled:  # the metrics of the summed batch, pooled over the ranks' slices
+            metrics = pooled_rmse(distributed.gather_objects((metrics, batch.nframes * weight), "pooling display metrics"))
+        return metrics, weight
 
     def display_values(self) -> dict[str, tuple[dict, Optional[dict], float]]:
         """Per trained head: metrics on one fresh training batch and on numb_btch validation batches."""
@@ -539,16 +597,26 @@ class Trainer:
         pooled over all of them (√(Σ atoms·rmse²/Σ atoms))."""
         runtime = self.heads[head]
         parts = []
+        diverged = False
+        if self.group.enabled:  # each rank evaluates every world-th chunk; the parts are pooled
+            chunks = chunks[self.group.rank :: self.group.world]
         for index, frames in chunks:
             batch = runtime.valid.batch(index, frames)
             lr = runtime.schedule.value(self.step)
             pred = {k: v.detach() for k, v in self._predict(head, batch, create_graph=False).items()}
             if not all(bool(torch.isfinite(v).all()) for v in pred.values() if v.is_floating_point()):
-                return {name: math.nan for name in runtime.loss.metric_names()}
+                diverged = True
+                break
             atype = batch.atype.to(self.device)
             _, metrics = runtime.loss(pred, labels_on(batch, self.device), batch.find, atype,
                                       lr / runtime.schedule.start_lr, metrics=True)
             parts.append((metrics, batch.nframes * runtime.loss.metric_weight(atype, pred)))
+        if self.group.enabled:
+            gathered = distributed.gather_objects((diverged, parts), f"pooling head '{head}' validation metrics")
+            diverged = any(bad for bad, _ in gathered)
+            parts = [part for _, rank_parts in gathered for part in rank_parts]
+        if diverged:
+            return {name: math.nan for name in runtime.loss.metric_names()}
         return pooled_rmse(parts)
 
     def forgetting_metrics(self) -> dict[str, dict]:
@@ -566,6 +634,8 @@ class Trainer:
         if not self.forgetting_heads:
             return None
         after = self.forgetting_metrics()
+        if not self.group.is_main:
+            return None
         report = {
             "init_model": getattr(self, "init_path", ""),
             "run_id": self.best.run_id,
@@ -622,7 +692,8 @@ class Trainer:
                 state = {k: v for k, v in self.state_dict().items() if k != "optimizers"}
                 state["best_of"] = {"head": head, "metric": best.metric, "value": best.value, "step": self.step,
                                     "run_id": self.best.run_id, "validation_frames": best.nframes}
-                _, best.digest = checkpoints.save_best(state, head)
+                if self.group.is_main:
+                    _, best.digest = checkpoints.save_best(state, head)
             elif best.stopped is not None:
                 newly_stopped.append(head)
                 self.console.print(
@@ -635,7 +706,15 @@ class Trainer:
         """--restart: keep comparing against the best files the continued run wrote (same run
         id). A newer one (written after the restart checkpoint) is adopted with its value; a
         missing or foreign one restarts that head's comparison (a foreign file is moved aside
-        at the first write, never overwritten)."""
+        at the first write, never overwritten). Data-parallel: rank 0 decides, the others follow."""
+        if not self.group.is_main:
+            self.best.load_state_dict(distributed.broadcast_object(None, "receiving the best-model state"))
+            return
+        self._adopt_best_files_here(checkpoints, continuing)
+        if self.group.enabled:
+            distributed.broadcast_object(self.best.state_dict(), "sending the best-model state")
+
+    def _adopt_best_files_here(self, checkpoints: CheckpointManager, continuing: bool) -> None:
         for head, best in self.best.heads.items():
             path = checkpoints.best_path(head)
             found = None
@@ -681,6 +760,8 @@ class Trainer:
                 f"step {self.step}: {bad} is not finite; no checkpoint written"
                 + (f" (the last good one is {checkpoints.folder / last})" if last else "")
             )
+        if not self.group.is_main:  # data-parallel: rank 0 writes
+            return checkpoints.path_for(self.step)
         return checkpoints.save(self.state_dict(), self.step)
 
     def state_dict(self) -> dict:
@@ -715,6 +796,8 @@ class Trainer:
         """Train to numb_steps; returns a summary (steps, seconds per step)."""
         training = self.config.training
         ckpt_folder, prefix = split_save_ckpt(self.workdir, training["save_ckpt"])
+        if not self.group.is_main:  # data-parallel: only rank 0 touches the folders
+            return self._run_locked(CheckpointManager(ckpt_folder, prefix, training.get("max_ckpt_keep", 5)))
         ensure_writable(self.workdir)
         ensure_writable(ckpt_folder, create=True)
         with locked([self.workdir, ckpt_folder]):
@@ -745,9 +828,11 @@ class Trainer:
         show = bool(training.get("disp_training", True))
         lcurve_path = self.workdir / training["disp_file"]
         appending = self.restart is not None
-        continuing = self._prepare_folder(checkpoints, lcurve_path)
+        main = self.group.is_main
+        continuing = self._prepare_folder(checkpoints, lcurve_path) if main else False
         self._adopt_best_files(checkpoints, continuing)
-        atomic_text(self.workdir / "out.json", json.dumps(self.config.document, indent=2))
+        if main:
+            atomic_text(self.workdir / "out.json", json.dumps(self.config.document, indent=2))
         columns = {
             h: (self.heads[h].loss.metric_names(), self.heads[h].valid is not None) for h in self.trained
         }
@@ -755,24 +840,26 @@ class Trainer:
         if self.config.multi_task:
             shares = ", ".join(f"{h} {p:.6g}" for h, p in zip(self.trained, self.weights))
             notes.append(f"head draw probabilities, {self.weight_rule}: {shares}")
-        lcurve = LcurveWriter(lcurve_path, columns, self.config.multi_task, append=appending, notes=notes) if show else None
+        lcurve = LcurveWriter(lcurve_path, columns, self.config.multi_task, append=appending, notes=notes) if show and main else None
         if self.forgetting_heads and not self.forgetting_before:
             self.forgetting_before = self.forgetting_metrics()  # the --init-model weights, before step 1
-        print_table(self.console, plan_table(self, self.bias_source))
+        if main:
+            print_table(self.console, plan_table(self, self.bias_source))
         timings: list[float] = []
         last_saved = -1
         skipped_in_a_row = 0
-        stop = _StopOnInterrupt()
+        stop = self._interrupt = _StopOnInterrupt()
         try:
             with stop, TrainingDisplay(self.console, self.numb_steps, self.step) as display:
                 if not appending and self.step == 0:
                     if show:
                         values = self.display_values()
-                        lcurve.write(self.step, values)
+                        if lcurve is not None:
+                            lcurve.write(self.step, values)
                         display.metrics(self.step, values)
                     if self.numb_steps > 0:
                         self.validate(checkpoints)
-                while self.step < self.numb_steps and not stop.requested and self.active:
+                while self.step < self.numb_steps and not self._stop_requested(stop) and self.active:
                     start = time.perf_counter()
                     head = self.draw_head()
                     updated = self.train_step(head)
@@ -789,7 +876,8 @@ class Trainer:
                     display.advance(self.step, float(np.mean(timings[-20:])))
                     if show and self.step % disp_freq == 0:
                         values = self.display_values()
-                        lcurve.write(self.step, values)
+                        if lcurve is not None:
+                            lcurve.write(self.step, values)
                         display.metrics(self.step, values)
                     self.validate(checkpoints)
                     if save_freq > 0 and self.step % save_freq == 0:
@@ -797,12 +885,19 @@ class Trainer:
                         last_saved = self.step
                 if last_saved != self.step:
                     self.save_checkpoint(checkpoints)
+        except distributed.PeerLost as exc:
+            last = checkpoints.path_for(last_saved) if last_saved >= 0 else (self.restart or {}).get("path")
+            raise MtcoreError(
+                f"rank {exc.rank} of {exc.world} lost its peers at step {self.step} ({exc.detail}); the job stops; "
+                + (f"the last checkpoint is {last} (continue with mtcore train --restart {last})" if last
+                   else "no checkpoint was written")
+            ) from None
         finally:
             if lcurve is not None:
                 lcurve.close()
         skip = min(len(timings) - 1, 10) if timings else 0
         per_step = float(np.mean(timings[skip:])) if timings else math.nan
-        if stop.requested:
+        if self._stop_requested(stop):
             name = signal.Signals(stop.signum).name if stop.signum else "interrupt"
             shown = os.path.relpath(checkpoints.path_for(self.step), self.workdir)
             self.console.print(
@@ -814,8 +909,9 @@ class Trainer:
                 self.console.print(f"every head stopped early (patience) by step {self.step}: training ended, checkpoint saved")
             if timings:
                 self.console.print(f"finished training: {len(timings)} steps, {per_step * 1000:.1f} ms/step (first {skip} excluded)")
-        if self.best.heads or self.best.without_validation:
+        if main and (self.best.heads or self.best.without_validation):
             print_table(self.console, best_summary_table(self.best, checkpoints, self.workdir))
         self.write_forgetting(lcurve_path.with_name(FORGETTING_FILE))
-        return {"steps": len(timings), "seconds_per_step": per_step, "interrupted": stop.requested, "signal": stop.signum,
+        return {"steps": len(timings), "seconds_per_step": per_step, "interrupted": self._stop_requested(stop),
+                "signal": stop.signum or (signal.SIGTERM if self._stop_requested(stop) else None),
                 "best": {h: b.state_dict() for h, b in self.best.heads.items()}}
