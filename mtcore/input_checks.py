@@ -163,6 +163,10 @@ def check_model(model: dict) -> None:
     nbatch = model.get("data_stat_nbatch")
     if nbatch is not None and (not _is_int(nbatch) or nbatch < 1):
         raise MtcoreError(f"model/data_stat_nbatch: must be at least 1, got {nbatch!r}")
+    for key in ("data_stat_nframes", "neighbor_stat_nframes"):
+        value = model.get(key)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise MtcoreError(f"model/{key}: must be an integer of at least 1, got {value!r}")
     for key in ("descriptor", "type_embedding", "fitting_net"):
         if model.get(key) is not None:
             check_network_settings(model[key], f"model/{key}")

@@ -191,6 +191,13 @@ def model_argument(registry: Registry) -> Argument:
         [
             Argument("type_map", list, optional=True, default=None, doc="element name of each type index"),
             Argument("data_stat_nbatch", int, optional=True, default=10, doc="batches per system for statistics"),
+            Argument("data_stat_nframes", int, optional=True, default=1000,
+                     doc="the most frames one head's statistics (davg/dstd, output bias) read: data_stat_nbatch batches "
+                     "per system while they fit, fewer per system beyond, then a seeded choice of systems "
+                     "(docs/performance.md, 'Data larger than memory')"),
+            Argument("neighbor_stat_nframes", int, optional=True, default=1000,
+                     doc='the most frames sel "auto" reads (all trained heads\' training systems pooled): every frame '
+                     "when they hold at most this many, else an even seeded share per system"),
             Argument("data_stat_protect", float, optional=True, default=1e-2),
             type_embedding,
             descriptor_argument(registry),

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mtcore.data.neighbors import NeighborCache
+from mtcore.data.statsample import stat_systems
 from mtcore.data.system import SystemData
 from mtcore.errors import MtcoreError
 from mtcore.model.descriptor import StatSample
@@ -263,11 +264,16 @@ class DataSet:
             system=system.path,
         )
 
-    def stat_batches(self, nbatch: int, rng: np.random.Generator) -> list[Batch]:
-        """``nbatch`` batches from every system, for statistics (does not touch the sampling state)."""
+    def stat_batches(self, nbatch: int, rng: np.random.Generator, max_frames: Optional[int] = None) -> list[Batch]:
+        """``nbatch`` batches from every system, for statistics (does not touch the sampling
+        state), reading at most ``max_frames`` frames in all (statsample.stat_systems: fewer
+        batches per system, then a seeded choice of systems). Uncapped, the draws are the same."""
+        # data-parallel: the summed batch
+        sizes = [min(bs * self.world, s.nframes) for bs, s in zip(self.batch_sizes, self.systems)]
+        chosen, nbatch = stat_systems(sizes, nbatch, max_frames, rng)
         out = []
-        for index, system in enumerate(self.systems):
-            bs = min(self.batch_sizes[index] * self.world, system.nframes)  # data-parallel: the summed batch
+        for index in chosen:
+            system, bs = self.systems[index], sizes[index]
             order = rng.permutation(system.nframes)
             for b in range(nbatch):
                 start = (b * bs) % system.nframes

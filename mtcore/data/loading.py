@@ -14,6 +14,7 @@ from mtcore.data.dataset import DataSet
 from mtcore.data.frames import FrameStore, check_stores, stores_of
 from mtcore.data.neighbors import NeighborCache, max_neighbor_counts
 from mtcore.data.requirements import DataRequirement
+from mtcore.data.statsample import neighbor_stat_frames
 from mtcore.data.system import SystemData
 from mtcore.errors import MtcoreError, PluginError
 from mtcore.hookspecs import NeighborStat
@@ -180,9 +181,13 @@ def load_dataset(
                    section.get("sys_probs"), cache, where)
 
 
-def pooled_neighbor_stat(systems: list[SystemData], ntypes: int) -> NeighborStat:
-    """Neighbour statistics over every frame of ``systems`` (all heads' training data)."""
+def pooled_neighbor_stat(systems: list[SystemData], ntypes: int, max_frames: Optional[int] = None,
+                         seed: int = 0) -> NeighborStat:
+    """Neighbour statistics over the frames of ``systems`` (all heads' training data): every
+    frame when they hold at most ``max_frames`` (None: always), else a bounded seeded sample
+    (statsample.neighbor_stat_frames). ``frames_read``/``frames_total`` say which it was."""
     computed: dict[float, tuple[list, int, float]] = {}
+    picked = neighbor_stat_frames([s.nframes for s in systems], max_frames, np.random.default_rng([seed, 2]))
 
     def counts(rcut: float) -> tuple[list, int, float]:
         if not rcut > 0:
@@ -190,11 +195,15 @@ def pooled_neighbor_stat(systems: list[SystemData], ntypes: int) -> NeighborStat
         if rcut not in computed:
             per_type = np.zeros(ntypes, dtype=np.int64)
             total, mind = 0, np.inf
-            for system in systems:
-                for f in range(system.nframes):
-                    box = None if system.boxes is None else system.boxes[f]
-                    per, tot, d = max_neighbor_counts(system.coords[f], box, np.asarray(system.atypes[f]), rcut, ntypes,
-                                                      name=(system.path, f))
+            for system, frames in zip(systems, picked):
+                if not len(frames):
+                    continue
+                coords = system.coords[frames]  # one read per system, not per frame
+                boxes = None if system.boxes is None else system.boxes[frames]
+                atypes = np.asarray(system.atypes[frames])
+                for k, f in enumerate(frames):
+                    box = None if boxes is None else boxes[k]
+                    per, tot, d = max_neighbor_counts(coords[k], box, atypes[k], rcut, ntypes, name=(system.path, int(f)))
                     per_type = np.maximum(per_type, per)
                     total, mind = max(total, tot), min(mind, d)
             computed[rcut] = ([int(v) for v in per_type], total, float(mind))
@@ -207,4 +216,7 @@ def pooled_neighbor_stat(systems: list[SystemData], ntypes: int) -> NeighborStat
     def min_distance() -> float:
         return min((c[2] for c in computed.values()), default=float("inf"))
 
-    return NeighborStat(max_count=max_count, min_distance=min_distance, ntypes=ntypes)
+    stat = NeighborStat(max_count=max_count, min_distance=min_distance, ntypes=ntypes)
+    stat.frames_read = sum(len(f) for f in picked)  # for the plan table
+    stat.frames_total = sum(s.nframes for s in systems)
+    return stat

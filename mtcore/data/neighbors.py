@@ -74,15 +74,24 @@ def max_neighbor_counts(
 
 
 class NeighborCache:
-    """Per-frame neighbour lists, computed on first use and kept up to a memory budget."""
+    """Per-frame neighbour lists, computed on first use and kept up to a byte budget.
+
+    At the budget the oldest lists are evicted (first in, first out), so memory stays bounded
+    however large the data; with random draws over more frames than fit, any policy keeps the
+    same share of hits, and FIFO costs nothing to track. A list larger than the whole budget is
+    returned but not kept."""
 
     def __init__(self, rcut: float, budget_bytes: int = 4 << 30):
         self.rcut = float(rcut)
         self.budget = budget_bytes
         self.used = 0
-        self._store: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.evicted = 0
+        self._store: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
-    def get(self, system_id: int, frame: int, coord, box, atype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def get(self, system_id, frame: int, coord, box, atype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         key = (system_id, frame)
         hit = self._store.get(key)
         if hit is not None:
@@ -91,7 +100,12 @@ class NeighborCache:
         check_overlap(i, j, d, (str(system_id), int(frame)))
         entry = (i, j, img)
         size = i.nbytes + j.nbytes + img.nbytes
-        if self.used + size <= self.budget:
+        if size <= self.budget:
+            while self.used + size > self.budget:
+                oldest = next(iter(self._store))
+                old = self._store.pop(oldest)
+                self.used -= sum(a.nbytes for a in old)
+                self.evicted += 1
             self._store[key] = entry
             self.used += size
         return entry

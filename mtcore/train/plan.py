@@ -39,6 +39,21 @@ def _data(data: Optional["DataSet"]) -> str:
     return f"{len(data.systems)} sys, {frames} frames"
 
 
+def _statistics_note(trainer: "Trainer") -> str:
+    """How many frames the statistics read, against their caps (only where they ran)."""
+    model = trainer.config.model
+    parts = []
+    neighbor = getattr(trainer, "neighbor_stat_frames", None)
+    if neighbor is not None:
+        read, total = neighbor
+        parts.append(f"sel from {read:,} of {total:,} frames (neighbor_stat_nframes {model.get('neighbor_stat_nframes')})")
+    stat = getattr(trainer, "stat_frames", None)
+    if stat:
+        counts = ", ".join(f"{h} {n:,}" for h, n in stat.items()) if len(stat) > 1 else f"{next(iter(stat.values())):,}"
+        parts.append(f"statistics from {counts} frames (data_stat_nframes {model.get('data_stat_nframes')})")
+    return "".join(f" · {p}" for p in parts)
+
+
 def plan_table(trainer: "Trainer", bias_source: dict[str, str]) -> Table:
     model, config = trainer.model, trainer.config
     shared_ids = {id(p) for p in model.shared_layers.parameters()}
@@ -53,6 +68,7 @@ def plan_table(trainer: "Trainer", bias_source: dict[str, str]) -> Table:
         title += f" · shared fitting layers: {_fmt_count(shared_total, shared_trainable)} parameters"
     if config.multi_task:
         title += f" · head draws: {trainer.weight_rule}"
+    title += _statistics_note(trainer)
     carried = getattr(trainer, "carried_optimizers", [])
     if carried:
         title += f" · optimiser state from --init-model: {', '.join(carried)}"

@@ -30,6 +30,7 @@ from mtcore.config import RunConfig, config_from_document
 from mtcore.data.dataset import Batch, DataSet
 from mtcore.data.loading import load_dataset, pooled_neighbor_stat
 from mtcore.data.neighbors import NeighborCache
+from mtcore.data.statsample import DATA_STAT_NFRAMES, NEIGHBOR_STAT_NFRAMES
 from mtcore.errors import MtcoreError
 from mtcore.model.build import build_losses, build_model, head_requirements, update_sel
 from mtcore.model.loss import Loss
@@ -255,7 +256,10 @@ class Trainer:
             where = f"training/data_dict/{name}" if self.config.multi_task else "training"
             ds = load_dataset(head.training_data, self.config.type_map, [], scratch, self.registry, where + "/training_data")
             systems.extend(ds.systems)
-        stat = pooled_neighbor_stat(systems, len(self.config.type_map))
+        stat = pooled_neighbor_stat(systems, len(self.config.type_map), seed=self.seed,
+                                    max_frames=int(self.config.model.get("neighbor_stat_nframes", NEIGHBOR_STAT_NFRAMES)))
+        #: (frames read, frames in all) by the neighbour statistics (plan table)
+        self.neighbor_stat_frames = (stat.frames_read, stat.frames_total)
         update_sel(self.config, stat, self.registry)
         distributed.broadcast_object(self.config.model["descriptor"], "sending sel")
 
@@ -326,6 +330,13 @@ class Trainer:
                 "there the ranks' batches overlap (docs/distributed.md)"
             )
 
+    def _stat_cap(self) -> int:
+        """model/data_stat_nframes: the most frames one head's statistics read (and the place
+        ``self.stat_frames``, head → frames read, starts: the plan table shows it)."""
+        if not hasattr(self, "stat_frames"):
+            self.stat_frames = {}
+        return int(self.config.model.get("data_stat_nframes", DATA_STAT_NFRAMES))
+
     def _statistics(self) -> None:
         """Descriptor statistics from all trained heads' frames; each head's bias from its own.
         Data-parallel: rank 0 only (broadcast afterwards), from the summed batches."""
@@ -335,7 +346,8 @@ class Trainer:
         stat_rng = np.random.default_rng([self.seed, 1])
         pooled, per_head = [], {}
         for name in self.trained:
-            batches = self.heads[name].train.stat_batches(nbatch, stat_rng)
+            batches = self.heads[name].train.stat_batches(nbatch, stat_rng, self._stat_cap())
+            self.stat_frames[name] = sum(b.nframes for b in batches)  # plan table
             per_head[name] = [b.stat_sample() for b in batches]
             pooled.extend(per_head[name])
         self.model.descriptor.compute_input_stats(pooled)
@@ -432,7 +444,9 @@ class Trainer:
             nbatch = int(self.config.model.get("data_stat_nbatch", 10))
             stat_rng = np.random.default_rng([self.seed, 1])
             for name in fresh_heads:
-                samples = [b.stat_sample() for b in self.heads[name].train.stat_batches(nbatch, stat_rng)]
+                batches = self.heads[name].train.stat_batches(nbatch, stat_rng, self._stat_cap())
+                self.stat_frames[name] = sum(b.nframes for b in batches)  # plan table
+                samples = [b.stat_sample() for b in batches]
                 self.model.heads[name].compute_output_stats(samples)
         self.init_mapping = mapping
 
