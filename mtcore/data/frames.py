@@ -211,9 +211,10 @@ def stores_of(arrays: Iterable) -> list[FrameStore]:
     return [a for a in arrays if isinstance(a, FrameStore)]
 
 
-def check_stores(stores: Sequence[FrameStore], limit: int = FULL_CHECK_BYTES) -> bool:
-    """Scan ``stores`` whole when together they hold at most ``limit`` bytes; returns whether it did."""
-    if sum(s.nbytes for s in stores) > limit:
+def check_stores(stores: Sequence[FrameStore], limit: Optional[int] = None) -> bool:
+    """Scan ``stores`` whole when together they hold at most ``limit`` bytes (None:
+    FULL_CHECK_BYTES); returns whether it did."""
+    if sum(s.nbytes for s in stores) > (FULL_CHECK_BYTES if limit is None else limit):
         return False
     for store in stores:
         store.check_all()
