@@ -87,7 +87,10 @@ def _run(func, *args, **kwargs):
 @app.command()
 def train(
     input_file: Optional[Path] = typer.Argument(None, help="input JSON (DeePMD-kit v2 keys); optional with --restart"),
-    restart: Optional[Path] = typer.Option(None, "--restart", "-r", help="continue this checkpoint's run"),
+    restart: Optional[str] = typer.Option(
+        None, "--restart", "-r", help="continue this checkpoint's run; a folder: its newest complete checkpoint; 'auto' "
+        "(with the input file): the newest complete one in save_ckpt's folder, or a fresh run when there is none"
+    ),
     init_model: Optional[Path] = typer.Option(
         None, "--init-model", "-i", help="start a new run from the weights of a checkpoint or a frozen (united) model"
     ),
@@ -117,6 +120,9 @@ def train(
             raise MtcoreError("--init-optimizer only applies with --init-model")
         if restart is None and input_file is None:
             raise MtcoreError("give an input file (or --restart CHECKPOINT)")
+        auto = restart == RESTART_AUTO  # a folder named auto: --restart ./auto
+        if auto and input_file is None:
+            raise MtcoreError("--restart auto: give the input file too (its training/save_ckpt says where the checkpoints are)")
         workdir = Path(".")
         group, train_device = distributed.setup(device)  # torchrun: join the process group (docs/distributed.md)
         own = distributed.main_only  # data-parallel: rank 0 alone checks, locks and writes the folders
@@ -135,7 +141,7 @@ def train(
         previous = signal.signal(signal.SIGTERM, terminated) if main else None
         try:
             with own(locked([workdir])):  # a second run here refuses now, naming this one
-                restart_state = load_checkpoint(restart, data_loaders=True) if restart is not None else None
+                restart_state = load_checkpoint(Path(restart), data_loaders=True) if restart is not None and not auto else None
                 config = None
                 if restart_state is not None:
                     if input_file is not None:
@@ -144,10 +150,13 @@ def train(
                 else:
                     config = load_config(input_file)
                     save_ckpt = config.training.get("save_ckpt", "model.ckpt")
-                ckpt_folder = split_save_ckpt(workdir, save_ckpt)[0]
+                ckpt_folder, prefix = split_save_ckpt(workdir, save_ckpt)
                 if group.is_main:
                     ensure_writable(ckpt_folder, create=True)
                 with own(locked([ckpt_folder])):
+                    if auto:  # picked with the folder locked: no run of ours writes there meanwhile
+                        restart_state = _pick_restart_auto(ckpt_folder, prefix, input_file)
+                        config = None if restart_state is not None else config
                     init_state = load_init_source(init_model) if init_model is not None else None
                     trainer = Trainer(config, workdir, trainer_console, restart=restart_state, init_model=init_state, init_head=head,
                                       device=train_device,
@@ -162,6 +171,36 @@ def train(
             raise typer.Exit(143 if summary.get("signal") == signal.SIGTERM else 130)
 
     _run(body)
+
+
+#: ``--restart auto``: continue from the newest complete checkpoint, or start fresh when there is none
+RESTART_AUTO = "auto"
+
+
+def _pick_restart_auto(folder: Path, prefix: str, input_file: Path) -> Optional[dict]:
+    """``--restart auto``: the newest complete checkpoint of save_ckpt, or None (a fresh run).
+
+    Under torchrun rank 0 alone picks (it holds the folder lock) and broadcasts the path, so
+    every rank continues from the same file even if a save lands in between."""
+    from mtcore.train import distributed
+    from mtcore.train.checkpoint import check_provenance, newest_complete, read_checkpoint_file
+
+    group = distributed.current()
+    state = None
+    if group.is_main:
+        state, why = newest_complete(folder, prefix)
+        if state is None:
+            console.print(f"--restart auto: {why}; starting a fresh run from {input_file}", highlight=False, soft_wrap=True)
+        else:
+            console.print(f"--restart auto: continuing from {state['path']} (step {state['step']}) with the configuration "
+                          f"stored there; {input_file} gave only save_ckpt", highlight=False, soft_wrap=True)
+    path = distributed.broadcast_object(state["path"] if state is not None else None, "choosing the --restart auto checkpoint")
+    if path is None:
+        return None
+    if state is None:
+        state = read_checkpoint_file(Path(path))
+    check_provenance(state, data_loaders=True)
+    return state
 
 
 @app.command()

@@ -152,6 +152,9 @@ def check_training(training: dict) -> None:
         value = training.get(key)
         if value is not None and (not _is_int(value) or value < 0):
             raise MtcoreError(f"training/{key}: must be a non-negative integer, got {value!r}")
+    limit = training.get("max_nonfinite_steps")
+    if limit is not None and (not _is_int(limit) or limit < 1):
+        raise MtcoreError(f"training/max_nonfinite_steps: must be an integer of at least 1, got {limit!r}")
     disp_file = training.get("disp_file")
     if disp_file is not None and (not disp_file.strip() or disp_file.endswith(("/", os.sep)) or Path(disp_file).is_dir()):
         raise MtcoreError(f"training/disp_file: {disp_file!r} is a folder; give a file name (e.g. 'lcurve.out')")

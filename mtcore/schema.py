@@ -147,6 +147,9 @@ def training_argument() -> Argument:
             Argument("save_freq", int, optional=True, default=1000),
             Argument("save_ckpt", str, optional=True, default="model.ckpt"),
             Argument("max_ckpt_keep", int, optional=True, default=5, doc="periodic checkpoints kept"),
+            Argument("max_nonfinite_steps", int, optional=True, default=5,
+                     doc="a step whose loss or gradient is NaN or inf is skipped (a warning names step and head); this "
+                     "many in a row stop training, naming the last good checkpoint (docs/reliability.md)"),
             *best_model_arguments(False),
             Argument("disp_training", bool, optional=True, default=True),
             Argument("time_training", bool, optional=True, default=True),

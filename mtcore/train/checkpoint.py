@@ -26,11 +26,13 @@ rest by value), verified on load; a corrupted file falls back to the previous on
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import os
 import re
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -93,6 +95,20 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+#: TEST-ONLY hook, ``<file name pattern>:<seconds>`` (fnmatch): an atomic write of a matching file
+#: waits that long with its temporary file complete but not yet renamed, so that a test can SIGKILL
+#: a real run during a checkpoint write (tests/test_kill_restart.py). Unset in normal use.
+TEST_WRITE_DELAY_ENV = "MTCORE_TEST_WRITE_DELAY"
+
+
+def _test_write_delay(name: str) -> None:
+    setting = os.environ.get(TEST_WRITE_DELAY_ENV)
+    if setting:
+        pattern, _, seconds = setting.rpartition(":")
+        if fnmatch.fnmatchcase(name, pattern):
+            time.sleep(float(seconds))
+
+
 def _atomic_write(path: Path, mode: str, write: Callable[[Any], None]) -> None:
     """Write through ``write(handle)`` into a temporary file beside ``path``, fsync, rename over
     ``path``, fsync the folder: a kill leaves either the old or the new content, and at most a
@@ -102,6 +118,7 @@ def _atomic_write(path: Path, mode: str, write: Callable[[Any], None]) -> None:
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()
+            _test_write_delay(path.name)
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -216,18 +233,46 @@ class CheckpointManager:
         self.best_owned = set()
         return backup
 
-    def continue_run(self, restart_path: Optional[str]) -> bool:
-        """--restart: adopt the index of the run being continued, so that its files are pruned as
-        if this run had written them. Returns False when the index here belongs to another run
-        (it does not list the restart checkpoint); the caller then moves it aside."""
+    def step_of(self, name: str) -> Optional[int]:
+        """``<prefix>-<step>.pt`` → step; None for any other name."""
+        if not self._pattern.fullmatch(name):
+            return None
+        return int(name[len(self.prefix) + 1 : -len(".pt")])
+
+    def unindexed(self, run_id: Optional[str], newer_than: int = -1) -> list[str]:
+        """Checkpoints of run ``run_id`` that the index does not list, newest first: a save killed
+        after its file was renamed into place but before the index named it, or a pruning killed
+        midway. Ours to continue from and to prune; any other unlisted file is left alone."""
+        if not run_id or not self.folder.is_dir():
+            return []
+        listed = set(self.recorded())
+        found = []
+        for path in self.folder.glob(f"{self.prefix}-*.pt"):
+            step = self.step_of(path.name)
+            if step is None or step <= newer_than or path.name in listed or path.is_symlink():
+                continue
+            try:
+                state = _read(path)
+            except MtcoreError:
+                continue
+            if (state.get("best") or {}).get("run_id") == run_id:
+                found.append((step, path.name))
+        return [name for _, name in sorted(found, reverse=True)]
+
+    def continue_run(self, restart_path: Optional[str], run_id: Optional[str] = None) -> bool:
+        """--restart: adopt the index of the run being continued (and its unindexed checkpoints,
+        see ``unindexed``), so that its files are pruned as if this run had written them. Returns
+        False when the index here belongs to another run (it lists neither the restart checkpoint
+        nor a file of ``run_id``); the caller then moves it aside."""
         names = self.recorded()
         if not names:
             self.owned = []
             return True
         source = Path(restart_path).resolve() if restart_path else None
         listed = [n for n in names if (self.folder / n).exists() and self._pattern.fullmatch(n)]
-        if source is not None and any((self.folder / n).resolve() == source for n in listed):
-            self.owned = listed
+        lineage = listed + self.unindexed(run_id)
+        if source is not None and any((self.folder / n).resolve() == source for n in lineage):
+            self.owned = sorted(lineage, key=lambda n: self.step_of(n) or 0, reverse=True)
             return True
         return False
 
@@ -352,14 +397,52 @@ def load_checkpoint(path: Path, check_plugins: bool = True, data_loaders: bool =
     plugin never makes an older checkpoint look preferable."""
     state = _load_checkpoint(Path(path))
     if check_plugins:
-        from mtcore.plugins import get_registry
-        from mtcore.provenance import check
-
-        registry = get_registry()
-        check(state.get("provenance"), registry, str(state.get("path", path)))
-        if data_loaders:
-            check(state.get("provenance"), registry, str(state.get("path", path)), ("data_loader",), missing_is_error=False)
+        check_provenance(state, data_loaders, str(path))
     return state
+
+
+def check_provenance(state: dict, data_loaders: bool = False, path: str = "") -> None:
+    """The plugins a checkpoint records must be installed (see ``load_checkpoint``)."""
+    from mtcore.plugins import get_registry
+    from mtcore.provenance import check
+
+    registry = get_registry()
+    check(state.get("provenance"), registry, str(state.get("path", path)))
+    if data_loaders:
+        check(state.get("provenance"), registry, str(state.get("path", path)), ("data_loader",), missing_is_error=False)
+
+
+def newest_complete(folder: Path, prefix: str) -> tuple[Optional[dict], str]:
+    """``--restart auto``: the newest complete checkpoint ``<prefix>-<step>.pt`` in ``folder``.
+
+    Complete = it loads and its digest verifies. Candidates are the index's entries, newest first
+    (a torn or corrupted one is skipped with a warning naming it), then a newer file of the same
+    run that a kill kept out of the index (``CheckpointManager.unindexed``). Returns (state, '')
+    or (None, why there is none): the caller then starts a fresh run, so one job-script line
+    serves the first start and every re-run. Reads only; nothing in the folder changes."""
+    folder = Path(folder)
+    manager = CheckpointManager(folder, prefix, 1)
+    if not (folder / INDEX).is_file():
+        return None, f"no checkpoint index '{folder / INDEX}'"
+    names = [n for n in manager.recorded() if manager.step_of(n) is not None]
+    if not names:
+        return None, f"{folder / INDEX} lists no {prefix}-<step>.pt checkpoint"
+    failed: list[str] = []
+    state = None
+    for name in names:
+        try:
+            state = _read(folder / name)
+            break
+        except MtcoreError as exc:
+            failed.append(str(exc))
+    if state is None:
+        return None, f"no complete checkpoint in {folder / INDEX} ({'; '.join(failed)})"
+    if failed:
+        warnings.warn(f"{failed[0]}; skipped, using the previous checkpoint {state['path']} instead")
+    newer = manager.unindexed((state.get("best") or {}).get("run_id"), newer_than=int(state.get("step", -1)))
+    if newer:
+        state = _read(folder / newer[0])  # verified a moment ago by unindexed()
+    return state, ""
 
 
 def _load_checkpoint(path: Path) -> dict:

@@ -68,7 +68,8 @@ def labels_on(batch: Batch, device: torch.device) -> dict:
 #: the forgetting report of a run started with --init-model, beside lcurve.out
 FORGETTING_FILE = "forgetting.json"
 
-#: consecutive steps with a non-finite loss or gradient after which training stops
+#: consecutive steps with a non-finite loss or gradient after which training stops (the default
+#: of training/max_nonfinite_steps; docs/reliability.md)
 MAX_NONFINITE_STEPS = 5
 
 
@@ -825,7 +826,7 @@ class Trainer:
         removed += remove_leftovers(self.workdir, [lcurve_path.name, "out.json", forgetting.name])
         if removed:
             self.console.print(f"removed {len(removed)} temporary file(s) left by an interrupted run")
-        if self.restart is None or not checkpoints.continue_run(self.restart.get("path")):
+        if self.restart is None or not checkpoints.continue_run(self.restart.get("path"), self.best.run_id):
             backup = checkpoints.backup_previous_run([lcurve_path] + ([forgetting] if self.forgetting_heads else []))
             if backup is not None:
                 self.console.print(f"an earlier run's checkpoints and {lcurve_path.name} were moved to {backup}")
@@ -862,6 +863,7 @@ class Trainer:
         timings: list[float] = []
         last_saved = -1
         skipped_in_a_row = 0
+        max_nonfinite = int(training.get("max_nonfinite_steps") or MAX_NONFINITE_STEPS)
         stop = self._interrupt = _StopOnInterrupt()
         try:
             with stop, TrainingDisplay(self.console, self.numb_steps, self.step) as display:
@@ -880,7 +882,7 @@ class Trainer:
                     timings.append(time.perf_counter() - start)
                     self.step += 1
                     skipped_in_a_row = 0 if updated is not False else skipped_in_a_row + 1
-                    if skipped_in_a_row >= MAX_NONFINITE_STEPS:
+                    if skipped_in_a_row >= max_nonfinite:
                         last = checkpoints.owned[0] if checkpoints.owned else None
                         raise MtcoreError(
                             f"training stopped at step {self.step}: {skipped_in_a_row} steps in a row had a non-finite "
