@@ -135,9 +135,26 @@ def single_input(systems: list, valid: list, steps: int, quick: bool, seed: int)
     }
 
 
-def multi_input(data: dict, steps: int, weight_scarce: float, quick: bool, seed: int) -> dict:
+#: multi-task variants: what changes in the scarce head's fitting net (and the training section)
+VARIANTS = {
+    "mt": {},
+    # every hidden fitting layer shared by the two heads; only the output layer is per head
+    "shared_fit": {"shared_hidden": True},
+    # Δ-learning: scarce = rich head's atomic energy + its own correction net (base trained by both)
+    "delta": {"fitting": {"base_head": "rich"}},
+    # Δ-learning, the scarce loss trains only the correction (and the descriptor)
+    "delta_fixed_base": {"fitting": {"base_head": "rich", "base_trainable": False}},
+}
+
+
+def multi_input(data: dict, steps: int, weight_scarce: float, quick: bool, seed: int, variant: str = "mt") -> dict:
     m = model_section(quick)
     heads = {"rich": dict(m["fitting"], seed=1), "scarce": dict(m["fitting"], seed=2)}
+    spec = VARIANTS[variant]
+    if spec.get("shared_hidden"):
+        names = [f"fit_{k}" for k in range(len(m["fitting"]["neuron"]))] + [None]
+        heads = {h: dict(f, layer_name=names) for h, f in heads.items()}
+    heads["scarce"].update(spec.get("fitting", {}))
     return {
         "model": {"type_map": m["type_map"], "descriptor": m["descriptor"], "fitting_net_dict": heads},
         "learning_rate": lr(steps), "loss_dict": {"rich": loss(), "scarce": loss()},
@@ -202,15 +219,27 @@ def main() -> None:
     n, w = args.steps, args.weight
     cases = {
         "single": lambda: run_case("single", workdir, single_input(data["scarce"], data["valid_b"], n, args.quick, args.seed), None),
-        "mt_equal_steps": lambda: run_case("mt_equal_steps", workdir, multi_input(data, int(round(n / w)), w, args.quick, args.seed), "scarce"),
-        "mt_equal_compute": lambda: run_case("mt_equal_compute", workdir, multi_input(data, n, w, args.quick, args.seed), "scarce"),
+    }
+    for variant in VARIANTS:
+        cases[f"{variant}_equal_steps"] = lambda v=variant: run_case(
+            f"{v}_equal_steps", workdir, multi_input(data, int(round(n / w)), w, args.quick, args.seed, v), "scarce")
+        cases[f"{variant}_equal_compute"] = lambda v=variant: run_case(
+            f"{v}_equal_compute", workdir, multi_input(data, n, w, args.quick, args.seed, v), "scarce")
+    cases.update({
         "warm_start": lambda: (
             run_case("warm_start_rich", workdir, single_input(data["rich"], data["valid_a"], n // 2, args.quick, args.seed), None),
             run_case("warm_start", workdir, single_input(data["scarce"], data["valid_b"], n - n // 2, args.quick, args.seed), None,
                      init=str(workdir / "warm_start_rich" / "frozen.pth")),
         )[-1],
-    }
-    rows = {}
+    })
+    if args.only:
+        unknown = sorted(set(args.only) - set(cases))
+        if unknown:
+            raise SystemExit(f"--only: unknown case(s) {', '.join(unknown)}; cases: {', '.join(cases)}")
+    # earlier results of the same settings are kept (one case per call on a busy machine)
+    settings = {"steps": n, "weight": w, "scarce_frames": args.scarce_frames, "quick": args.quick}
+    previous = json.loads((workdir / "results.json").read_text()) if (workdir / "results.json").exists() else {}
+    rows = previous.get("rows", {}) if all(previous.get(k) == v for k, v in settings.items()) else {}
     for name, run in cases.items():
         if args.only and name not in args.only:
             continue
@@ -224,8 +253,7 @@ def main() -> None:
     for name, row in rows.items():
         ratio = f"{row['rmse_f'] / base:.3f}" if base else "-"
         print(f"{name:18s} {row['rmse_f']:11.4f} {ratio:>10s} {row['train_s']:8.1f}")
-    (workdir / "results.json").write_text(json.dumps({"steps": n, "weight": w, "scarce_frames": args.scarce_frames,
-                                                      "quick": args.quick, "rows": rows}, indent=1))
+    (workdir / "results.json").write_text(json.dumps(dict(settings, rows=rows), indent=1))
     print(f"\nruns and results.json in {workdir}")
 
 

@@ -471,7 +471,11 @@ def single_task_document(document: dict, head: str) -> dict:
     model = doc["model"]
     if model.get("fitting_net_dict") is None:
         return doc
-    model["fitting_net"] = model.pop("fitting_net_dict")[head]
+    fittings = model.pop("fitting_net_dict")
+    model["fitting_net"] = fittings[head]
+    base = model["fitting_net"].get("base_head")
+    if base and base in fittings:  # a Δ head alone carries its base's settings (mtcore.model.delta)
+        model["fitting_net"]["base_fitting_net"] = fittings[base]
     loss_dict = doc.pop("loss_dict", None) or {}
     if head in loss_dict:
         doc["loss"] = loss_dict[head]

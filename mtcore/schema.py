@@ -41,7 +41,17 @@ def descriptor_argument(registry: Registry) -> Argument:
 
 def fitting_argument(registry: Registry, name: str = "fitting_net") -> Argument:
     ctx = schema_context(registry)
-    return Argument(name, dict, [], [_variant(registry, "fitting_net", ctx, default="ener")], doc="one head")
+    delta = [
+        Argument("base_head", [str, None], optional=True, default=None,
+                 doc="Δ-learning (multi-task): this head's atomic output is the named head's plus this head's own net "
+                 "(a scarce high level of theory as a correction to a rich low level; docs/multitask.md)"),
+        Argument("base_trainable", bool, optional=True, default=True,
+                 doc="with base_head: this head's loss also trains the base head's net (false: only the correction "
+                 "and the descriptor)"),
+        Argument("base_fitting_net", [dict, None], optional=True, default=None,
+                 doc="written by freeze into a frozen Δ head's input (the base head's fitting settings); not set by hand"),
+    ]
+    return Argument(name, dict, delta, [_variant(registry, "fitting_net", ctx, default="ener")], doc="one head")
 
 
 def loss_argument(registry: Registry, name: str = "loss", default: str = "ener") -> Argument:

@@ -11,6 +11,7 @@ from mtcore.config import RunConfig
 from mtcore.data.requirements import DataRequirement, merge_requirements
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import DescriptorContext, FittingContext, LossContext, NeighborStat
+from mtcore.model.delta import base_of, check_delta_heads, plugin_params, wrap_delta_heads
 from mtcore.model.descriptor import Descriptor
 from mtcore.model.fitting import Fitting, check_output_def
 from mtcore.model.loss import Loss
@@ -82,13 +83,18 @@ def build_model(config: RunConfig, registry: Optional[Registry] = None) -> Multi
     if not descriptor.get_rcut() > 0:
         raise MtcoreError(f"model/descriptor/rcut: must be positive, got {descriptor.get_rcut()}")
     manager = SharedLayerManager()
-    heads = {}
-    for name, head in config.heads.items():
-        entry = registry.entry("fitting_net", head.fitting.get("type", "ener"))
+    fittings = {name: head.fitting for name, head in config.heads.items()}
+    section = "model/fitting_net_dict" if config.multi_task else "model/fitting_net"
+    if config.multi_task:
+        check_delta_heads(fittings, section)
+    elif any(base_of(f) and not f.get("base_fitting_net") for f in fittings.values()):
+        raise MtcoreError("model/fitting_net/base_head: a Δ head adds to another head; give both in model/fitting_net_dict")
+
+    def build_head(name: str, params: dict, where: str, layers: SharedLayerManager) -> Fitting:
+        entry = registry.entry("fitting_net", params.get("type", "ener"))
         registration = entry.registration
-        where = f"model/fitting_net_dict/{name}" if config.multi_task else "model/fitting_net"
         with _settings_errors(where, registration.name):
-            fitting = registration.build(head.fitting, FittingContext(name, type_map, descriptor, manager))
+            fitting = registration.build(plugin_params(params), FittingContext(name, type_map, descriptor, layers))
         fitting = checked_build(entry, fitting, Fitting)
         check_output_def(fitting.output_def(), f"{where} (type '{registration.name}')")
         if fitting.needs_rot_mat() and descriptor.get_dim_rot() == 0:
@@ -96,8 +102,17 @@ def build_model(config: RunConfig, registry: Optional[Registry] = None) -> Multi
                 f"{where}: a '{registration.name}' head needs a descriptor with a rotation matrix "
                 f"(se_e2_a, se_atten, or a hybrid containing one); '{config.model['descriptor']['type']}' has none"
             )
-        heads[name] = fitting
+        return fitting
+
+    heads = {}
+    for name, head in config.heads.items():
+        where = f"model/fitting_net_dict/{name}" if config.multi_task else "model/fitting_net"
+        heads[name] = build_head(name, head.fitting, where, manager)
     manager.check_usage(heads)
+    heads = wrap_delta_heads(
+        heads, fittings, section,
+        lambda base, params: build_head(base, params, f"{section}/base_fitting_net", SharedLayerManager()),
+    )
     return MultiHeadModel(descriptor, heads, type_map, manager.module_dict(), manager.users)
 
 

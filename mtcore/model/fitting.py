@@ -116,5 +116,10 @@ class Fitting(nn.Module):
         fitting type. Optional: the default None means change-bias refuses this head."""
         return None
 
+    @torch.jit.unused
+    def trained_parameters(self):
+        """The parameters this head's optimiser steps (all of its own; a Δ head may leave out its base's)."""
+        return self.parameters()
+
     def forward(self, descriptor: Dict[str, torch.Tensor], atype: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -32,6 +33,7 @@ from mtcore.data.loading import load_dataset, pooled_neighbor_stat
 from mtcore.data.neighbors import NeighborCache
 from mtcore.data.statsample import DATA_STAT_NFRAMES, NEIGHBOR_STAT_NFRAMES
 from mtcore.errors import MtcoreError
+from mtcore.model.delta import DeltaFitting
 from mtcore.model.build import build_losses, build_model, head_requirements, update_sel
 from mtcore.model.loss import Loss
 from mtcore.model.model import MultiHeadModel
@@ -112,6 +114,13 @@ class HeadRuntime:
     valid: Optional[DataSet]
     numb_btch: int
     optimizer: Optional[torch.optim.Optimizer] = None
+
+
+def _timing(event: str) -> None:
+    """MTCORE_TIMING=1 (benchmarks): one stderr line with the wall-clock time of ``event``, so a
+    parent process can measure the time to the first training step from its own start."""
+    if os.environ.get("MTCORE_TIMING"):
+        print(f"MTCORE_TIMING {event} {time.time():.3f}", file=sys.stderr, flush=True)
 
 
 class Trainer:
@@ -352,8 +361,8 @@ class Trainer:
             per_head[name] = [b.stat_sample() for b in batches]
             pooled.extend(per_head[name])
         self.model.descriptor.compute_input_stats(pooled)
-        for name, samples in per_head.items():
-            self.model.heads[name].compute_output_stats(samples)
+        for name in sorted(per_head, key=lambda h: isinstance(self.model.heads[h], DeltaFitting)):  # bases first
+            self.model.heads[name].compute_output_stats(per_head[name])
 
     def _pseudo_label(self, restart: Optional[dict], losses: dict) -> dict[str, dict]:
         """Label the training frames of heads with ``pseudo_labels`` by their --init-model weights
@@ -444,7 +453,7 @@ class Trainer:
         if fresh_heads and self.group.is_main:  # data-parallel: broadcast from rank 0 afterwards
             nbatch = int(self.config.model.get("data_stat_nbatch", 10))
             stat_rng = np.random.default_rng([self.seed, 1])
-            for name in fresh_heads:
+            for name in sorted(fresh_heads, key=lambda h: isinstance(self.model.heads[h], DeltaFitting)):
                 batches = self.heads[name].train.stat_batches(nbatch, stat_rng, self._stat_cap())
                 self.stat_frames[name] = sum(b.nframes for b in batches)  # plan table
                 samples = [b.stat_sample() for b in batches]
@@ -484,7 +493,7 @@ class Trainer:
     def _make_optimizers(self) -> None:
         descriptor_params = [p for p in self.model.descriptor.parameters() if p.requires_grad]
         for name in self.trained:
-            params = descriptor_params + [p for p in self.model.heads[name].parameters() if p.requires_grad]
+            params = descriptor_params + [p for p in self.model.heads[name].trained_parameters() if p.requires_grad]
             unique = list({id(p): p for p in params}.values())
             if not unique:
                 raise MtcoreError(f"head '{name}': nothing is trainable (descriptor and fitting net both frozen)")
@@ -542,11 +551,11 @@ class Trainer:
             if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
                 what = "gradient"
         if what is not None:
-            runtime.optimizer.zero_grad(set_to_none=True)
+            self.model.zero_grad(set_to_none=True)  # also gradients outside this optimiser (a Δ head's fixed base)
             warnings.warn(f"step {self.step + 1}, head '{head}': non-finite {what}; this step's update is skipped")
             return False
         runtime.optimizer.step()
-        runtime.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
         return True
 
     def _average_gradients(self, runtime: HeadRuntime, what: Optional[str]) -> Optional[str]:
@@ -860,6 +869,7 @@ class Trainer:
             self.forgetting_before = self.forgetting_metrics()  # the --init-model weights, before step 1
         if main:
             print_table(self.console, plan_table(self, self.bias_source))
+        _timing("setup_done")
         timings: list[float] = []
         last_saved = -1
         skipped_in_a_row = 0
@@ -881,6 +891,8 @@ class Trainer:
                     updated = self.train_step(head)
                     timings.append(time.perf_counter() - start)
                     self.step += 1
+                    if len(timings) == 1:
+                        _timing("first_step_done")
                     skipped_in_a_row = 0 if updated is not False else skipped_in_a_row + 1
                     if skipped_in_a_row >= max_nonfinite:
                         last = checkpoints.owned[0] if checkpoints.owned else None
