@@ -15,7 +15,6 @@ import math
 import os
 import signal
 import sys
-import sys
 import threading
 import time
 import warnings
@@ -115,13 +114,6 @@ class HeadRuntime:
     valid: Optional[DataSet]
     numb_btch: int
     optimizer: Optional[torch.optim.Optimizer] = None
-
-
-def _timing(event: str) -> None:
-    """MTCORE_TIMING=1 (benchmarks): one stderr line with the wall-clock time of ``event``, so a
-    parent process can measure the time to the first training step from its own start."""
-    if os.environ.get("MTCORE_TIMING"):
-        print(f"MTCORE_TIMING {event} {time.time():.3f}", file=sys.stderr, flush=True)
 
 
 def _timing(event: str) -> None:
@@ -879,7 +871,6 @@ class Trainer:
         if main:
             print_table(self.console, plan_table(self, self.bias_source))
         _timing("setup_done")
-        _timing("setup_done")
         timings: list[float] = []
         last_saved = -1
         skipped_in_a_row = 0
@@ -901,8 +892,6 @@ class Trainer:
                     updated = self.train_step(head)
                     timings.append(time.perf_counter() - start)
                     self.step += 1
-                    if len(timings) == 1:
-                        _timing("first_step_done")
                     if len(timings) == 1:
                         _timing("first_step_done")
                     skipped_in_a_row = 0 if updated is not False else skipped_in_a_row + 1
