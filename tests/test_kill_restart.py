@@ -5,7 +5,7 @@ random moments, twice inside a checkpoint save) and re-run each time with the sa
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import random
 import re
@@ -18,13 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from helpers import small_input, write_input
 from mtcore.cli import app
+from mtcore.config import load_config
 from mtcore.errors import MtcoreError
 from mtcore.train.checkpoint import TEST_WRITE_DELAY_ENV, newest_complete, read_checkpoint_file, read_index
 from mtcore.train.outdir import LOCK_NAME
+from mtcore.train.trainer import Trainer
 
 MTCORE = [sys.executable, "-m", "mtcore.cli"]
 COMMAND = ["train", "input.json", "--restart", "auto"]  # one job-script line for every (re)start
@@ -125,8 +128,12 @@ def test_five_sigkills_then_restart_auto_equal_an_uninterrupted_run(tmp_path):
     for folder in (reference, case):
         folder.mkdir()
         write_input(folder, doc)
-    first = Run(reference, 0, {}).finish()
-    assert "--restart auto: no checkpoint index" in first and "starting a fresh run from input.json" in first
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the OMP_NUM_THREADS=1 subprocesses (one process start less)
+    try:
+        Trainer(load_config(reference / "input.json"), reference, Console(file=io.StringIO())).run()
+    finally:
+        torch.set_num_threads(threads)
 
     rng = random.Random(KILL_SEED)
     # two of the five kills land inside a checkpoint save: one while the checkpoint's temporary file
@@ -160,7 +167,7 @@ def test_five_sigkills_then_restart_auto_equal_an_uninterrupted_run(tmp_path):
             run.kill()
         out = run.out.read_text()
         if n == 0:
-            assert "starting a fresh run from input.json" in out
+            assert "--restart auto: no checkpoint index 'ckpts/checkpoint'; starting a fresh run from input.json" in out
         else:  # continued from the newest complete checkpoint; nothing was set aside as a foreign run
             assert f"--restart auto: continuing from ckpts/model.ckpt-{resume}.pt (step {resume})" in out, out
             assert (f"removed {leftover} temporary file(s)" in out if leftover else "temporary file" not in out), out
@@ -269,9 +276,6 @@ def test_restart_folder_is_its_newest_complete_checkpoint(trained):
 
 # the non-finite rule ----------------------------------------------------------------------------
 def test_max_nonfinite_steps_is_configurable_and_the_stop_names_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from mtcore.config import load_config
-    from mtcore.train.trainer import Trainer
-
     monkeypatch.chdir(tmp_path)
     doc = tiny_input(numb_steps=20, max_nonfinite_steps=3, validation_data=None, save_freq=4)
     trainer = Trainer(load_config(write_input(tmp_path, doc)), tmp_path)
