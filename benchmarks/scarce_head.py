@@ -144,6 +144,8 @@ VARIANTS = {
     "delta": {"fitting": {"base_head": "rich"}},
     # Δ-learning, the scarce loss trains only the correction (and the descriptor)
     "delta_fixed_base": {"fitting": {"base_head": "rich", "base_trainable": False}},
+    # the scarce head's draw share ramps from 0.2 to 0.8 (mean 0.5): the rich head shapes the descriptor first
+    "ramp": {"ramp": (0.2, 0.8)},
 }
 
 
@@ -155,6 +157,7 @@ def multi_input(data: dict, steps: int, weight_scarce: float, quick: bool, seed:
         names = [f"fit_{k}" for k in range(len(m["fitting"]["neuron"]))] + [None]
         heads = {h: dict(f, layer_name=names) for h, f in heads.items()}
     heads["scarce"].update(spec.get("fitting", {}))
+    start, final = spec.get("ramp", (weight_scarce, None))
     return {
         "model": {"type_map": m["type_map"], "descriptor": m["descriptor"], "fitting_net_dict": heads},
         "learning_rate": lr(steps), "loss_dict": {"rich": loss(), "scarce": loss()},
@@ -165,7 +168,8 @@ def multi_input(data: dict, steps: int, weight_scarce: float, quick: bool, seed:
                 "scarce": {"training_data": {"systems": data["scarce"], "batch_size": 1},
                            "validation_data": {"systems": data["valid_b"], "batch_size": 1, "numb_btch": 1}},
             },
-            "fitting_weight": {"rich": 1.0 - weight_scarce, "scarce": weight_scarce},
+            "fitting_weight": {"rich": 1.0 - start, "scarce": start},
+            **({"fitting_weight_final": {"rich": 1.0 - final, "scarce": final}} if final is not None else {}),
             "numb_steps": steps, "seed": seed, "disp_freq": max(steps // 10, 1), "save_freq": steps,
         },
     }

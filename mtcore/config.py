@@ -270,6 +270,32 @@ def _normalise_weights(
     return {h: v / total for h, v in raw.items()}
 
 
+def _final_weights(heads: list[str], start: dict[str, float], final) -> Optional[dict[str, float]]:
+    """``training/fitting_weight_final`` normalised over the trained heads (those with a positive
+    starting probability); every trained head needs a number ≥ 0, an untrained head none."""
+    if final is None:
+        return None
+    where = "training/fitting_weight_final"
+    if not isinstance(final, dict):
+        raise MtcoreError(f"{where}: expected a dict head → weight, got {type(final).__name__}")
+    _unknown_keys(where, final, heads)
+    trained = [h for h in heads if start.get(h, 0.0) > 0]
+    out = {}
+    for h in heads:
+        value = final.get(h)
+        if h not in trained:
+            if value not in (None, 0, 0.0):
+                raise MtcoreError(f"{where}/{h}: this head is not trained (no data or weight 0 in fitting_weight)")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise MtcoreError(f"{where}/{h}: expected a number ≥ 0 for every trained head, got {value!r}")
+        out[h] = float(value)
+    total = sum(out.values())
+    if total <= 0:
+        raise MtcoreError(f"{where}: every weight is 0; give at least one trained head a positive weight")
+    return {h: out.get(h, 0.0) / total for h in heads}
+
+
 def _unknown_keys(section: str, keys, heads: list[str]) -> None:
     extra = [k for k in keys if k not in heads]
     if extra:
@@ -309,6 +335,8 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None, ch
     if not multi:
         checked = check(input_argument(registry), doc)
         training = checked["training"]
+        if training.get("fitting_weight_final") is not None:
+            raise MtcoreError("training/fitting_weight_final: multi-task only (head draw weights); drop it here")
         training["training_data"] = _absolute_systems(training["training_data"], base_dir)
         training["validation_data"] = _absolute_systems(training.get("validation_data"), base_dir)
         fitting = checked["model"]["fitting_net"]
@@ -338,6 +366,7 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None, ch
     fitting_dict = model.pop("fitting_net_dict")
     data_dict = training_raw.pop("data_dict")
     weights = training_raw.pop("fitting_weight", None)
+    final_weights = training_raw.pop("fitting_weight_final", None)
     loss_dict = doc.pop("loss_dict", None) or {}
     lr_dict = doc.pop("learning_rate_dict", None)
     for name, value in (("model/fitting_net_dict", fitting_dict), ("training/data_dict", data_dict),
@@ -383,6 +412,7 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None, ch
         for part in ("training_data", "validation_data"):
             verify(check_data_section, datas.get(h, {}).get(part), f"training/data_dict/{h}/{part}")
     probabilities = _normalise_weights(heads, with_data, weights)
+    final = _final_weights(heads, probabilities, final_weights)
     losses = {}
     for h in heads:
         if h in loss_dict:
@@ -411,6 +441,7 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None, ch
     checked["training"]["data_dict"] = datas
     # "auto" and "not given" are kept as such (the plan and lcurve.out say which rule drew the heads)
     checked["training"]["fitting_weight"] = probabilities if isinstance(weights, dict) else weights
+    checked["training"]["fitting_weight_final"] = final
     checked["training"].pop("training_data", None)
     checked["training"].pop("validation_data", None)
     head_configs = {
@@ -487,4 +518,5 @@ def single_task_document(document: dict, head: str) -> dict:
     training["training_data"] = data.get("training_data")
     training["validation_data"] = data.get("validation_data")
     training.pop("fitting_weight", None)
+    training.pop("fitting_weight_final", None)
     return doc

@@ -42,13 +42,14 @@ def descriptor_argument(registry: Registry) -> Argument:
 def fitting_argument(registry: Registry, name: str = "fitting_net") -> Argument:
     ctx = schema_context(registry)
     delta = [
-        Argument("base_head", [str, None], optional=True, default=None,
+        # no defaults: unset keys stay absent (a head without a base is the plain head it always was)
+        Argument("base_head", [str, None], optional=True,
                  doc="Δ-learning (multi-task): this head's atomic output is the named head's plus this head's own net "
                  "(a scarce high level of theory as a correction to a rich low level; docs/multitask.md)"),
-        Argument("base_trainable", bool, optional=True, default=True,
-                 doc="with base_head: this head's loss also trains the base head's net (false: only the correction "
-                 "and the descriptor)"),
-        Argument("base_fitting_net", [dict, None], optional=True, default=None,
+        Argument("base_trainable", bool, optional=True,
+                 doc="with base_head: this head's loss also trains the base head's net (default true; false: only the "
+                 "correction and the descriptor)"),
+        Argument("base_fitting_net", [dict, None], optional=True,
                  doc="written by freeze into a frozen Δ head's input (the base head's fitting settings); not set by hand"),
     ]
     return Argument(name, dict, delta, [_variant(registry, "fitting_net", ctx, default="ener")], doc="one head")
@@ -150,6 +151,9 @@ def training_argument() -> Argument:
             Argument("fitting_weight", [dict, str], optional=True, default=None,
                      doc='multi-task: head → sampling weight, or "auto": each head with training data is drawn '
                      "with probability proportional to its number of training frames"),
+            Argument("fitting_weight_final", [dict, None], optional=True, default=None,
+                     doc="multi-task: head → sampling weight at numb_steps; the draw probabilities move linearly "
+                     "from fitting_weight to these (e.g. a scarce head's share ramping up; docs/multitask.md)"),
             Argument("numb_steps", int, alias=["stop_batch"], doc="training steps (all heads together)"),
             Argument("seed", [int, None], optional=True, default=None, doc="seed of data sampling and head draws"),
             Argument("disp_file", str, optional=True, default="lcurve.out"),

@@ -170,3 +170,36 @@ def test_single_task_base_head_is_one_line(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(MtcoreError, match="model/fitting_net/base_head"):
         build_model(load_config(path))
+
+
+def test_draw_weights_move_linearly_to_fitting_weight_final(tmp_path):
+    doc = multi_task_input(tmp_path, numb_steps=10, weights={"ccsd": 4, "wb97m": 1})
+    doc["training"]["fitting_weight_final"] = {"ccsd": 1, "wb97m": 4}
+    trainer = make_trainer(tmp_path, doc)
+    assert "fitting_weight_final" in trainer.weight_rule
+    for step, expected in ((0, 0.2), (5, 0.5), (10, 0.8)):
+        trainer.step = step
+        assert abs(trainer.draw_weights()[trainer.trained.index("wb97m")] - expected) < 1e-12
+    trainer.step = 10  # the draws follow the weights of the step
+    drawn = sum(trainer.draw_head() == "wb97m" for _ in range(2000))
+    assert abs(drawn / 2000 - 0.8) < 4 * (0.8 * 0.2 / 2000) ** 0.5
+
+
+@pytest.mark.parametrize(
+    "final, message",
+    [
+        ({"ccsd": 1}, "fitting_weight_final/wb97m: expected a number"),
+        ({"ccsd": 1, "wb97m": -1}, "fitting_weight_final/wb97m: expected a number"),
+        ({"ccsd": 1, "wb97m": 1, "dft": 1}, "dft"),
+        ({"ccsd": 0, "wb97m": 0}, "every weight is 0"),
+        ([1, 2], "expected a dict"),
+    ],
+)
+def test_bad_fitting_weight_final_is_one_line(tmp_path, final, message):
+    doc = multi_task_input(tmp_path, numb_steps=10, weights={"ccsd": 1, "wb97m": 1})
+    doc["training"]["fitting_weight_final"] = final
+    path = tmp_path / "input.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(MtcoreError, match=message) as info:
+        load_config(path)
+    assert "\n" not in str(info.value)

@@ -209,6 +209,8 @@ class Trainer:
             self._set_ranks()
         self.trained = config.trained_heads()
         self.weight_rule = self._resolve_weights()
+        if config.training.get("fitting_weight_final"):
+            self.weight_rule += ", moving linearly to fitting_weight_final"
         self.weights = np.array([config.heads[h].weight for h in self.trained])
         self.weights = self.weights / self.weights.sum()
         self.best = BestTracker.build(
@@ -507,15 +509,28 @@ class Trainer:
         stopped = self.best.stopped()
         return [h for h in self.trained if h not in stopped]
 
+    def draw_weights(self) -> np.ndarray:
+        """Draw probabilities of the trained heads at this step: fitting_weight, moving linearly to
+        fitting_weight_final (when given) by numb_steps."""
+        final = self.config.training.get("fitting_weight_final")
+        if not final:
+            return self.weights
+        f = min(1.0, self.step / max(1, self.numb_steps))
+        weights = (1.0 - f) * self.weights + f * np.array([final[h] for h in self.trained])
+        return weights / weights.sum()
+
     def draw_head(self) -> str:
         active = self.active
         if len(active) == len(self.trained):
             if len(self.trained) == 1:
                 return self.trained[0]
-            return self.trained[int(self.rng.choice(len(self.trained), p=self.weights))]
+            return self.trained[int(self.rng.choice(len(self.trained), p=self.draw_weights()))]
         if len(active) == 1:
             return active[0]
-        weights = np.array([self.weights[self.trained.index(h)] for h in active])
+        now = self.draw_weights()
+        weights = np.array([now[self.trained.index(h)] for h in active])
+        if weights.sum() <= 0:  # the heads still drawn all ramp to 0: draw them equally
+            weights = np.ones(len(active))
         return active[int(self.rng.choice(len(active), p=weights / weights.sum()))]
 
     def _predict(self, head: str, batch: Batch, create_graph: bool) -> dict:
