@@ -1,0 +1,215 @@
+"""Data-parallel training over loopback (2 CPU ranks, gloo): docs/distributed.md.
+
+The ranks are real processes. Most tests start them with the environment torchrun gives its
+workers (RANK, WORLD_SIZE, MASTER_ADDR, ...) so that the test sees each rank's exit status and
+output; the restart test goes through torchrun itself (``python -m torch.distributed.run -m mtcore``).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from rich.console import Console
+
+from helpers import ROOT, assert_nested_close, multi_task_input, small_input, write_input
+from mtcore.config import load_config
+from mtcore.train.checkpoint import load_checkpoint, read_checkpoint_file
+from mtcore.train.trainer import Trainer
+
+
+def _loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _why_not() -> str:
+    if not dist.is_available() or not dist.is_gloo_available():
+        return "this torch build has no gloo backend"
+    try:
+        _loopback_port()
+    except OSError as exc:
+        return f"no loopback TCP ({exc})"
+    return ""
+
+
+pytestmark = pytest.mark.skipif(bool(_why_not()), reason=_why_not() or "-")
+
+QUIET = Console(file=io.StringIO())
+TINY_DESCRIPTOR = {"type": "se_e2_a", "sel": [20, 40], "rcut": 4.0, "rcut_smth": 0.5, "neuron": [4, 8],
+                   "axis_neuron": 2, "seed": 1, "precision": "float64"}
+TINY_FITTING = {"type": "ener", "neuron": [8, 8], "seed": 2, "precision": "float64"}
+
+#: one rank of a run, as torchrun would start it, keeping what the test compares
+WORKER = """
+import sys
+from pathlib import Path
+import torch
+from rich.console import Console
+from mtcore.config import load_config
+from mtcore.train import distributed
+from mtcore.train.trainer import Trainer
+
+workdir = Path(sys.argv[1])
+group, device = distributed.setup(None)
+trainer = Trainer(load_config(workdir / "input.json"), workdir, Console(quiet=True), device=device)
+trainer.run()
+display = trainer.display_values()  # a collective: every rank pools the same numbers
+torch.save({"model": trainer.model.state_dict(), "display": display, "best": trainer.best.state_dict()["heads"]},
+           workdir / f"rank{group.rank}.pt")
+distributed.shutdown()
+"""
+
+
+def rank_env(rank: int, world: int, port: int) -> dict:
+    env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", MTCORE_DEVICE="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def start_ranks(workdir: Path, argv: list[str], world: int = 2) -> list[subprocess.Popen]:
+    port = _loopback_port()
+    return [
+        subprocess.Popen([sys.executable, *argv], cwd=workdir, env=rank_env(r, world, port),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(world)
+    ]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 120) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        out.append((p.returncode, stdout + stderr))
+    return out
+
+
+def tiny_single(workdir: Path, batch: int, numb_steps: int = 8) -> dict:
+    doc = small_input(workdir, descriptor=TINY_DESCRIPTOR, fitting=TINY_FITTING, numb_steps=numb_steps,
+                      disp_freq=4, save_freq=4)
+    doc["training"]["training_data"]["batch_size"] = batch
+    doc["training"]["validation_data"]["batch_size"] = batch
+    return doc
+
+
+def tiny_multi(workdir: Path, batch: int) -> dict:
+    doc = multi_task_input(workdir, numb_steps=8, descriptor=TINY_DESCRIPTOR, disp_freq=4, save_freq=4)
+    for head, fitting in doc["model"]["fitting_net_dict"].items():
+        fitting["neuron"] = [8, 8, 8]
+    for section in doc["training"]["data_dict"].values():
+        section["training_data"]["batch_size"] = batch
+        section["validation_data"]["batch_size"] = batch
+    return doc
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+def lcurve_rows(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if not line.startswith("#")]
+
+
+@pytest.mark.parametrize("mode", ["single", "multi"])
+def test_two_ranks_equal_one_process_with_the_summed_batch(tmp_path, mode):
+    """2 ranks × batch 1 = 1 process × batch 2 (float64, 1e-10), multi-task included: the ranks
+    draw from one shared stream and step the same head; their parameters stay identical."""
+    make = tiny_single if mode == "single" else tiny_multi
+    ranks, single = tmp_path / "ranks", tmp_path / "single"
+    ranks.mkdir()
+    single.mkdir()
+    write_input(ranks, make(tmp_path, batch=1))
+    write_input(single, make(tmp_path, batch=2))
+    procs = start_ranks(ranks, ["-c", WORKER, "."])
+    reference = Trainer(load_config(single / "input.json"), single, QUIET)  # meanwhile, in this process
+    reference.run()
+    display = reference.display_values()
+    for rc, output in finish(procs):
+        assert rc == 0, output[-3000:]
+    rank0, rank1 = (torch.load(ranks / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    # identical across ranks: both apply the same averaged gradient (1e-12: identity up to the last bits)
+    assert max_difference(rank0["model"], rank1["model"]) <= 1e-12
+    # equal to the single process with the summed batch: float64, 1e-10
+    assert max_difference(rank0["model"], reference.model.state_dict()) <= 1e-10
+    assert max_difference(read_checkpoint_file(ranks / "model.ckpt-8.pt")["model"], reference.model.state_dict()) <= 1e-10
+    # display rows and fixed-set validation pooled over the ranks = the single process (rel 1e-10)
+    assert_nested_close(rank0["display"], display, rel=1e-10)
+    assert_nested_close(rank1["display"], display, rel=1e-10)
+    best = {h: {k: v for k, v in b.items() if k != "sha256"} for h, b in reference.best.state_dict()["heads"].items()}
+    assert_nested_close({h: {k: v for k, v in b.items() if k != "sha256"} for h, b in rank0["best"].items()}, best)
+    assert lcurve_rows(ranks / "lcurve.out") == lcurve_rows(single / "lcurve.out")
+    # only rank 0 wrote: one lcurve, one set of checkpoints, no lock left
+    assert sorted(p.name for p in ranks.glob("model.ckpt-*.pt")) == ["model.ckpt-4.pt", "model.ckpt-8.pt"]
+    assert not (ranks / ".mtcore-train.lock").exists()
+
+
+def torchrun(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MTCORE_DEVICE="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_loopback_port()}",
+         "--master_addr=127.0.0.1", "-m", "mtcore", "train", *args],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=180,
+    )
+
+
+def test_restart_of_a_two_rank_run_continues_identically(tmp_path):
+    """torchrun … -m mtcore train, then --restart from the middle checkpoint: the same parameters
+    and lcurve rows as the uninterrupted 2-rank run (the stream and cursors are the shared ones)."""
+    full = tmp_path / "full"
+    full.mkdir()
+    write_input(full, tiny_single(tmp_path, batch=1, numb_steps=8))
+    done = torchrun(full, "input.json")
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "ms/step" in done.stdout  # rank 0 reports; the others are quiet
+    assert done.stdout.count("finished training") == 1
+    again = tmp_path / "again"
+    shutil.copytree(full, again)
+    end = read_checkpoint_file(full / "model.ckpt-8.pt")
+    resumed = torchrun(again, "--restart", "model.ckpt-4.pt")
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert max_difference(read_checkpoint_file(again / "model.ckpt-8.pt")["model"], end["model"]) <= 1e-10
+    assert lcurve_rows(again / "lcurve.out") == lcurve_rows(full / "lcurve.out")
+
+
+def test_a_killed_rank_stops_the_job_with_one_line_and_the_last_checkpoint_loads(tmp_path):
+    doc = tiny_single(tmp_path, batch=1, numb_steps=100000)
+    doc["training"].update(save_freq=2, disp_freq=1000)
+    write_input(tmp_path, doc)
+    procs = start_ranks(tmp_path, ["-m", "mtcore", "train", "input.json"])
+    deadline = time.monotonic() + 90
+    while not (tmp_path / "model.ckpt-4.pt").exists():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), finish(procs, 5)
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGKILL)
+    (rc0, out0), (rc1, _) = finish(procs, timeout=60)
+    assert rc1 == -signal.SIGKILL
+    assert rc0 == 1, out0[-3000:]
+    errors = [line for line in out0.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rank 0 of 2 lost its peers at step" in errors[0], out0[-3000:]
+    assert "Traceback" not in out0
+    named = errors[0].split("the last checkpoint is ")[1].split(" ")[0]
+    state = load_checkpoint(tmp_path / named)  # the checkpoint the message names loads (checksum verified)
+    assert state["step"] >= 4
+    assert load_checkpoint(tmp_path)["step"] >= state["step"]  # and so does the newest in the index
+    assert not (tmp_path / ".mtcore-train.lock").exists()
