@@ -203,3 +203,19 @@ def test_bad_fitting_weight_final_is_one_line(tmp_path, final, message):
     with pytest.raises(MtcoreError, match=message) as info:
         load_config(path)
     assert "\n" not in str(info.value)
+
+
+def test_plan_names_the_base_and_counts_only_the_correction(trained):
+    import io
+
+    from rich.console import Console
+
+    from mtcore.train.plan import plan_table
+
+    _, trainer, _ = trained
+    out = io.StringIO()
+    Console(file=out, width=400).print(plan_table(trainer, trainer.bias_source))
+    row = next(line for line in out.getvalue().splitlines() if "wb97m" in line and "ener" in line)
+    assert "Δ on head 'ccsd' (trained by this loss)" in row
+    correction = sum(p.numel() for p in trainer.model.heads["wb97m"].correction.parameters())
+    assert f"{correction:,}" in row or str(correction) in row

@@ -29,6 +29,7 @@ def expected_epochs(data: "DataSet", steps: float) -> float:
     """Frames drawn over ``steps`` draws of this data set, over its frame count."""
     frames = sum(s.nframes for s in data.systems)
     per_draw = float(np.dot(np.asarray(data.probs, dtype=np.float64), np.asarray(data.batch_sizes, dtype=np.float64)))
+    per_draw *= getattr(data, "world", 1)  # data-parallel: every rank trains on its own batch_size frames
     return steps * per_draw / max(frames, 1)
 
 
@@ -84,8 +85,12 @@ def plan_table(trainer: "Trainer", bias_source: dict[str, str]) -> Table:
     remaining = max(trainer.numb_steps - trainer.step, 0)
     for name, head in config.heads.items():
         runtime = trainer.heads[name]
-        own = [p for p in model.heads[name].parameters() if id(p) not in shared_ids]
+        fitting = model.heads[name]
+        base = getattr(fitting, "base_name", None)  # a Δ head: its own net is the correction
+        own = [p for p in (fitting.correction if base else fitting).parameters() if id(p) not in shared_ids]
         shared = sorted({key.split("/")[0] for key, users in model.shared_users.items() if name in users})
+        if base:
+            shared.append(f"Δ on head '{base}' ({'trained' if fitting.base_trainable else 'not trained'} by this loss)")
         p = float(probability.get(name, 0.0))
         trained = name in probability
         if name in best:
