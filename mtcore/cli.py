@@ -164,7 +164,7 @@ def train(
                     summary = trainer.run()
         finally:
             distributed.shutdown()
-            if main:
+            if main and not distributed.peers_lost():  # else SIGTERM stays ignored until the error is printed
                 signal.signal(signal.SIGTERM, previous)
         if summary.get("interrupted"):
             # 143 = 128 + SIGTERM (what a scheduler sent), 130 = 128 + SIGINT (Ctrl-C)

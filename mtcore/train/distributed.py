@@ -22,6 +22,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
+import signal
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional, Sequence
@@ -63,10 +66,24 @@ class Group:
 
 
 _current = Group()
+_lost = {"peers": False}
 
 
 def current() -> Group:
     return _current
+
+
+def peers_lost() -> bool:
+    """True once a collective failed: the job is over, and this rank only reports and exits."""
+    return _lost["peers"]
+
+
+def stand_down() -> None:
+    """A peer is gone: ignore the SIGTERM torchrun sends the survivors, so that this rank can
+    still print its one line (which names the last checkpoint) and release the folder lock."""
+    _lost["peers"] = True
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _env_int(name: str) -> int:
@@ -147,8 +164,12 @@ def main_only(context):
 
 
 def _first_line(exc: BaseException) -> str:
+    """The backend's message without its source location and advice: 'Connection closed by peer ...'."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    if not lines:
+        return type(exc).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0])
+    return text.split(". ")[0].rstrip(".") or lines[0]
 
 
 def _device() -> torch.device:

@@ -930,6 +930,7 @@ class Trainer:
                 if last_saved != self.step:
                     self.save_checkpoint(checkpoints)
         except distributed.PeerLost as exc:
+            distributed.stand_down()
             last = checkpoints.path_for(last_saved) if last_saved >= 0 else (self.restart or {}).get("path")
             raise MtcoreError(
                 f"rank {exc.rank} of {exc.world} lost its peers at step {self.step} ({exc.detail}); the job stops; "
