@@ -30,7 +30,6 @@ def expected_epochs(data: "DataSet", steps: float) -> float:
     frames = sum(s.nframes for s in data.systems)
     per_draw = float(np.dot(np.asarray(data.probs, dtype=np.float64), np.asarray(data.batch_sizes, dtype=np.float64)))
     per_draw *= getattr(data, "world", 1)  # data-parallel: every rank trains on its own batch_size frames
-    per_draw *= getattr(data, "world", 1)  # data-parallel: every rank trains on its own batch_size frames
     return steps * per_draw / max(frames, 1)
 
 
