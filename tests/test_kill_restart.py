@@ -299,3 +299,51 @@ def test_max_nonfinite_steps_is_configurable_and_the_stop_names_the_last_good_ch
     result = cli(["train", "input.json"])
     assert result.exit_code == 1 and result.output.strip() == \
         "error: training/max_nonfinite_steps: must be an integer of at least 1, got 0"
+
+
+# best models across a kill ----------------------------------------------------------------------
+class Killed(BaseException):
+    """Stands for SIGKILL at one point of the run."""
+
+
+def test_a_best_file_newer_than_the_restart_checkpoint_changes_no_decision(tmp_path, monkeypatch):
+    """Killed after a best file of step 8 was written but before checkpoint 8: the continued run
+    keeps that file until it reaches step 8 again, and its best-model record (value, step, the
+    patience count) and learning curve equal an uninterrupted run's."""
+    from mtcore.train.checkpoint import CheckpointManager, load_checkpoint
+
+    doc = tiny_input(numb_steps=12, disp_freq=1, save_freq=4, patience=50, save_ckpt="model.ckpt")
+    quiet = Console(file=io.StringIO())
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    for folder in (full, killed):
+        folder.mkdir()
+        write_input(folder, doc)
+    Trainer(load_config(full / "input.json"), full, quiet).run()
+    written = {}
+    real_save, real_best = CheckpointManager.save, CheckpointManager.save_best
+
+    def save(self, state, step):
+        if step == 8:
+            raise Killed
+        return real_save(self, state, step)
+
+    def save_best(self, state, head):
+        written[state["step"]] = True
+        return real_best(self, state, head)
+
+    monkeypatch.setattr(CheckpointManager, "save", save)
+    monkeypatch.setattr(CheckpointManager, "save_best", save_best)
+    with pytest.raises(Killed):
+        Trainer(load_config(killed / "input.json"), killed, quiet).run()
+    monkeypatch.undo()
+    newest_best = max(written)
+    assert 4 < newest_best <= 8  # the case under test: a best file newer than checkpoint 4
+    (killed / LOCK_NAME).unlink(missing_ok=True)  # a real kill leaves it (then taken over)
+    Trainer(None, killed, quiet, restart=load_checkpoint(killed)).run()
+    assert (killed / "lcurve.out").read_text() == (full / "lcurve.out").read_text()
+    for step in (8, 12):  # the best-model record of each checkpoint (not the file digests: run ids differ)
+        mine, theirs = (read_checkpoint_file(folder / f"model.ckpt-{step}.pt")["best"]["heads"]["default"]
+                        for folder in (killed, full))
+        assert {k: v for k, v in mine.items() if k != "sha256"} == {k: v for k, v in theirs.items() if k != "sha256"}, step
+    assert read_checkpoint_file(killed / "model.best.default.pt")["best_of"]["step"] == \
+        read_checkpoint_file(full / "model.best.default.pt")["best_of"]["step"]

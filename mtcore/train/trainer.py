@@ -220,6 +220,9 @@ class Trainer:
             {h: self.heads[h].numb_btch * self.group.world for h in self.trained},  # the summed batches' frames
         )
         self._warned_nan_metric: set[str] = set()
+        #: --restart: head → (value, step) of a best file the continued run wrote after the restart
+        #: checkpoint; only a better model replaces it (a deterministic replay: from that step on)
+        self._best_ahead: dict[str, tuple[float, int]] = {}
         if restart is not None:
             self.best.load_state_dict(restart.get("best"))
         if restart is not None:
@@ -728,7 +731,10 @@ class Trainer:
                     f"step {self.step}, head '{head}': {best.metric} is not finite on its validation frames (a label "
                     "missing from the validation data, or a diverged model); such an evaluation is never its best"
                 )
-            if best.update(self.step, value):
+            improved = best.update(self.step, value)
+            if improved and head in self._best_ahead and value < self._best_ahead[head][0]:
+                del self._best_ahead[head]  # better than the newer file a killed attempt left: replace it
+            if improved and head not in self._best_ahead:
                 state = {k: v for k, v in self.state_dict().items() if k != "optimizers"}
                 state["best_of"] = {"head": head, "metric": best.metric, "value": best.value, "step": self.step,
                                     "run_id": self.best.run_id, "validation_frames": best.nframes}
@@ -768,7 +774,15 @@ class Trainer:
                     found = None
             if found is not None:
                 checkpoints.adopt_best(head)
-                if found.get("step") != best.step or found.get("value") != best.value:
+                if int(found["step"]) > self.step:
+                    # written after the restart checkpoint (a kill before the next save): the replay
+                    # keeps the checkpoint's record, so that its decisions (the patience count) are
+                    # those of an uninterrupted run; the file is replaced only by a better model
+                    self._best_ahead[head] = (float(found["value"]), int(found["step"]))
+                    self.console.print(f"head '{head}': {path.name} (step {found['step']}) adopted as its best model so far "
+                                       "(newer than the restart checkpoint: kept unless the continued run does better)",
+                                       highlight=False, soft_wrap=True)
+                elif found.get("step") != best.step or found.get("value") != best.value:
                     best.value, best.step = float(found["value"]), int(found["step"])
                     self.console.print(f"head '{head}': {path.name} (step {best.step}) adopted as its best model so far")
             elif best.step is not None:
