@@ -126,9 +126,9 @@ def train(
         workdir = Path(".")
         group, train_device = distributed.setup(device)  # torchrun: join the process group (docs/distributed.md)
         own = distributed.main_only  # data-parallel: rank 0 alone checks, locks and writes the folders
-        trainer_console = console if group.is_main else Console(quiet=True)
-        if not group.is_main:
-            warnings.simplefilter("ignore")  # rank 0 says it once
+        if not group.is_main:  # rank 0 says it once (errors still print on every rank)
+            console.quiet = True
+            warnings.simplefilter("ignore")
         if group.is_main:
             ensure_writable(workdir)  # before anything is loaded: a read-only folder fails at once
 
@@ -158,7 +158,7 @@ def train(
                         restart_state = _pick_restart_auto(ckpt_folder, prefix, input_file)
                         config = None if restart_state is not None else config
                     init_state = load_init_source(init_model) if init_model is not None else None
-                    trainer = Trainer(config, workdir, trainer_console, restart=restart_state, init_model=init_state, init_head=head,
+                    trainer = Trainer(config, workdir, console, restart=restart_state, init_model=init_state, init_head=head,
                                       device=train_device,
                                       init_optimizer=init_optimizer)
                     summary = trainer.run()

@@ -7,9 +7,8 @@ output; the restart test goes through torchrun itself (``python -m torch.distrib
 
 from __future__ import annotations
 
-import copy
 import io
-import json
+import math
 import os
 import shutil
 import signal
@@ -19,12 +18,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from helpers import ROOT, assert_nested_close, multi_task_input, small_input, write_input
+from helpers import ROOT, WATER, assert_nested_close, multi_task_input, small_input, write_input
 from mtcore.config import load_config
 from mtcore.train.checkpoint import load_checkpoint, read_checkpoint_file
 from mtcore.train.trainer import Trainer
@@ -111,8 +111,26 @@ def tiny_single(workdir: Path, batch: int, numb_steps: int = 8) -> dict:
     return doc
 
 
+def system_with_a_huge_force(workdir: Path, nframes: int = 8, bad: int = 5) -> Path:
+    """The first frames of water data_0, one with a force of 1e200 (finite, so the loader takes
+    it; its square is not): the step whose batch holds it has a non-finite loss on ONE rank, and
+    every rank must skip that update."""
+    target = workdir / "huge_force"
+    if not target.exists():
+        (target / "set.000").mkdir(parents=True)
+        for name in ("type.raw", "type_map.raw"):
+            shutil.copy(WATER / "data_0" / name, target / name)
+        for name in ("box", "coord", "energy", "force"):
+            values = np.load(WATER / "data_0" / "set.000" / f"{name}.npy")[:nframes].astype(np.float64)
+            if name == "force":
+                values[bad, 0] = 1e200
+            np.save(target / "set.000" / f"{name}.npy", values)
+    return target
+
+
 def tiny_multi(workdir: Path, batch: int) -> dict:
     doc = multi_task_input(workdir, numb_steps=8, descriptor=TINY_DESCRIPTOR, disp_freq=4, save_freq=4)
+    doc["training"]["data_dict"]["ccsd"]["training_data"]["systems"] = [str(system_with_a_huge_force(workdir))]
     for head, fitting in doc["model"]["fitting_net_dict"].items():
         fitting["neuron"] = [8, 8, 8]
     for section in doc["training"]["data_dict"].values():
@@ -130,22 +148,24 @@ def lcurve_rows(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if not line.startswith("#")]
 
 
-@pytest.mark.parametrize("mode", ["single", "multi"])
-def test_two_ranks_equal_one_process_with_the_summed_batch(tmp_path, mode):
-    """2 ranks × batch 1 = 1 process × batch 2 (float64, 1e-10), multi-task included: the ranks
-    draw from one shared stream and step the same head; their parameters stay identical."""
-    make = tiny_single if mode == "single" else tiny_multi
+def test_two_ranks_equal_one_process_with_the_summed_batch_multitask(tmp_path):
+    """2 ranks × batch 1 = 1 process × batch 2 (float64, 1e-10): the ranks draw from one shared
+    stream and step the same head each step; their parameters stay identical."""
     ranks, single = tmp_path / "ranks", tmp_path / "single"
     ranks.mkdir()
     single.mkdir()
-    write_input(ranks, make(tmp_path, batch=1))
-    write_input(single, make(tmp_path, batch=2))
+    write_input(ranks, tiny_multi(tmp_path, batch=1))
+    write_input(single, tiny_multi(tmp_path, batch=2))
     procs = start_ranks(ranks, ["-c", WORKER, "."])
     reference = Trainer(load_config(single / "input.json"), single, QUIET)  # meanwhile, in this process
     reference.run()
     display = reference.display_values()
-    for rc, output in finish(procs):
+    outputs = finish(procs)
+    for rc, output in outputs:
         assert rc == 0, output[-3000:]
+    # the huge force was on one rank: that rank saw the loss, the other was told, both skipped
+    said = " ".join(output for _, output in outputs)
+    assert "non-finite loss inf" in said and "non-finite loss on another rank" in said, said[-3000:]
     rank0, rank1 = (torch.load(ranks / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     # identical across ranks: both apply the same averaged gradient (1e-12: identity up to the last bits)
     assert max_difference(rank0["model"], rank1["model"]) <= 1e-12
@@ -153,41 +173,62 @@ def test_two_ranks_equal_one_process_with_the_summed_batch(tmp_path, mode):
     assert max_difference(rank0["model"], reference.model.state_dict()) <= 1e-10
     assert max_difference(read_checkpoint_file(ranks / "model.ckpt-8.pt")["model"], reference.model.state_dict()) <= 1e-10
     # display rows and fixed-set validation pooled over the ranks = the single process (rel 1e-10)
-    assert_nested_close(rank0["display"], display, rel=1e-10)
-    assert_nested_close(rank1["display"], display, rel=1e-10)
-    best = {h: {k: v for k, v in b.items() if k != "sha256"} for h, b in reference.best.state_dict()["heads"].items()}
-    assert_nested_close({h: {k: v for k, v in b.items() if k != "sha256"} for h, b in rank0["best"].items()}, best)
+    assert_nested_close(nan_as_text(rank0["display"]), nan_as_text(display), rel=1e-10)
+    assert_nested_close(nan_as_text(rank1["display"]), nan_as_text(display), rel=1e-10)
+    assert_nested_close(without_digest(rank0["best"]), without_digest(reference.best.state_dict()["heads"]))
     assert lcurve_rows(ranks / "lcurve.out") == lcurve_rows(single / "lcurve.out")
-    # only rank 0 wrote: one lcurve, one set of checkpoints, no lock left
-    assert sorted(p.name for p in ranks.glob("model.ckpt-*.pt")) == ["model.ckpt-4.pt", "model.ckpt-8.pt"]
-    assert not (ranks / ".mtcore-train.lock").exists()
 
 
-def torchrun(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+def nan_as_text(value):
+    """Non-finite metrics (a batch holding the huge force) compare equal as text; the rest as floats."""
+    if isinstance(value, dict):
+        return {k: nan_as_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [nan_as_text(v) for v in value]
+    return repr(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def without_digest(best: dict) -> dict:
+    return {h: {k: v for k, v in b.items() if k != "sha256"} for h, b in best.items()}
+
+
+def torchrun(workdir: Path, *args: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MTCORE_DEVICE="cpu")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_loopback_port()}",
          "--master_addr=127.0.0.1", "-m", "mtcore", "train", *args],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=180,
+        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
-def test_restart_of_a_two_rank_run_continues_identically(tmp_path):
-    """torchrun … -m mtcore train, then --restart from the middle checkpoint: the same parameters
-    and lcurve rows as the uninterrupted 2-rank run (the stream and cursors are the shared ones)."""
-    full = tmp_path / "full"
+def test_torchrun_equals_one_process_and_its_restart_continues_identically(tmp_path):
+    """torchrun … -m mtcore train (2 ranks × batch 1) = one process with batch 2 (1e-10); then
+    --restart from the middle checkpoint gives the same parameters and lcurve rows as the
+    uninterrupted 2-rank run (the shared stream and data cursors are in the checkpoint)."""
+    full, single = tmp_path / "full", tmp_path / "single"
     full.mkdir()
-    write_input(full, tiny_single(tmp_path, batch=1, numb_steps=8))
-    done = torchrun(full, "input.json")
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert "ms/step" in done.stdout  # rank 0 reports; the others are quiet
-    assert done.stdout.count("finished training") == 1
+    single.mkdir()
+    write_input(full, tiny_single(tmp_path, batch=1))
+    write_input(single, tiny_single(tmp_path, batch=2))
+    launched = torchrun(full, "input.json")
+    reference = Trainer(load_config(single / "input.json"), single, QUIET)  # meanwhile, in this process
+    reference.run()
+    [(rc, output)] = finish([launched], timeout=180)
+    assert rc == 0, output[-3000:]
+    assert output.count("finished training") == 1  # rank 0 reports; the others are quiet
+    end = read_checkpoint_file(full / "model.ckpt-8.pt")
+    assert max_difference(end["model"], reference.model.state_dict()) <= 1e-10
+    assert_nested_close(without_digest(end["best"]["heads"]), without_digest(reference.best.state_dict()["heads"]))
+    assert lcurve_rows(full / "lcurve.out") == lcurve_rows(single / "lcurve.out")
+    # only rank 0 wrote: one set of checkpoints, no lock left
+    assert sorted(p.name for p in full.glob("model.ckpt-*.pt")) == ["model.ckpt-4.pt", "model.ckpt-8.pt"]
+    assert not (full / ".mtcore-train.lock").exists()
+
     again = tmp_path / "again"
     shutil.copytree(full, again)
-    end = read_checkpoint_file(full / "model.ckpt-8.pt")
-    resumed = torchrun(again, "--restart", "model.ckpt-4.pt")
-    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    for rc, output in finish(start_ranks(again, ["-m", "mtcore", "train", "--restart", "model.ckpt-4.pt"])):
+        assert rc == 0, output[-3000:]
     assert max_difference(read_checkpoint_file(again / "model.ckpt-8.pt")["model"], end["model"]) <= 1e-10
     assert lcurve_rows(again / "lcurve.out") == lcurve_rows(full / "lcurve.out")
 
@@ -213,3 +254,31 @@ def test_a_killed_rank_stops_the_job_with_one_line_and_the_last_checkpoint_loads
     assert state["step"] >= 4
     assert load_checkpoint(tmp_path)["step"] >= state["step"]  # and so does the newest in the index
     assert not (tmp_path / ".mtcore-train.lock").exists()
+
+
+# the pieces, in one process ------------------------------------------------------------------
+def test_rank_slices_cover_the_summed_draw_and_wrap_round_when_a_system_is_short():
+    from mtcore.train.distributed import rank_positions
+
+    assert [list(rank_positions(6, 3, r, 2)) for r in (0, 1)] == [[0, 1, 2], [3, 4, 5]]
+    assert [list(rank_positions(4, 3, r, 2)) for r in (0, 1)] == [[0, 1, 2], [3, 0, 1]]  # 4 frames < 2·3
+    assert [list(rank_positions(2, 3, r, 2)) for r in (0, 1)] == [[0, 1], [0, 1]]
+
+
+def test_a_single_process_is_left_alone_and_a_half_torchrun_environment_is_one_line(monkeypatch):
+    from mtcore.errors import MtcoreError
+    from mtcore.train import distributed
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    group, device = distributed.setup("cpu")
+    assert (group.rank, group.world, group.enabled, device) == (0, 1, False, "cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(MtcoreError, match="MASTER_ADDR is not set"):
+        distributed.setup("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(MtcoreError, match="WORLD_SIZE: expected an integer"):
+        distributed.setup("cpu")
+    assert not distributed.current().enabled

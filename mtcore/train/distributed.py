@@ -117,7 +117,10 @@ def setup(device: Optional[str] = None) -> tuple[Group, Optional[str]]:
     if not 0 <= rank < world:
         raise MtcoreError(f"environment variable RANK: {rank} is outside 0..{world - 1}")
     wanted = device or os.environ.get("MTCORE_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    kind = torch.device(wanted).type
+    try:
+        kind = torch.device(wanted).type
+    except RuntimeError:
+        raise MtcoreError(f"--device {wanted}: not a torch device (cpu, cuda)") from None
     if kind == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise MtcoreError(
@@ -132,10 +135,13 @@ def setup(device: Optional[str] = None) -> tuple[Group, Optional[str]]:
         backend = "gloo"
     else:
         raise MtcoreError(f"--device {wanted}: data-parallel training runs on cpu (gloo) or cuda (nccl)")
-    if not dist.is_available() or (backend == "gloo" and not dist.is_gloo_available()):
+    if not dist.is_available() or not (dist.is_gloo_available() if backend == "gloo" else dist.is_nccl_available()):
         raise MtcoreError(f"this torch build has no {backend} backend for data-parallel training")
     if not dist.is_initialized():
-        minutes = float(os.environ.get("MTCORE_DIST_TIMEOUT_MIN", "30"))
+        try:
+            minutes = float(os.environ.get("MTCORE_DIST_TIMEOUT_MIN") or 30)
+        except ValueError:
+            raise MtcoreError("environment variable MTCORE_DIST_TIMEOUT_MIN: expected minutes (a number)") from None
         try:
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=minutes))
         except (RuntimeError, ValueError) as exc:

@@ -67,6 +67,18 @@ def labels_on(batch: Batch, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.labels.items()}
 
 
+def pooled_over_ranks(parts: list[tuple[dict, float]]) -> dict[str, float]:
+    """The metrics of one summed batch from its ranks' slices. Unlike pooling batches (where NaN
+    means "no label here" and is left out), a slice's inf or NaN makes the summed batch's metric
+    non-finite too, as one process evaluating all the frames would report it."""
+    pooled = pooled_rmse(parts)
+    for key in pooled:
+        bad = [metrics[key] for metrics, _ in parts if not math.isfinite(metrics[key])]
+        if bad:
+            pooled[key] = math.nan if any(math.isnan(v) for v in bad) else math.inf
+    return pooled
+
+
 #: the forgetting report of a run started with --init-model, beside lcurve.out
 FORGETTING_FILE = "forgetting.json"
 
@@ -605,7 +617,7 @@ class Trainer:
         _, metrics = runtime.loss(pred, labels_on(batch, self.device), batch.find, atype, lr / runtime.schedule.start_lr, metrics=True)
         weight = runtime.loss.metric_weight(atype, pred)
         if self.group.enabled:  # the metrics of the summed batch, pooled over the ranks' slices
-            metrics = pooled_rmse(distributed.gather_objects((metrics, batch.nframes * weight), "pooling display metrics"))
+            metrics = pooled_over_ranks(distributed.gather_objects((metrics, batch.nframes * weight), "pooling display metrics"))
         return metrics, weight
 
     def display_values(self) -> dict[str, tuple[dict, Optional[dict], float]]:
