@@ -746,12 +746,11 @@ class Trainer:
             improved = best.update(self.step, value)
             if improved and head in self._best_ahead and value < self._best_ahead[head][0]:
                 del self._best_ahead[head]  # better than the newer file a killed attempt left: replace it
-            if improved and head not in self._best_ahead:
+            if improved and head not in self._best_ahead and self.group.is_main:  # data-parallel: rank 0 writes
                 state = {k: v for k, v in self.state_dict().items() if k != "optimizers"}
                 state["best_of"] = {"head": head, "metric": best.metric, "value": best.value, "step": self.step,
                                     "run_id": self.best.run_id, "validation_frames": best.nframes}
-                if self.group.is_main:
-                    _, best.digest = checkpoints.save_best(state, head)
+                _, best.digest = checkpoints.save_best(state, head)
             elif best.stopped is not None:
                 newly_stopped.append(head)
                 self.console.print(
