@@ -32,7 +32,8 @@ def _summary(document: dict, kind: str, outputs: dict[str, str]) -> dict:
         "heads": [
             {
                 "name": h,
-                "fitting_type": f.get("type", "ener"),
+                # a Δ head: its base head's output plus its own net (mtcore.model.delta)
+                "fitting_type": f.get("type", "ener") + (f" (Δ on head '{f['base_head']}')" if f.get("base_head") else ""),
                 "output": outputs.get(h, ""),
                 "shared_layers": [f"{n} (with {', '.join(u for u in users[n] if u != h)})" if len(users[n]) > 1 else n
                                   for n in dict.fromkeys(names_of[h])],

@@ -128,8 +128,9 @@ def test_frozen_delta_head_alone_and_united_equal_the_checkpoint(trained, tmp_pa
     result = CliRunner().invoke(app, ["test", "-m", str(alone), "-s", str(WATER / "data_3"), "-n", "2", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["combined"]["Force"]["rmse"] > 0
-    shown = CliRunner().invoke(app, ["show", str(alone)])
+    shown = CliRunner().invoke(app, ["show", str(alone)], env={"COLUMNS": "300"})
     assert shown.exit_code == 0, shown.output
+    assert "ener (Δ on head 'ccsd')" in shown.output
 
 
 def test_restart_reproduces_the_delta_run(trained, tmp_path):
