@@ -128,6 +128,21 @@ def test_a_file_that_cannot_be_mapped_is_read_normally(tmp_path):
     assert np.array_equal(data.coords[[4, 2]], coord.astype(np.float64).reshape(-1, 192, 3)[[4, 2]])
 
 
+def test_running_out_of_memory_maps_is_one_line_not_a_silent_full_read(tmp_path, monkeypatch):
+    import errno
+
+    real_load = np.load
+
+    def no_maps(path, mmap_mode=None, **kw):
+        if mmap_mode:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return real_load(path, **kw)
+
+    monkeypatch.setattr(np, "load", no_maps)
+    with pytest.raises(MtcoreError, match=r"coord.npy: cannot be memory-mapped: .*vm.max_map_count"):
+        _load(WATER / "data_0")
+
+
 # bounded statistics -----------------------------------------------------------------------------
 def test_even_shares_and_neighbour_stat_frames():
     assert list(even_shares([100, 3, 50], 30)) == [14, 3, 13]

@@ -10,6 +10,7 @@ though nothing scanned the whole file at load time. Small data is still scanned 
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -35,7 +36,15 @@ def open_npy(path: Path) -> np.ndarray:
     so give the ordinary errors. Raises whatever ``np.load`` raises."""
     try:
         mapped = np.load(path, mmap_mode="r")
-    except Exception:  # noqa: BLE001 - any reason not to map: read it the ordinary way
+    except OSError as exc:
+        if exc.errno == errno.ENOMEM:  # out of memory maps: reading whole files instead would fill memory
+            raise MtcoreError(
+                f"{path}: cannot be memory-mapped: this process has reached the limit on memory maps (one per set "
+                "file; Linux vm.max_map_count, 65530 by default); raise it (sysctl -w vm.max_map_count=262144) "
+                "or merge small set folders"
+            ) from None
+        return np.load(path)
+    except Exception:  # noqa: BLE001 - any other reason not to map: read it the ordinary way
         return np.load(path)
     if isinstance(mapped, np.ndarray) and mapped.ndim >= 1 and not mapped.flags.c_contiguous:
         return np.array(mapped)  # reshaping a Fortran-ordered map would copy it anyway

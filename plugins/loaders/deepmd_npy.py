@@ -39,6 +39,8 @@ def _read_npy(path: Path) -> np.ndarray:
     naming the file."""
     try:
         raw = open_npy(path)
+    except MtcoreError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file becomes one clear line
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise MtcoreError(f"{path}: cannot be read as a .npy array ({type(exc).__name__}: {detail})") from None
