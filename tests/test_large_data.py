@@ -54,6 +54,7 @@ def test_lazy_frames_equal_eager_ones_whatever_the_index():
     assert np.array_equal(data.labels["force"][:, hydrogens], force[:, hydrogens])
     assert np.array_equal(data.coords[7, 5], coord[7, 5]) and data.coords[7].dtype == np.float64
     assert np.array_equal(np.asarray(data.coords), coord)
+    assert data.coords[[]].shape == (0, 192, 3) and data.coords[70:70].shape == (0, 192, 3)
     last = data.last_set()
     assert isinstance(last.coords, FrameStore) and np.array_equal(last.coords[:], coord[80:])
     with pytest.raises(IndexError):

@@ -148,6 +148,8 @@ class FrameStore:
         if key is Ellipsis:
             return np.arange(n)
         index = np.asarray(key)
+        if index.size == 0:
+            return np.zeros(index.shape, dtype=np.int64)
         if index.dtype == bool:
             if index.shape != (n,):
                 raise IndexError(f"boolean index of shape {index.shape} for {n} frames")
