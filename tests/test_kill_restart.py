@@ -148,7 +148,8 @@ def test_five_sigkills_then_restart_auto_equal_an_uninterrupted_run(tmp_path):
         low, high = SAVE_FREQ + 1 + 9 * n, SAVE_FREQ + 9 * (n + 1)  # kill n falls in steps [low, high]
         mode = during.get(n, "random")
         if mode == "checkpoint file":
-            target = rng.choice([s for s in range(low, high + 1) if s % SAVE_FREQ == 0])
+            saves = [s for s in range(max(low, resume + 1), high + 1) if s % SAVE_FREQ == 0]
+            target = rng.choice(saves or [(resume // SAVE_FREQ + 1) * SAVE_FREQ])  # (a late previous kill)
             run = Run(case, n, {TEST_WRITE_DELAY_ENV: f"model.ckpt-{target}.pt:2"})
             wait_until(run, lambda: any(ckpts.glob(f".model.ckpt-{target}.pt.*.tmp")))
             run.kill()
@@ -160,12 +161,15 @@ def test_five_sigkills_then_restart_auto_equal_an_uninterrupted_run(tmp_path):
             target = newest_intact_step(ckpts)
             assert target > resume and f"model.ckpt-{target}.pt" not in read_index(ckpts / "checkpoint")
         else:  # a random moment: past a random step of the window, then up to 30 ms more
-            target = rng.randint(low, high)
+            first = max(low, last_step(case / "lcurve.out") + 1)  # a row this run writes
+            target = rng.randint(first, max(first, high))
             run = Run(case, n, {})
             wait_until(run, lambda: last_step(case / "lcurve.out") >= target)
             time.sleep(rng.uniform(0.0, 0.03))
             run.kill()
         out = run.out.read_text()
+        print(f"kill {n}: {mode}, target step {target}, resumed from {resume}, lcurve at {last_step(case / 'lcurve.out')}, "
+              f"newest complete now {newest_intact_step(ckpts)}")  # shown when the test fails
         if n == 0:
             assert "--restart auto: no checkpoint index 'ckpts/checkpoint'; starting a fresh run from input.json" in out
         else:  # continued from the newest complete checkpoint; nothing was set aside as a foreign run
