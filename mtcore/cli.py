@@ -155,7 +155,7 @@ def train(
                     ensure_writable(ckpt_folder, create=True)
                 with own(locked([ckpt_folder])):
                     if auto:  # picked with the folder locked: no run of ours writes there meanwhile
-                        restart_state = _pick_restart_auto(ckpt_folder, prefix, input_file)
+                        restart_state = _pick_restart_auto(ckpt_folder, prefix, input_file, config.document)
                         config = None if restart_state is not None else config
                     init_state = load_init_source(init_model) if init_model is not None else None
                     trainer = Trainer(config, workdir, console, restart=restart_state, init_model=init_state, init_head=head,
@@ -177,7 +177,18 @@ def train(
 RESTART_AUTO = "auto"
 
 
-def _pick_restart_auto(folder: Path, prefix: str, input_file: Path) -> Optional[dict]:
+def _config_differences(mine, stored, path: str = "") -> list[str]:
+    """Keys set in both documents with different values (``input`` vs a checkpoint's config).
+    Keys only one has (defaults added by a newer version) and values resolved at the start of a
+    run (``sel: "auto"``, a null seed) are not differences."""
+    if isinstance(mine, dict) and isinstance(stored, dict):
+        return [d for key in mine if key in stored for d in _config_differences(mine[key], stored[key], f"{path}/{key}")]
+    if mine is None or (isinstance(mine, str) and mine.startswith("auto")) or mine == stored:
+        return []
+    return [f"{path.lstrip('/')} {json.dumps(mine, default=str)} (checkpoint: {json.dumps(stored, default=str)})"]
+
+
+def _pick_restart_auto(folder: Path, prefix: str, input_file: Path, document: Optional[dict] = None) -> Optional[dict]:
     """``--restart auto``: the newest complete checkpoint of save_ckpt, or None (a fresh run).
 
     Under torchrun rank 0 alone picks (it holds the folder lock) and broadcasts the path, so
@@ -194,6 +205,11 @@ def _pick_restart_auto(folder: Path, prefix: str, input_file: Path) -> Optional[
         else:
             console.print(f"--restart auto: continuing from {state['path']} (step {state['step']}) with the configuration "
                           f"stored there; {input_file} gave only save_ckpt", highlight=False, soft_wrap=True)
+            changed = _config_differences(document or {}, state.get("config") or {})
+            if changed:  # e.g. numb_steps raised in the input: a job script would end at once without a word
+                warnings.warn(f"{input_file} differs from the checkpoint's configuration, which the run continues with: "
+                              + "; ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+                              + "; to train with the input's, start a new run (without --restart, or --init-model)")
     path = distributed.broadcast_object(state["path"] if state is not None else None, "choosing the --restart auto checkpoint")
     if path is None:
         return None

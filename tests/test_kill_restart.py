@@ -226,6 +226,20 @@ def test_auto_without_an_input_file_is_one_line(tmp_path, monkeypatch):
         "error: --restart auto: give the input file too (its training/save_ckpt says where the checkpoints are)"]
 
 
+def test_auto_says_when_the_input_differs_from_the_checkpoints_configuration(trained):
+    doc = tiny_input(numb_steps=10, validation_data=None)
+    doc["training"]["numb_steps"] = 20  # raised in the input: a re-run would end at once without a word
+    write_input(trained, doc)
+    result = cli(COMMAND)
+    assert result.exit_code == 0, result.output
+    assert "warning: input.json differs from the checkpoint's configuration, which the run continues with: " \
+           "training/numb_steps 20 (checkpoint: 10); to train with the input's, start a new run" in result.output
+    same = tiny_input(numb_steps=10, validation_data=None, seed=None)
+    same["model"]["descriptor"]["sel"] = "auto"  # resolved at the start of a run: no difference
+    write_input(trained, same)
+    assert "differs" not in cli(COMMAND).output
+
+
 def test_auto_skips_a_torn_newest_checkpoint_naming_it(trained):
     newest = trained / "ckpts" / "model.ckpt-10.pt"
     newest.write_bytes(newest.read_bytes()[:5000])  # as if cut off (a copy, a full disk)
