@@ -112,8 +112,9 @@ def train(
         from mtcore.train.trainer import Trainer
         from mtcore.train import distributed
 
-        if restart is not None and init_model is not None:
-            raise MtcoreError("--restart and --init-model exclude each other")
+        if restart is not None and restart != RESTART_AUTO and init_model is not None:
+            raise MtcoreError("--restart and --init-model exclude each other (except --restart auto: --init-model then "
+                              "starts the run when there is no checkpoint to continue)")
         if head is not None and init_model is None:
             raise MtcoreError("--head only applies with --init-model")
         if init_optimizer and init_model is None:
@@ -157,10 +158,13 @@ def train(
                     if auto:  # picked with the folder locked: no run of ours writes there meanwhile
                         restart_state = _pick_restart_auto(ckpt_folder, prefix, input_file, config.document)
                         config = None if restart_state is not None else config
-                    init_state = load_init_source(init_model) if init_model is not None else None
-                    trainer = Trainer(config, workdir, console, restart=restart_state, init_model=init_state, init_head=head,
-                                      device=train_device,
-                                      init_optimizer=init_optimizer)
+                    if restart_state is not None and init_model is not None:  # --restart auto found one
+                        console.print(f"--init-model {init_model}: not used, the run it started continues", highlight=False, soft_wrap=True)
+                    use_init = init_model is not None and restart_state is None
+                    init_state = load_init_source(init_model) if use_init else None
+                    trainer = Trainer(config, workdir, console, restart=restart_state, init_model=init_state,
+                                      init_head=head if use_init else None, device=train_device,
+                                      init_optimizer=init_optimizer and use_init)
                     summary = trainer.run()
         finally:
             distributed.shutdown()
@@ -205,7 +209,10 @@ def _pick_restart_auto(folder: Path, prefix: str, input_file: Path, document: Op
         else:
             console.print(f"--restart auto: continuing from {state['path']} (step {state['step']}) with the configuration "
                           f"stored there; {input_file} gave only save_ckpt", highlight=False, soft_wrap=True)
-            changed = _config_differences(document or {}, state.get("config") or {})
+            stored = dict(state.get("config") or {})
+            if state.get("init_model_path"):  # its descriptor came from the --init-model source, not the input
+                stored["model"] = {k: v for k, v in (stored.get("model") or {}).items() if k != "descriptor"}
+            changed = _config_differences(document or {}, stored)
             if changed:  # e.g. numb_steps raised in the input: a job script would end at once without a word
                 warnings.warn(f"{input_file} differs from the checkpoint's configuration, which the run continues with: "
                               + "; ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")

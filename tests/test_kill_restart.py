@@ -240,6 +240,29 @@ def test_auto_says_when_the_input_differs_from_the_checkpoints_configuration(tra
     assert "differs" not in cli(COMMAND).output
 
 
+def test_auto_with_init_model_starts_from_it_once_then_continues(trained, monkeypatch):
+    """A fine-tuning job script: the same line starts from the source model and continues after."""
+    source = trained / "ckpts" / "model.ckpt-10.pt"
+    (trained / "ft").mkdir()
+    monkeypatch.chdir(trained / "ft")
+    write_input(trained / "ft", tiny_input(numb_steps=4, validation_data=None, save_freq=2))
+    line = COMMAND + ["--init-model", str(source)]
+    first = cli(line)
+    assert first.exit_code == 0, first.output
+    assert "starting a fresh run from input.json" in first.output and "not used" not in first.output
+    started = read_checkpoint_file(trained / "ft" / "ckpts" / "model.ckpt-4.pt")
+    assert started["init_model_path"] == str(source)
+    (trained / "ft" / "ckpts" / "checkpoint").write_text("model.ckpt-2.pt\n")  # as if killed after step 2
+    (trained / "ft" / "ckpts" / "model.ckpt-4.pt").unlink()
+    again = cli(line)
+    assert again.exit_code == 0, again.output
+    assert "continuing from ckpts/model.ckpt-2.pt (step 2)" in again.output
+    assert f"--init-model {source}: not used, the run it started continues" in again.output
+    assert "differs" not in again.output
+    resumed = read_checkpoint_file(trained / "ft" / "ckpts" / "model.ckpt-4.pt")
+    assert_same_tensors(resumed["model"], started["model"], "model")
+
+
 def test_auto_skips_a_torn_newest_checkpoint_naming_it(trained):
     newest = trained / "ckpts" / "model.ckpt-10.pt"
     newest.write_bytes(newest.read_bytes()[:5000])  # as if cut off (a copy, a full disk)
