@@ -13,8 +13,17 @@ Runs, each a real ``mtcore train`` + ``freeze`` + ``test`` in its own folder:
 * ``mt_equal_compute``: rich + scarce heads, N steps in all (equal compute).
 * ``warm_start``: N/2 steps of the rich head alone, then N/2 steps of the scarce head alone
   starting from that model (``--init-model``): equal compute.
+* ``<variant>_equal_steps`` / ``<variant>_equal_compute`` for the multi-task options (VARIANTS):
+  ``shared_fit`` (every hidden fitting layer shared, ``layer_name``), ``delta`` (the scarce head
+  a Δ head on the rich one, ``base_head``), ``delta_fixed_base`` (the same, ``base_trainable:
+  false``), ``ramp`` (the scarce head's draw share 0.2 → 0.8, ``fitting_weight_final``);
+  ``mt_*`` are the plain two-head runs above. ``delta_equal_steps_w0.75``: the scarce head drawn
+  N times at weight 0.75 (4N/3 steps in all).
 
-    python benchmarks/scarce_head.py --steps 2000            # ~15 min on 2 free cores
+Results of earlier calls with the same settings are kept in ``results.json`` (run one case per
+call on a busy machine: ``--only delta_equal_compute``).
+
+    python benchmarks/scarce_head.py --steps 2000 --only single mt_equal_compute --workdir /tmp/scarce
     python benchmarks/scarce_head.py --steps 200 --quick     # pipeline check
 
 It prints a table of the scarce head's validation force and energy RMSE per run (and the ratio to
@@ -229,6 +238,9 @@ def main() -> None:
             f"{v}_equal_steps", workdir, multi_input(data, int(round(n / w)), w, args.quick, args.seed, v), "scarce")
         cases[f"{variant}_equal_compute"] = lambda v=variant: run_case(
             f"{v}_equal_compute", workdir, multi_input(data, n, w, args.quick, args.seed, v), "scarce")
+    # equal steps on the scarce head at 3/4 of the draws: 4N/3 steps in all instead of 2N (a cheaper check)
+    cases["delta_equal_steps_w0.75"] = lambda: run_case(
+        "delta_equal_steps_w0.75", workdir, multi_input(data, int(round(n / 0.75)), 0.75, args.quick, args.seed, "delta"), "scarce")
     cases.update({
         "warm_start": lambda: (
             run_case("warm_start_rich", workdir, single_input(data["rich"], data["valid_a"], n // 2, args.quick, args.seed), None),
