@@ -159,7 +159,8 @@ def train(
                         restart_state = _pick_restart_auto(ckpt_folder, prefix, input_file, config.document)
                         config = None if restart_state is not None else config
                     if restart_state is not None and init_model is not None:  # --restart auto found one
-                        console.print(f"--init-model {init_model}: not used, the run it started continues", highlight=False, soft_wrap=True)
+                        console.print(f"--init-model {init_model}: not used (the run continues from {restart_state['path']})",
+                                      highlight=False, soft_wrap=True)
                     use_init = init_model is not None and restart_state is None
                     init_state = load_init_source(init_model) if use_init else None
                     trainer = Trainer(config, workdir, console, restart=restart_state, init_model=init_state,

@@ -257,7 +257,7 @@ def test_auto_with_init_model_starts_from_it_once_then_continues(trained, monkey
     again = cli(line)
     assert again.exit_code == 0, again.output
     assert "continuing from ckpts/model.ckpt-2.pt (step 2)" in again.output
-    assert f"--init-model {source}: not used, the run it started continues" in again.output
+    assert f"--init-model {source}: not used (the run continues from ckpts/model.ckpt-2.pt)" in again.output
     assert "differs" not in again.output
     resumed = read_checkpoint_file(trained / "ft" / "ckpts" / "model.ckpt-4.pt")
     assert_same_tensors(resumed["model"], started["model"], "model")
