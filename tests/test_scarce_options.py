@@ -66,7 +66,7 @@ def test_forces_are_minus_the_gradient_of_the_delta_energy(tmp_path):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("delta")
-    doc = delta_input(workdir, numb_steps=20, weights={"ccsd": 1, "wb97m": 1}, disp_freq=5, save_freq=10)
+    doc = delta_input(workdir, numb_steps=12, weights={"ccsd": 1, "wb97m": 1}, disp_freq=3, save_freq=6)
     trainer = make_trainer(workdir, doc)
     trainer.run()
     return workdir, trainer, doc
@@ -135,9 +135,9 @@ def test_frozen_delta_head_alone_and_united_equal_the_checkpoint(trained, tmp_pa
 
 def test_restart_reproduces_the_delta_run(trained, tmp_path):
     workdir, _, _ = trained
-    shutil.copy(workdir / "model.ckpt-10.pt", tmp_path / "mid.pt")
+    shutil.copy(workdir / "model.ckpt-6.pt", tmp_path / "mid.pt")
     Trainer(None, tmp_path, QUIET, restart=load_checkpoint(tmp_path / "mid.pt")).run()
-    assert lcurve_rows(tmp_path / "lcurve.out") == [r for r in lcurve_rows(workdir / "lcurve.out") if r[0] > 10]
+    assert lcurve_rows(tmp_path / "lcurve.out") == [r for r in lcurve_rows(workdir / "lcurve.out") if r[0] > 6]
 
 
 DIPOLE = {"type": "dipole", "sel_type": [0], "neuron": [16, 16], "seed": 3, "precision": "float64"}
