@@ -1,7 +1,7 @@
 """Which frames the statistics read: a bounded, seeded sample instead of the whole data set.
 
 Statistics run before the first step; reading every frame would make the time to the first step
-(and, for neighbour statistics, the cost: ~10 ms a frame of 192 atoms) grow with the data. Small
+(neighbour statistics: ~5 ms a frame of 192 atoms) grow with the data. Small
 data is read whole, exactly as before; beyond the caps (``model/neighbor_stat_nframes``,
 ``model/data_stat_nframes``) every system gets an even share, and when there are more systems
 than the cap allows, a seeded choice of systems is read.
