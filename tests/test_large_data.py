@@ -217,3 +217,8 @@ def test_neighbor_cache_evicts_within_its_budget():
     tiny = NeighborCache(6.0, budget_bytes=10)  # a list larger than the budget is returned, not kept
     tiny.get("s", 0, data.coords[0], data.boxes[0], data.atypes[0])
     assert len(tiny) == 0 and tiny.used == 0
+    isolated = NeighborCache(0.5, budget_bytes=2000)  # no neighbours: empty lists still count
+    for f in range(12):
+        isolated.get("s", f, data.coords[f], data.boxes[f], data.atypes[f])
+        assert isolated.used <= isolated.budget
+    assert 0 < len(isolated) < 12

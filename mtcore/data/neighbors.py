@@ -16,6 +16,9 @@ from mtcore.errors import MtcoreError
 
 OVERLAP = 1e-3  # Å: closer atoms are a data error (a duplicated atom), not physics
 
+#: bytes a cached list costs beyond its arrays (three array headers, the key, the dict slot)
+_ENTRY_OVERHEAD = 512
+
 _EMPTY = (np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros((0, 3), np.int16))
 
 
@@ -99,12 +102,12 @@ class NeighborCache:
         i, j, img, d = frame_neighbor_list(coord, box, atype, self.rcut)
         check_overlap(i, j, d, (str(system_id), int(frame)))
         entry = (i, j, img)
-        size = i.nbytes + j.nbytes + img.nbytes
+        size = i.nbytes + j.nbytes + img.nbytes + _ENTRY_OVERHEAD  # empty lists are not free either
         if size <= self.budget:
             while self.used + size > self.budget:
                 oldest = next(iter(self._store))
                 old = self._store.pop(oldest)
-                self.used -= sum(a.nbytes for a in old)
+                self.used -= sum(a.nbytes for a in old) + _ENTRY_OVERHEAD
                 self.evicted += 1
             self._store[key] = entry
             self.used += size
