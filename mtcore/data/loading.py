@@ -181,6 +181,10 @@ def load_dataset(
                    section.get("sys_probs"), cache, where)
 
 
+#: frames of one system read at once by the neighbour statistics
+_STAT_CHUNK = 256
+
+
 def pooled_neighbor_stat(systems: list[SystemData], ntypes: int, max_frames: Optional[int] = None,
                          seed: int = 0) -> NeighborStat:
     """Neighbour statistics over the frames of ``systems`` (all heads' training data): every
@@ -195,17 +199,18 @@ def pooled_neighbor_stat(systems: list[SystemData], ntypes: int, max_frames: Opt
         if rcut not in computed:
             per_type = np.zeros(ntypes, dtype=np.int64)
             total, mind = 0, np.inf
-            for system, frames in zip(systems, picked):
-                if not len(frames):
-                    continue
-                coords = system.coords[frames]  # one read per system, not per frame
-                boxes = None if system.boxes is None else system.boxes[frames]
-                atypes = np.asarray(system.atypes[frames])
-                for k, f in enumerate(frames):
-                    box = None if boxes is None else boxes[k]
-                    per, tot, d = max_neighbor_counts(coords[k], box, atypes[k], rcut, ntypes, name=(system.path, int(f)))
-                    per_type = np.maximum(per_type, per)
-                    total, mind = max(total, tot), min(mind, d)
+            for system, chosen in zip(systems, picked):
+                for start in range(0, len(chosen), _STAT_CHUNK):  # one read per chunk, memory bounded
+                    frames = chosen[start:start + _STAT_CHUNK]
+                    coords = system.coords[frames]
+                    boxes = None if system.boxes is None else system.boxes[frames]
+                    atypes = np.asarray(system.atypes[frames])
+                    for k, f in enumerate(frames):
+                        box = None if boxes is None else boxes[k]
+                        per, tot, d = max_neighbor_counts(coords[k], box, atypes[k], rcut, ntypes,
+                                                          name=(system.path, int(f)))
+                        per_type = np.maximum(per_type, per)
+                        total, mind = max(total, tot), min(mind, d)
             computed[rcut] = ([int(v) for v in per_type], total, float(mind))
         return computed[rcut]
 
