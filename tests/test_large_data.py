@@ -108,6 +108,31 @@ def test_a_nan_frame_of_large_data_fails_when_its_batch_is_drawn(tmp_path, monke
     assert "non-finite value nan at frame 3, atom 7" in message and "system frame 3" in message
 
 
+def test_training_on_large_data_with_a_nan_frame_stops_before_any_update(tmp_path, monkeypatch):
+    """End to end: the bad frame is met by the statistics or the first batch; nothing is saved."""
+    import io
+
+    from rich.console import Console
+
+    from mtcore.config import load_config
+    from mtcore.train.trainer import Trainer
+    from helpers import small_input, write_input
+
+    system = _copy_system(tmp_path)
+    coord = np.load(system / "set.000" / "coord.npy")
+    coord[41, 3 * 5] = np.inf
+    np.save(system / "set.000" / "coord.npy", coord)
+    monkeypatch.setattr(frames_module, "FULL_CHECK_BYTES", 0)
+    doc = small_input(tmp_path, train_systems=[str(system)], numb_steps=2, valid_systems=[str(WATER / "data_3")])
+    doc["training"]["training_data"]["batch_size"] = 80  # every batch holds frame 41
+    doc["model"]["data_stat_nbatch"] = 1
+    with pytest.raises(MtcoreError) as caught:
+        Trainer(load_config(write_input(tmp_path, doc)), tmp_path, Console(file=io.StringIO())).run()
+    assert "\n" not in str(caught.value)
+    assert f"{system / 'set.000' / 'coord.npy'}: non-finite value inf at frame 41, atom 5" in str(caught.value)
+    assert not list(tmp_path.glob("model.ckpt*"))
+
+
 def test_a_flat_cell_of_large_data_is_named_when_read(tmp_path, monkeypatch):
     system = _copy_system(tmp_path)
     box = np.load(system / "set.000" / "box.npy")
