@@ -825,9 +825,12 @@ class Trainer:
                 f"step {self.step}: {bad} is not finite; no checkpoint written"
                 + (f" (the last good one is {checkpoints.folder / last})" if last else "")
             )
-        if not self.group.is_main:  # data-parallel: rank 0 writes
+        if not self.group.is_main:  # data-parallel: rank 0 writes; the others learn that it did
+            distributed.broadcast_object(None, f"waiting for rank 0's checkpoint of step {self.step}")
             return checkpoints.path_for(self.step)
-        return checkpoints.save(self.state_dict(), self.step)
+        path = checkpoints.save(self.state_dict(), self.step)
+        distributed.broadcast_object(None, f"confirming the checkpoint of step {self.step}")  # then a lost rank names it
+        return path
 
     def state_dict(self) -> dict:
         from mtcore.provenance import of_trainer
@@ -956,7 +959,10 @@ class Trainer:
                     self.save_checkpoint(checkpoints)
         except distributed.PeerLost as exc:
             distributed.stand_down()
-            last = checkpoints.path_for(last_saved) if last_saved >= 0 else (self.restart or {}).get("path")
+            if self.group.is_main and checkpoints.owned:  # rank 0 knows what it wrote
+                last = checkpoints.folder / checkpoints.owned[0]
+            else:  # the others: the last one rank 0 confirmed
+                last = checkpoints.path_for(last_saved) if last_saved >= 0 else (self.restart or {}).get("path")
             raise MtcoreError(
                 f"rank {exc.rank} of {exc.world} lost its peers at step {self.step} ({exc.detail}); the job stops; "
                 + (f"the last checkpoint is {last} (continue with mtcore train --restart {last})" if last
