@@ -291,3 +291,29 @@ def test_a_single_process_is_left_alone_and_a_half_torchrun_environment_is_one_l
     with pytest.raises(MtcoreError, match="WORLD_SIZE: expected an integer"):
         distributed.setup("cpu")
     assert not distributed.current().enabled
+
+
+def test_rank_slices_of_a_data_set_are_the_summed_batch_of_one_process():
+    """DataSet.set_ranks: N data sets of batch b fed the same stream hold, together, exactly the
+    frames one data set of batch N·b draws (two systems with prob_sys_size: also the same system)."""
+    import numpy as np
+
+    from mtcore.data.loading import load_dataset
+    from mtcore.data.neighbors import NeighborCache
+    from mtcore.plugins import get_registry
+
+    def data(batch: int):
+        section = {"systems": [str(WATER / "data_0"), str(WATER / "data_1")], "batch_size": batch,
+                   "auto_prob": "prob_sys_size"}
+        return load_dataset(section, ["O", "H"], [], NeighborCache(4.0), get_registry(), "t")
+
+    whole, ranks = data(4), [data(2), data(2)]
+    for rank, ds in enumerate(ranks):
+        ds.set_ranks(rank, 2)
+        assert np.allclose(ds.probs, whole.probs, rtol=0, atol=1e-15)
+    streams = [np.random.default_rng(5) for _ in range(3)]
+    for _ in range(30):  # several passes through the shuffled orders
+        summed = whole.sample(streams[0])
+        parts = [ds.sample(rng) for ds, rng in zip(ranks, streams[1:])]
+        assert {p.system for p in parts} == {summed.system}
+        assert torch.equal(torch.cat([p.coord for p in parts]), summed.coord)  # the same frames, copied
