@@ -17,8 +17,8 @@ Runs, each a real ``mtcore train`` + ``freeze`` + ``test`` in its own folder:
   ``shared_fit`` (every hidden fitting layer shared, ``layer_name``), ``delta`` (the scarce head
   a Δ head on the rich one, ``base_head``), ``delta_fixed_base`` (the same, ``base_trainable:
   false``), ``ramp`` (the scarce head's draw share 0.2 → 0.8, ``fitting_weight_final``);
-  ``mt_*`` are the plain two-head runs above. ``delta_equal_steps_w0.75``: the scarce head drawn
-  N times at weight 0.75 (4N/3 steps in all).
+  ``mt_*`` are the plain two-head runs above. ``<mt|delta|delta_fixed_base>_equal_steps_w0.75``:
+  the scarce head drawn N times at weight 0.75 (4N/3 steps in all, a cheaper equal-steps check).
 
 Results of earlier calls with the same settings are kept in ``results.json`` (run one case per
 call on a busy machine: ``--only delta_equal_compute``).
@@ -239,8 +239,9 @@ def main() -> None:
         cases[f"{variant}_equal_compute"] = lambda v=variant: run_case(
             f"{v}_equal_compute", workdir, multi_input(data, n, w, args.quick, args.seed, v), "scarce")
     # equal steps on the scarce head at 3/4 of the draws: 4N/3 steps in all instead of 2N (a cheaper check)
-    cases["delta_equal_steps_w0.75"] = lambda: run_case(
-        "delta_equal_steps_w0.75", workdir, multi_input(data, int(round(n / 0.75)), 0.75, args.quick, args.seed, "delta"), "scarce")
+    for variant in ("mt", "delta", "delta_fixed_base"):
+        cases[f"{variant}_equal_steps_w0.75"] = lambda v=variant: run_case(
+            f"{v}_equal_steps_w0.75", workdir, multi_input(data, int(round(n / 0.75)), 0.75, args.quick, args.seed, v), "scarce")
     cases.update({
         "warm_start": lambda: (
             run_case("warm_start_rich", workdir, single_input(data["rich"], data["valid_a"], n // 2, args.quick, args.seed), None),
