@@ -16,28 +16,18 @@ from mtcore.train.init_source import load_init_source
 from mtcore.train.trainer import Trainer
 
 from helpers import predict
-from test_extend_model import QUIET, extended_input, few_frames, make_trainer, old_input
+from test_extend_model import QUIET, data, extended_input, few_frames, make_trainer, source_path  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from helpers import WATER, transformed_system
+def unlabelled(data) -> Path:
+    """Frames without any label file: only coordinates, cells and types (the old data is gone)."""
+    from helpers import WATER
 
-    folder = tmp_path_factory.mktemp("pseudo")
-    few_frames(WATER / "data_3", folder / "valid_ccsd", 3)
-    few_frames(transformed_system(folder), folder / "valid_wb97m", 4)
-    # frames without any label file: only coordinates, cells and types (the old data is gone)
-    unlabelled = few_frames(WATER / "data_2", folder / "unlabelled", 5)
+    folder = few_frames(WATER / "data_2", data / "unlabelled", 5)
     for name in ("energy.npy", "force.npy", "virial.npy"):
-        (unlabelled / "set.000" / name).unlink(missing_ok=True)
+        (folder / "set.000" / name).unlink(missing_ok=True)
     return folder
-
-
-@pytest.fixture(scope="module")
-def source_path(data) -> Path:
-    folder = data / "old"
-    make_trainer(folder, old_input(data, numb_steps=3, disp_training=False, save_freq=0)).run()
-    return folder / "model.ckpt.pt"
 
 
 def pseudo_input(data: Path, **training) -> dict:
@@ -57,7 +47,7 @@ def frames_of(system: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return coord, atype, box
 
 
-def test_labels_are_the_init_models_predictions_and_its_loss_starts_at_zero(data, source_path, tmp_path):
+def test_labels_are_the_init_models_predictions_and_its_loss_starts_at_zero(data, source_path, unlabelled, tmp_path):
     trainer = make_trainer(tmp_path / "p", pseudo_input(data), init_model=load_init_source(source_path))
     labels = trainer.heads["ccsd"].train.systems[0].labels
     assert {"energy", "force", "virial"} <= set(labels)  # what the head's loss reads
@@ -77,7 +67,7 @@ def test_labels_are_the_init_models_predictions_and_its_loss_starts_at_zero(data
     assert np.abs(np.asarray(pbe.labels["force"]) - np.asarray(plain.heads["pbe"].train.systems[0].labels["force"])).max() == 0
 
 
-def test_restart_relabels_with_the_same_teacher(data, source_path, tmp_path):
+def test_restart_relabels_with_the_same_teacher(data, source_path, unlabelled, tmp_path):
     work = tmp_path / "r"
     first = make_trainer(work, pseudo_input(data, numb_steps=3, disp_training=False, save_freq=3),
                          init_model=load_init_source(source_path))
@@ -93,7 +83,7 @@ def test_restart_relabels_with_the_same_teacher(data, source_path, tmp_path):
         assert np.abs(np.asarray(after[key]) - value).max() <= 1e-12, key
 
 
-def test_pseudo_labels_need_an_old_head_and_an_init_model(data, source_path, tmp_path):
+def test_pseudo_labels_need_an_old_head_and_an_init_model(data, source_path, unlabelled, tmp_path):
     with pytest.raises(MtcoreError, match=r"^training/data_dict/ccsd/training_data/pseudo_labels: needs --init-model") as info:
         make_trainer(tmp_path / "a", pseudo_input(data))
     assert "\n" not in str(info.value)
