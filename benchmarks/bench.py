@@ -14,7 +14,6 @@ machine drift; its figure is its own "average training time" log line.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import re

@@ -33,7 +33,6 @@ It prints a table of the scarce head's validation force and energy RMSE per run 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil

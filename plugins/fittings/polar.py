@@ -21,7 +21,7 @@ frame (D10), by least squares over 9-vectors x_t:
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Union
 
 import numpy as np
 import torch
