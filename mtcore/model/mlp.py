@@ -61,7 +61,13 @@ def new_generator(seed: Optional[int]) -> torch.Generator:
 
 
 class Dense(nn.Module):
-    """y = φ(x W + b); W ~ N(0, 1/sqrt(n_in + n_out)), b ~ N(bias_mean, 1) as in DeePMD-kit."""
+    """y = φ(x W + b); W ~ N(0, 1/sqrt(n_in + n_out)), b ~ N(bias_mean, 1) as in DeePMD-kit.
+
+    Mixed precision (``training/mixed_precision``, :mod:`mtcore.model.precision`): when ``mixed``,
+    x, W and b are cast to ``compute_dtype`` for the product and activation and y comes back in
+    the weights' dtype, so master weights and everything outside the layer stay wide. Both are
+    set in __init__ (a torch.dtype and a bool: TorchScript infers their types from these values;
+    a class annotation would be a string here, which it cannot read), so frozen files keep them."""
 
     def __init__(
         self,
@@ -82,6 +88,8 @@ class Dense(nn.Module):
         self.activation = make_activation(activation)
         self.activation_name = activation
         self.register_parameter("idt", None)
+        self.compute_dtype = dtype
+        self.mixed = False
 
     def add_timestep(self, mean: float, generator: torch.Generator) -> None:
         """Give the layer a resnet timestep (idt ~ N(mean, 0.001)) if it has none yet."""
@@ -90,6 +98,11 @@ class Dense(nn.Module):
             self.idt = nn.Parameter(idt.to(self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mixed:
+            c = self.compute_dtype
+            xc, w, b = x.to(c), self.weight.to(c), self.bias.to(c)
+            y = self.activation(torch.addmm(b, xc, w) if xc.dim() == 2 else xc @ w + b)
+            return y.to(self.weight.dtype)
         return self.activation(torch.addmm(self.bias, x, self.weight) if x.dim() == 2 else x @ self.weight + self.bias)
 
 
