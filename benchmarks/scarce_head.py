@@ -6,6 +6,12 @@ pair (a smooth, short-ranged term the descriptor has to learn: not a rescaling t
 get for free). The scarce head sees ``--scarce-frames`` frames of level B (≤ 10); the rich head
 every training frame of level A. Validation: held-out frames of level B (never trained on).
 
+``--scarce-labels energy`` builds the common real case of a scarce high level of theory (CCSD(T),
+RPA): the scarce frames carry energies only (no ``force.npy``) and the scarce head's loss is
+energies alone (``start/limit_pref_f`` 0, ``start/limit_pref_e`` 1), as a DeePMD-kit user would
+write it. Validation still measures forces and energies on the fully labelled held-out frames.
+Default ``energy_force``: the scarce frames carry energies and forces, every head's loss the same.
+
 Runs, each a real ``mtcore train`` + ``freeze`` + ``test`` in its own folder:
 
 * ``single``: the scarce head alone for N steps (its baseline).
@@ -25,6 +31,7 @@ call on a busy machine: ``--only delta_equal_compute``).
 
     python benchmarks/scarce_head.py --steps 2000 --only single mt_equal_compute --workdir /tmp/scarce
     python benchmarks/scarce_head.py --steps 200 --quick     # pipeline check
+    python benchmarks/scarce_head.py --scarce-labels energy --only single --workdir /tmp/scarce_e8
 
 It prints a table of the scarce head's validation force and energy RMSE per run (and the ratio to
 ``single``) and writes it as JSON beside the runs.
@@ -35,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -73,8 +81,9 @@ def pair_correction(coord: np.ndarray, box: np.ndarray, types: np.ndarray) -> tu
     return energy, force
 
 
-def write_system(folder: Path, source: Path, frames: np.ndarray, level_b: bool) -> None:
-    """A deepmd/npy system of ``frames`` of ``source`` (its last set), labels of level A or B."""
+def write_system(folder: Path, source: Path, frames: np.ndarray, level_b: bool, forces_too: bool = True) -> None:
+    """A deepmd/npy system of ``frames`` of ``source``, labels of level A or B (no force.npy
+    without ``forces_too``: an energy-only data set, as a CCSD(T) set usually is)."""
     sets = sorted(source.glob("set.*"))
     coords = np.concatenate([np.load(s / "coord.npy") for s in sets])[frames].astype(np.float64)
     boxes = np.concatenate([np.load(s / "box.npy") for s in sets])[frames].astype(np.float64)
@@ -88,13 +97,14 @@ def write_system(folder: Path, source: Path, frames: np.ndarray, level_b: bool) 
             forces[k] += f.reshape(-1)
     out = folder / "set.000"
     out.mkdir(parents=True)
-    for name, array in (("coord", coords), ("box", boxes), ("energy", energies), ("force", forces)):
+    arrays = {"coord": coords, "box": boxes, "energy": energies, **({"force": forces} if forces_too else {})}
+    for name, array in arrays.items():
         np.save(out / f"{name}.npy", array)
     shutil.copy(source / "type.raw", folder / "type.raw")
     shutil.copy(source / "type_map.raw", folder / "type_map.raw")
 
 
-def make_data(root: Path, scarce_frames: int, seed: int) -> dict:
+def make_data(root: Path, scarce_frames: int, seed: int, scarce_forces: bool = True) -> dict:
     """rich (A, data_0..2), scarce (B, a few frames of data_0), validation of both on data_3."""
     rng = np.random.default_rng(seed)
     data = {}
@@ -104,7 +114,8 @@ def make_data(root: Path, scarce_frames: int, seed: int) -> dict:
         write_system(root / f"rich_{k}", source, np.arange(n), False)
     data["rich"] = [str(root / f"rich_{k}") for k in range(3)]
     n0 = len(np.load(WATER / "data_0" / "set.000" / "energy.npy"))
-    write_system(root / "scarce", WATER / "data_0", np.sort(rng.choice(n0, scarce_frames, replace=False)), True)
+    write_system(root / "scarce", WATER / "data_0", np.sort(rng.choice(n0, scarce_frames, replace=False)), True,
+                 forces_too=scarce_forces)
     data["scarce"] = [str(root / "scarce")]
     n3 = len(np.load(WATER / "data_3" / "set.000" / "energy.npy"))
     write_system(root / "valid_b", WATER / "data_3", np.arange(n3), True)
@@ -123,7 +134,12 @@ def model_section(quick: bool) -> dict:
     }
 
 
-def loss() -> dict:
+def loss(energy_only: bool = False) -> dict:
+    """DeePMD-kit's usual energy+force prefactors; energy-only: a constant energy term (with Adam
+    only the prefactor's changes matter, so 1 → 1 keeps the step size the learning rate's alone)."""
+    if energy_only:
+        return {"type": "ener", "start_pref_e": 1, "limit_pref_e": 1, "start_pref_f": 0, "limit_pref_f": 0,
+                "start_pref_v": 0, "limit_pref_v": 0}
     return {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1,
             "start_pref_v": 0, "limit_pref_v": 0}
 
@@ -132,11 +148,11 @@ def lr(steps: int) -> dict:
     return {"type": "exp", "start_lr": 1e-3, "stop_lr": 3e-6, "decay_steps": max(steps // 40, 1)}
 
 
-def single_input(systems: list, valid: list, steps: int, quick: bool, seed: int) -> dict:
+def single_input(systems: list, valid: list, steps: int, quick: bool, seed: int, energy_only: bool = False) -> dict:
     m = model_section(quick)
     return {
         "model": {"type_map": m["type_map"], "descriptor": m["descriptor"], "fitting_net": m["fitting"]},
-        "learning_rate": lr(steps), "loss": loss(),
+        "learning_rate": lr(steps), "loss": loss(energy_only),
         "training": {"training_data": {"systems": systems, "batch_size": 1},
                      "validation_data": {"systems": valid, "batch_size": 1, "numb_btch": 1},
                      "numb_steps": steps, "seed": seed, "disp_freq": max(steps // 10, 1), "save_freq": steps},
@@ -157,7 +173,8 @@ VARIANTS = {
 }
 
 
-def multi_input(data: dict, steps: int, weight_scarce: float, quick: bool, seed: int, variant: str = "mt") -> dict:
+def multi_input(data: dict, steps: int, weight_scarce: float, quick: bool, seed: int, variant: str = "mt",
+                energy_only: bool = False) -> dict:
     m = model_section(quick)
     heads = {"rich": dict(m["fitting"], seed=1), "scarce": dict(m["fitting"], seed=2)}
     spec = VARIANTS[variant]
@@ -168,7 +185,7 @@ def multi_input(data: dict, steps: int, weight_scarce: float, quick: bool, seed:
     start, final = spec.get("ramp", (weight_scarce, None))
     return {
         "model": {"type_map": m["type_map"], "descriptor": m["descriptor"], "fitting_net_dict": heads},
-        "learning_rate": lr(steps), "loss_dict": {"rich": loss(), "scarce": loss()},
+        "learning_rate": lr(steps), "loss_dict": {"rich": loss(), "scarce": loss(energy_only)},
         "training": {
             "data_dict": {
                 "rich": {"training_data": {"systems": data["rich"], "batch_size": 1},
@@ -197,24 +214,41 @@ def scarce_errors(folder: Path, frozen: str, valid: list) -> dict:
     return {"rmse_f": combined["Force"]["rmse"], "rmse_e_per_atom": combined["Energy/atom"]["rmse"]}
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_case(name: str, workdir: Path, document: dict, freeze_head: str | None, init: str | None = None) -> Path:
     folder = workdir / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "input.json").write_text(json.dumps(document, indent=1))
     args = ["train", "input.json"] + (["--init-model", init] if init else [])
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     mtcore(args, folder)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     freeze = ["freeze", "-o", "frozen.pth"] + (["--head", freeze_head] if freeze_head else [])
     mtcore(freeze, folder)
     (folder / "train_seconds.txt").write_text(f"{elapsed:.1f}\n")
+    # CPU time is what a shared machine does not distort (wall-clock grows with the others' load)
+    (folder / "train_cpu_seconds.txt").write_text(f"{cpu:.1f}\n")
     return folder
+
+
+def _settings_of_old_data(data: dict, seed: int) -> dict:
+    """data.json written before the settings were recorded: read them off the scarce system (its
+    seed was not recorded, so it is taken as given)."""
+    scarce = Path(data["scarce"][0]) / "set.000"
+    labels = "energy_force" if (scarce / "force.npy").exists() else "energy"
+    return {"scarce_frames": len(np.load(scarce / "energy.npy")), "seed": seed, "scarce_labels": labels}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000, help="N: steps of the scarce head's baseline")
     parser.add_argument("--scarce-frames", type=int, default=8)
+    parser.add_argument("--scarce-labels", choices=("energy_force", "energy"), default="energy_force",
+                        help="labels of the scarce frames (energy: no force.npy, an energy-only loss)")
     parser.add_argument("--weight", type=float, default=0.5, help="fitting_weight of the scarce head in multi-task runs")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="small nets: a pipeline check, not a measurement")
@@ -224,27 +258,32 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mtcore-scarce-"))
     workdir.mkdir(parents=True, exist_ok=True)
     data_root = workdir / "data"
+    energy_only = args.scarce_labels == "energy"
+    data_settings = {"scarce_frames": args.scarce_frames, "seed": args.seed, "scarce_labels": args.scarce_labels}
     if not data_root.exists():
-        data = make_data(data_root, args.scarce_frames, args.seed)
-        (workdir / "data.json").write_text(json.dumps(data))
+        data = make_data(data_root, args.scarce_frames, args.seed, scarce_forces=not energy_only)
+        (workdir / "data.json").write_text(json.dumps(dict(data, settings=data_settings)))
     data = json.loads((workdir / "data.json").read_text())
-    n, w = args.steps, args.weight
+    made = data.pop("settings", None) or _settings_of_old_data(data, args.seed)
+    if made != data_settings:
+        raise SystemExit(f"{workdir / 'data.json'}: data made with {made}, not {data_settings}; use another --workdir")
+    n, w, q, seed = args.steps, args.weight, args.quick, args.seed
     cases = {
-        "single": lambda: run_case("single", workdir, single_input(data["scarce"], data["valid_b"], n, args.quick, args.seed), None),
+        "single": lambda: run_case("single", workdir, single_input(data["scarce"], data["valid_b"], n, q, seed, energy_only), None),
     }
     for variant in VARIANTS:
         cases[f"{variant}_equal_steps"] = lambda v=variant: run_case(
-            f"{v}_equal_steps", workdir, multi_input(data, int(round(n / w)), w, args.quick, args.seed, v), "scarce")
+            f"{v}_equal_steps", workdir, multi_input(data, int(round(n / w)), w, q, seed, v, energy_only), "scarce")
         cases[f"{variant}_equal_compute"] = lambda v=variant: run_case(
-            f"{v}_equal_compute", workdir, multi_input(data, n, w, args.quick, args.seed, v), "scarce")
+            f"{v}_equal_compute", workdir, multi_input(data, n, w, q, seed, v, energy_only), "scarce")
     # equal steps on the scarce head at 3/4 of the draws: 4N/3 steps in all instead of 2N (a cheaper check)
     for variant in ("mt", "delta", "delta_fixed_base"):
         cases[f"{variant}_equal_steps_w0.75"] = lambda v=variant: run_case(
-            f"{v}_equal_steps_w0.75", workdir, multi_input(data, int(round(n / 0.75)), 0.75, args.quick, args.seed, v), "scarce")
+            f"{v}_equal_steps_w0.75", workdir, multi_input(data, int(round(n / 0.75)), 0.75, q, seed, v, energy_only), "scarce")
     cases.update({
         "warm_start": lambda: (
-            run_case("warm_start_rich", workdir, single_input(data["rich"], data["valid_a"], n // 2, args.quick, args.seed), None),
-            run_case("warm_start", workdir, single_input(data["scarce"], data["valid_b"], n - n // 2, args.quick, args.seed), None,
+            run_case("warm_start_rich", workdir, single_input(data["rich"], data["valid_a"], n // 2, q, seed), None),
+            run_case("warm_start", workdir, single_input(data["scarce"], data["valid_b"], n - n // 2, q, seed, energy_only), None,
                      init=str(workdir / "warm_start_rich" / "frozen.pth")),
         )[-1],
     })
@@ -254,21 +293,29 @@ def main() -> None:
             raise SystemExit(f"--only: unknown case(s) {', '.join(unknown)}; cases: {', '.join(cases)}")
     # earlier results of the same settings are kept (one case per call on a busy machine)
     settings = {"steps": n, "weight": w, "scarce_frames": args.scarce_frames, "quick": args.quick}
+    if energy_only:  # absent for energy_force, so results.json files written before the option still match
+        settings["scarce_labels"] = args.scarce_labels
     previous = json.loads((workdir / "results.json").read_text()) if (workdir / "results.json").exists() else {}
-    rows = previous.get("rows", {}) if all(previous.get(k) == v for k, v in settings.items()) else {}
+    same = {k: v for k, v in previous.items() if k != "rows"} == settings
+    rows = previous.get("rows", {}) if same else {}
     for name, run in cases.items():
         if args.only and name not in args.only:
             continue
         folder = run()
         rows[name] = scarce_errors(folder, "frozen.pth", data["valid_b"])
         rows[name]["train_s"] = float((folder / "train_seconds.txt").read_text())
+        rows[name]["train_cpu_s"] = float((folder / "train_cpu_seconds.txt").read_text())
         print(f"{name:18s} rmse_f {rows[name]['rmse_f']:.4f} eV/Å   rmse_e/atom {rows[name]['rmse_e_per_atom']}", flush=True)
-    base = rows.get("single", {}).get("rmse_f")
-    print(f"\nscarce head ({args.scarce_frames} frames of level B), validation on {len(data['valid_b'])} held-out system(s); N = {n}")
-    print(f"{'run':18s} {'force RMSE':>11s} {'vs single':>10s} {'train s':>8s}")
+    base = rows.get("single", {})
+    labels = "energies only" if energy_only else "energies and forces"
+    print(f"\nscarce head ({args.scarce_frames} frames of level B, {labels}), validation on "
+          f"{len(data['valid_b'])} held-out system(s); N = {n}")
+    print(f"{'run':30s} {'force RMSE':>11s} {'vs single':>10s} {'E/atom RMSE':>12s} {'vs single':>10s} {'train s':>8s} {'cpu s':>8s}")
     for name, row in rows.items():
-        ratio = f"{row['rmse_f'] / base:.3f}" if base else "-"
-        print(f"{name:18s} {row['rmse_f']:11.4f} {ratio:>10s} {row['train_s']:8.1f}")
+        ratio_f = f"{row['rmse_f'] / base['rmse_f']:.3f}" if base else "-"
+        ratio_e = f"{row['rmse_e_per_atom'] / base['rmse_e_per_atom']:.3f}" if base else "-"
+        print(f"{name:30s} {row['rmse_f']:11.4f} {ratio_f:>10s} {row['rmse_e_per_atom']:12.5f} {ratio_e:>10s} "
+              f"{row['train_s']:8.1f} {row.get('train_cpu_s', float('nan')):8.1f}")
     (workdir / "results.json").write_text(json.dumps(dict(settings, rows=rows), indent=1))
     print(f"\nruns and results.json in {workdir}")
 
