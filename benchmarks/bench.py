@@ -1,179 +1,431 @@
-"""Benchmark: milliseconds per training step and inference throughput, optionally vs DeePMD-kit.
+"""Benchmark: training ms/step against DeePMD-kit, peak RSS, float32, batch curve, inference (not a test).
 
-    python benchmarks/bench.py                       # every examples/**/input.json
-    python benchmarks/bench.py --case water/se_e2_a --steps 50
-    python benchmarks/bench.py --deepmd ~/.cache/mtcore-bench/deepmd-venv/bin/dp   # side by side
+    python benchmarks/bench.py --markdown                     # the classic cases, 2 rounds (~45 min quiet)
+    python benchmarks/bench.py --case water/se_e2_a --rounds 3
+    python benchmarks/bench.py --quick --case water/se_e2_a   # a pipeline check (a minute or two)
+    python benchmarks/bench.py --deepmd none                  # mtcore only
 
-Training time is the median wall time of a step after warm-up (statistics and the first steps
-excluded), the same input as the example with only numb_steps changed. Inference is frames per
-second of the frozen (TorchScript) model on the first validation frames, neighbour list included.
-DeePMD-kit runs are alternated with mtcore's in the same process run, since timings on a shared
-machine drift; its figure is its own "average training time" log line.
+Per case (examples/<case>/input.json, data paths made absolute, nothing else changed unless said):
+- training, float64 (the example as is) and float32 (descriptor and fitting precision float32, in
+  both codes): ms/step of mtcore and of DeePMD-kit (PyTorch backend), DeePMD-kit / mtcore, the
+  peak RSS of each run, and mtcore's float64 / float32 step-time ratio;
+- batch curve (float64): per-frame ms at batch_size 1, 4, 8 as a ratio to batch 1 (mtcore;
+  DeePMD-kit too with --deepmd-batch, it is slow);
+- inference: frames/s of the frozen model (`mtcore freeze`) and of the compressed one (`mtcore
+  compress`; "—" where the descriptor has no tables), one frame of the case's validation data.
+
+How: every measurement is a child process of its own (benchmarks/bench_children.py for mtcore,
+`dp --pt train` for DeePMD-kit); peak RSS is that child's ``ru_maxrss`` from ``os.wait4``, so
+it is that run's alone (Python, torch and the data included). mtcore's ms/step is the median
+wall time of a step after ``--warmup`` steps (statistics excluded); DeePMD-kit's is its own
+"average training time" over the steps after its first ``disp_freq`` (= ``--warmup``) steps,
+with validation_data removed from its input (it would otherwise evaluate validation batches
+inside its timed intervals) and ``NUM_WORKERS=0`` (one process, the resources mtcore gets).
+Both get ``--threads`` threads (OMP_NUM_THREADS, torch, DP_INTRA_OP_PARALLELISM_THREADS) and
+the same glibc allocator setting (mtcore's CLI raises the mmap/trim thresholds; DeePMD-kit gets
+``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` unless ``--deepmd-default-malloc``).
+Rounds alternate the codes (mtcore, then DeePMD-kit, variant by variant, case by case), since a
+shared machine's speed drifts; every figure is the BEST over ``--rounds`` (least disturbed; peak
+RSS: the largest). Cases DeePMD-kit 3 cannot read (v2 multi-task inputs) are "—" in its columns.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import platform
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
-import torch
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+CHILDREN = Path(__file__).with_name("bench_children.py")
+CLASSIC = ["water/se_e2_a", "water/se_e2_r", "water/se_e3", "water/se_atten", "water/hybrid",
+           "water_multi_task/ener_dipole"]
+DEFAULT_DP = Path.home() / ".cache" / "mtcore-bench" / "deepmd-venv" / "bin" / "dp"
+BATCHES = (1, 4, 8)
+DASH = "—"
 
 
-def find_cases(selected: list[str]) -> list[Path]:
-    if selected:
-        return [ROOT / "examples" / c / "input.json" if not c.endswith(".json") else Path(c) for c in selected]
-    return sorted(ROOT.glob("examples/**/input.json"))
-
-
-def prepared_input(case: Path, steps: int, workdir: Path) -> Path:
-    """The example input with numb_steps changed and absolute data paths."""
-    from mtcore.config import read_input
-
-    doc = read_input(case)
-
-    def absolute(section):
-        if isinstance(section, dict) and "systems" in section:
-            systems = section["systems"]
-            section["systems"] = (
-                str((case.parent / systems).resolve()) if isinstance(systems, str)
-                else [str((case.parent / s).resolve()) for s in systems]
-            )
-
-    training = doc["training"]
-    for key in ("training_data", "validation_data"):
-        absolute(training.get(key))
-    for entry in (training.get("data_dict") or {}).values():
-        absolute(entry.get("training_data"))
-        absolute(entry.get("validation_data"))
-    training["numb_steps"] = steps
-    training["disp_freq"] = max(steps, 1)
-    training["save_freq"] = 0
-    path = workdir / "input.json"
-    path.write_text(json.dumps(doc, indent=1))
+# inputs ------------------------------------------------------------------------------------------
+def case_input(case: str) -> Path:
+    path = Path(case) if case.endswith(".json") else ROOT / "examples" / case / "input.json"
+    if not path.is_file():
+        raise SystemExit(f"--case {case}: no file {path}")
     return path
 
 
-def time_mtcore(input_path: Path, steps: int, warmup: int) -> dict:
-    from rich.console import Console
+def absolute_document(path: Path) -> dict:
+    """The example's input with absolute data paths, so it runs from any folder."""
+    from mtcore.config import read_input
 
-    from mtcore.config import load_config
-    from mtcore.train.trainer import Trainer
+    doc = read_input(path)
 
-    config = load_config(input_path)
-    console = Console(file=open(os.devnull, "w"))
-    start = time.perf_counter()
-    trainer = Trainer(config, input_path.parent, console)
-    setup = time.perf_counter() - start
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        trainer.train_step(trainer.draw_head())
-        trainer.step += 1
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    infer = time_inference(trainer)
-    return {"ms_per_step": 1000 * statistics.median(times), "setup_s": setup, **infer}
+    def absolute(section: Optional[dict]) -> None:
+        if isinstance(section, dict) and "systems" in section:
+            systems = section["systems"]
+            section["systems"] = (str((path.parent / systems).resolve()) if isinstance(systems, str)
+                                  else [str((path.parent / s).resolve()) for s in systems])
+
+    for section in data_sections(doc):
+        absolute(section)
+    return doc
 
 
-def time_inference(trainer, nframes: int = 8, repeats: int = 3) -> dict:
-    from mtcore.model.frozen import FrozenModel
-
-    head = trainer.trained[0]
-    runtime = trainer.heads[head]
-    data = runtime.valid or runtime.train
-    system = data.systems[0]
-    frames = min(nframes, system.nframes)
-    scripted = torch.jit.script(FrozenModel(trainer.model.descriptor, trainer.model.heads[head], trainer.model.type_map, head, "{}"))
-    coord = torch.tensor(system.coords[:frames])
-    atype = torch.tensor(np.asarray(system.atypes[0]))
-    box = None if system.boxes is None else torch.tensor(system.boxes[:frames])
-    scripted(coord[:1], atype, None if box is None else box[:1])  # warm-up (TorchScript profiling runs)
-    scripted(coord[:1], atype, None if box is None else box[:1])
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        scripted(coord, atype, box)
-        best = min(best, time.perf_counter() - t0)
-    return {"infer_frames_per_s": frames / best, "infer_atoms_per_s": frames * system.natoms / best}
+def data_sections(doc: dict, which: tuple = ("training_data", "validation_data")) -> list[dict]:
+    training = doc["training"]
+    found = [training.get(key) for key in which]
+    for entry in (training.get("data_dict") or {}).values():
+        found += [entry.get(key) for key in which]
+    return [s for s in found if isinstance(s, dict)]
 
 
-def multi_task_v2(input_path: Path) -> bool:
-    """DeePMD-kit 3 reads multi-task inputs in its own v3 layout only, not v2's keys."""
-    return "fitting_net_dict" in json.loads(input_path.read_text()).get("model", {})
+def fittings(model: dict) -> list[dict]:
+    return list((model.get("fitting_net_dict") or {}).values()) or [model["fitting_net"]]
 
 
-def time_deepmd(dp: str, input_path: Path, steps: int) -> float:
-    """DeePMD-kit's own 'average training time' for the same input (PyTorch backend)."""
-    doc = json.loads(input_path.read_text())
-    doc["training"]["numb_steps"] = steps
-    doc["training"]["disp_freq"] = max(1, steps // 5)
-    doc["training"]["save_freq"] = steps
-    doc["training"].pop("max_ckpt_keep", None)
-    workdir = Path(tempfile.mkdtemp(prefix="dpbench-"))
-    (workdir / "input.json").write_text(json.dumps(doc))
+def variant(doc: dict, precision: str, batch: Optional[int]) -> dict:
+    """The document with every descriptor (hybrid members too), type embedding and fitting net in
+    ``precision``, and every training batch_size set to ``batch`` (None: as the example says)."""
+    doc = copy.deepcopy(doc)
+    model = doc["model"]
+    if precision != "float64":
+        descriptor = model["descriptor"]
+        for d in [descriptor, *descriptor.get("list", [])]:
+            d["precision"] = precision
+        if isinstance(model.get("type_embedding"), dict):
+            model["type_embedding"]["precision"] = precision
+        for f in fittings(model):
+            f["precision"] = precision
+    if batch is not None:
+        for section in data_sections(doc, ("training_data",)):
+            section["batch_size"] = batch
+    return doc
+
+
+def multi_task_v2(doc: dict) -> bool:
+    """DeePMD-kit 3 reads multi-task inputs in its own v3 layout only, not v2's fitting_net_dict."""
+    return "fitting_net_dict" in doc["model"]
+
+
+def timed_head(doc: dict) -> str:
+    """The head whose frozen model is timed: the first energy head (the first head if none)."""
+    heads = doc["model"].get("fitting_net_dict")
+    if not heads:
+        return "default"
+    return next((h for h, f in heads.items() if f.get("type", "ener") == "ener"), next(iter(heads)))
+
+
+# children ----------------------------------------------------------------------------------------
+def run_measured(cmd: list, cwd: Path, env: dict, timeout: float, log: Path) -> dict:
+    """Run ``cmd`` to the end; its exit code, wall time, and peak RSS and CPU time from
+    ``os.wait4`` (its own and its waited-for children's: one process with NUM_WORKERS=0)."""
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() - t0 > timeout:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = -9
+                return {"error": f"timed out after {timeout:.0f} s (log {log})"}
+            time.sleep(0.05)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait for it again
+    return {"rc": proc.returncode, "wall_s": time.perf_counter() - t0, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "log": log.read_text(errors="replace")}
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "?"
+
+
+def thread_env(threads: int) -> dict:
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    out = subprocess.run([dp, "--pt", "train", "input.json"], cwd=workdir, env=env, capture_output=True, text=True)
-    log = out.stdout + out.stderr
-    match = re.search(r"average training time: ([0-9.]+) s/batch", log)
-    if not match:
-        raise RuntimeError(f"DeePMD-kit run failed in {workdir}:\n{log[-2000:]}")
-    return 1000 * float(match.group(1))
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               DP_INTRA_OP_PARALLELISM_THREADS=str(threads), DP_INTER_OP_PARALLELISM_THREADS="1")
+    return env
+
+
+def mtcore_child(what: str, spec: dict, workdir: Path, threads: int, timeout: float) -> dict:
+    name = f"{what}-{len(list(workdir.glob(what + '-*.json')))}"
+    spec_path = workdir / f"{name}.json"
+    spec_path.write_text(json.dumps(spec))
+    run = run_measured([sys.executable, str(CHILDREN), what, str(spec_path)], workdir, thread_env(threads),
+                       timeout, workdir / f"{name}.log")
+    if "error" in run:
+        return run
+    if run["rc"] != 0:
+        return {"error": f"exit {run['rc']}: {last_line(run['log'])} (log {workdir / (name + '.log')})"}
+    row = json.loads(run["log"].strip().splitlines()[-1])
+    row["peak_rss_mb"] = run["peak_rss_mb"]  # the child's own report agrees; wait4 is the parent's view
+    return row
+
+
+def deepmd_child(dp: Path, doc: dict, workdir: Path, steps: int, warmup: int, threads: int, timeout: float,
+                 default_malloc: bool, workers: int) -> dict:
+    """``dp --pt train`` of the document: its "average training time" and its peak RSS."""
+    doc = copy.deepcopy(doc)
+    training = doc["training"]
+    training.pop("validation_data", None)  # its validation would run inside the timed intervals
+    for entry in (training.get("data_dict") or {}).values():
+        entry.pop("validation_data", None)
+    steps = max(steps, warmup + 1)  # else DeePMD-kit averages over every step, its first ones included
+    training.update(numb_steps=warmup + steps, disp_freq=warmup, save_freq=warmup + steps)
+    training.pop("max_ckpt_keep", None)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "input.json").write_text(json.dumps(doc, indent=1))
+    env = thread_env(threads)
+    env["NUM_WORKERS"] = str(workers)
+    if not default_malloc:
+        env.update(MALLOC_MMAP_THRESHOLD_=str(2**31 - 1), MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
+    run = run_measured([str(dp), "--pt", "train", "input.json"], workdir, env, timeout, workdir / "dp.log")
+    if "error" in run:
+        return run
+    match = re.search(r"average training time: ([0-9.]+) s/batch", run["log"])
+    if run["rc"] != 0 or not match:
+        return {"error": f"dp --pt train failed (exit {run['rc']}): {last_line(run['log'])} (log {workdir / 'dp.log'})"}
+    return {"ms_per_step": 1000 * float(match.group(1)), "peak_rss_mb": run["peak_rss_mb"],
+            "wall_s": run["wall_s"], "cpu_s": run["cpu_s"]}
+
+
+# the plan ----------------------------------------------------------------------------------------
+def plan(args, doc: dict) -> list[tuple[str, str, Optional[int]]]:
+    """(label, precision, batch) of every training run of a case."""
+    runs = [("float64", "float64", None), ("float32", "float32", None)]
+    runs += [(f"batch {b}", "float64", b) for b in args.batches]
+    return runs
+
+
+def scaled_steps(args, batch: Optional[int]) -> tuple[int, int]:
+    """(timed steps, warm-up steps) of a run: larger batches take fewer, so a run costs about the
+    same frames whatever its batch (at least 3 timed steps and 2 warm-up)."""
+    b = batch or 1
+    return max(3, -(-args.steps // b)), max(2, -(-args.warmup // b))
+
+
+def better(old: Optional[dict], new: dict, key: str) -> dict:
+    """Best-of over rounds: the faster run's figures, the largest peak RSS of all."""
+    if old is None or "error" in old:
+        return new
+    if "error" in new:
+        return old
+    best = dict(new if new[key] < old[key] else old) if key.endswith("ms_per_step") else \
+        dict(new if new[key] > old[key] else old)
+    if "peak_rss_mb" in old and "peak_rss_mb" in new:
+        best["peak_rss_mb"] = max(old["peak_rss_mb"], new["peak_rss_mb"])
+    best["rounds"] = old.get("rounds", 1) + 1
+    return best
+
+
+def measure(args, cases: list[str], dp: Optional[Path], root: Path) -> dict:
+    results: dict = {}
+
+    def keep(key: tuple, row: dict, figure: str) -> None:
+        results[key] = better(results.get(key), row, figure)
+        printable = {"case": key[0], "code": key[1], "run": key[2], **row, "load": round(os.getloadavg()[0], 2)}
+        print(json.dumps(printable) if args.json else
+              f"  {key[0]} {key[1]} {key[2]}: " + (row["error"] if "error" in row else
+                                                   ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                             for k, v in row.items() if k not in ("frame",))),
+              file=sys.stdout if args.json else sys.stderr, flush=True)
+
+    docs = {case: absolute_document(case_input(case)) for case in cases}
+    for round_ in range(1, args.rounds + 1):
+        print(f"round {round_} of {args.rounds} (load average {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
+        for case in cases:
+            doc = docs[case]
+            folder = root / case.replace("/", "_")
+            folder.mkdir(parents=True, exist_ok=True)
+            for label, precision, batch in plan(args, doc):
+                steps, warmup = scaled_steps(args, batch)
+                if batch == 1 and results.get((case, "mtcore", "float64"), {}).get("batch_sizes") == [1] \
+                        and (dp is None or not args.deepmd_batch):
+                    continue  # the example's own batch is 1: the float64 run is the batch-1 point
+                tag = label.replace(" ", "")
+                input_path = folder / f"input-{tag}.json"
+                input_path.write_text(json.dumps(variant(doc, precision, batch), indent=1))
+                state = folder / f"state-{tag}.pt" if batch is None else None
+                spec = {"input": str(input_path), "steps": steps, "warmup": warmup, "min_timed": min(3, steps),
+                        "max_timed_s": args.max_timed_s, "state": str(state) if state and round_ == 1 else None}
+                keep((case, "mtcore", label), mtcore_child("train", spec, folder, args.threads, args.timeout),
+                     "ms_per_step")
+                if dp is not None and (batch is None or args.deepmd_batch):
+                    if multi_task_v2(doc):
+                        results[(case, "deepmd", label)] = {"error": "v2 multi-task input: DeePMD-kit 3 does not read it"}
+                    else:
+                        row = deepmd_child(dp, variant(doc, precision, batch), folder / f"dp-{tag}-{round_}",
+                                           max(3, steps), max(2, warmup), args.threads, args.timeout,
+                                           args.deepmd_default_malloc, args.deepmd_workers)
+                        keep((case, "deepmd", label), row, "ms_per_step")
+                if state is not None and state.exists() and not args.no_infer:
+                    spec = {"state": str(state), "head": timed_head(doc), "repeats": args.infer_repeats,
+                            "frozen": str(folder / f"frozen-{tag}.pth"),
+                            "compressed": str(folder / f"compressed-{tag}.pth")}
+                    row = mtcore_child("infer", spec, folder, args.threads, args.timeout)
+                    keep((case, "infer", label), row, "frozen_frames_per_s")
+    return results
+
+
+# tables ------------------------------------------------------------------------------------------
+def fmt(value: Optional[float], spec: str = "{:.0f}") -> str:
+    return DASH if value is None else spec.format(value)
+
+
+def figure(results: dict, key: tuple, name: str) -> Optional[float]:
+    row = results.get(key)
+    return None if row is None or "error" in row or name not in row else row[name]
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def tables(args, cases: list[str], results: dict, dp: Optional[Path]) -> list[str]:
+    def table(header: list[str], aligns: str, rows: list[list[str]]) -> list[str]:
+        if args.markdown:
+            return ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in aligns) + "|",
+                    *("| " + " | ".join(r) + " |" for r in rows)]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        line = lambda cells: "  ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(cells, widths, aligns))
+        return [line(header), *(line(r) for r in rows)]
+
+    out = [f"Training: ms per step (best of {args.rounds} round(s)); peak RSS of the run (largest)"]
+    rows = []
+    for case in cases:
+        for label in ("float64", "float32"):
+            mt = figure(results, (case, "mtcore", label), "ms_per_step")
+            cpu = figure(results, (case, "mtcore", label), "cpu_ms_per_step")
+            d = figure(results, (case, "deepmd", label), "ms_per_step")
+            rss = [figure(results, (case, code, label), "peak_rss_mb") for code in ("mtcore", "deepmd")]
+            f64 = figure(results, (case, "mtcore", "float64"), "ms_per_step")
+            dp64 = figure(results, (case, "deepmd", "float64"), "ms_per_step")
+            speed = f"{fmt(ratio(f64, mt), '{:.2f}×')} / {fmt(ratio(dp64, d), '{:.2f}×')}" if label == "float32" else ""
+            rows.append([case, label, fmt(mt), fmt(cpu), fmt(d), fmt(ratio(d, mt), "{:.2f}×"),
+                         f"{fmt(rss[0])} / {fmt(rss[1])}", speed])
+    out += table(["case", "precision", "mtcore ms/step", "mtcore CPU ms/step", "DeePMD-kit ms/step",
+                  "DeePMD-kit / mtcore", "peak RSS mtcore / DeePMD-kit (MB)", "float64 / float32 time: mtcore / DeePMD-kit"],
+                 "llrrrrrr", rows)
+
+    out += ["", "Batch curve (float64): ms per frame at batch 1, and per-frame time at batch b / at batch 1"]
+    codes = ["mtcore"] + (["deepmd"] if dp is not None and args.deepmd_batch else [])
+    rows = []
+    for case in cases:
+        for code in codes:
+            one = figure(results, (case, code, "batch 1"), "ms_per_step")
+            if one is None and code == "mtcore" and figure(results, (case, code, "float64"), "batch_sizes") == [1]:
+                one = figure(results, (case, code, "float64"), "ms_per_step")
+            cells = [case, "mtcore" if code == "mtcore" else "DeePMD-kit", fmt(one)]
+            for b in args.batches[1:]:
+                per_frame = ratio(figure(results, (case, code, f"batch {b}"), "ms_per_step"), b)
+                cells.append(fmt(ratio(per_frame, one), "{:.2f}"))
+            rows.append(cells)
+    out += table(["case", "code", "ms/frame at batch 1", *(f"batch {b}" for b in args.batches[1:])],
+                 "llr" + "r" * (len(args.batches) - 1), rows)
+
+    if not args.no_infer:
+        out += ["", f"Inference (mtcore): frames/s of one frame, best of {args.infer_repeats} calls per round, "
+                    "energy, forces, virial, neighbour list included"]
+        rows = []
+        for case in cases:
+            for label in ("float64", "float32"):
+                key = (case, "infer", label)
+                plain, packed = figure(results, key, "frozen_frames_per_s"), figure(results, key, "compressed_frames_per_s")
+                atoms = figure(results, key, "atoms")
+                rows.append([case, label, fmt(atoms), fmt(plain, "{:.1f}"), fmt(packed, "{:.1f}"),
+                             fmt(ratio(packed, plain), "{:.2f}×")])
+        out += table(["case", "precision", "atoms", "frozen frames/s", "compressed frames/s", "compressed / frozen"],
+                     "llrrrr", rows)
+    failures = [f"{' '.join(k)}: {r['error']}" for k, r in results.items() if "error" in r]
+    if failures:
+        out += ["", "Not measured (" + DASH + "):", *(f"- {f}" for f in failures)]
+    return out
+
+
+def header(args, dp: Optional[Path]) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    dp_text = "DeePMD-kit: not run"
+    if dp is not None:
+        version = subprocess.run([str(dp), "--version"], capture_output=True, text=True).stdout.strip() or "?"
+        dp_text = (f"DeePMD-kit: {dp} ({last_line(version)}), NUM_WORKERS={args.deepmd_workers}, allocator "
+                   + ("default" if args.deepmd_default_malloc else "as mtcore's (MALLOC_*_THRESHOLD_)"))
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}; {args.threads} thread(s) per run; "
+            f"load average {load}; {args.steps} timed steps after {args.warmup} (fewer at larger batches), "
+            f"best of {args.rounds} round(s); {dp_text}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", action="append", default=[], help="examples/<case>/input.json (repeatable)")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--deepmd", help="path to DeePMD-kit's dp executable (PyTorch backend) to compare with")
-    parser.add_argument("--rounds", type=int, default=1, help="alternate mtcore/DeePMD-kit this many times")
-    parser.add_argument("--json", action="store_true", help="print JSON lines")
+    parser.add_argument("--case", action="append", default=[], help="examples/<case> or an input.json (repeatable; "
+                        "default: " + ", ".join(CLASSIC) + ")")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per run (default 30)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (DeePMD-kit: its disp_freq)")
+    parser.add_argument("--max-timed-s", type=float, default=120, help="mtcore: stop timing a run after this (default 120 s)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best is kept (default 2)")
+    parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES), help="batch curve (default 1 4 8)")
+    parser.add_argument("--deepmd", default=str(DEFAULT_DP) if DEFAULT_DP.exists() else "none",
+                        help=f"DeePMD-kit's dp (PyTorch backend); 'none' to skip (default {DEFAULT_DP} when present)")
+    parser.add_argument("--deepmd-batch", action="store_true", help="DeePMD-kit's batch curve too (slow)")
+    parser.add_argument("--deepmd-default-malloc", action="store_true",
+                        help="run DeePMD-kit with glibc's default allocator settings (mtcore keeps its own)")
+    parser.add_argument("--deepmd-workers", type=int, default=0, help="DeePMD-kit's NUM_WORKERS (default 0: one process)")
+    parser.add_argument("--no-infer", action="store_true", help="skip the inference rows")
+    parser.add_argument("--infer-repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                        help="threads per run, both codes (default OMP_NUM_THREADS or 1)")
+    parser.add_argument("--timeout", type=float, default=1800, help="wall-clock cap per child (s)")
+    parser.add_argument("--quick", action="store_true", help="pipeline check: 3 steps after 2, one round, 2 calls")
+    parser.add_argument("--markdown", action="store_true", help="tables for docs/performance.md")
+    parser.add_argument("--json", action="store_true", help="JSON lines: every measurement, then the best rows")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (inputs, logs, models)")
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    from mtcore.runtime import tune_allocator
+    if args.quick:
+        args.steps, args.warmup, args.rounds, args.infer_repeats = 3, 2, 1, 2
+    if sorted(args.batches) != args.batches or args.batches[0] != 1:
+        raise SystemExit("--batches: start at 1 and increase (e.g. 1 4 8)")
+    dp = None if args.deepmd in ("none", "") else Path(args.deepmd)
+    if dp is not None and not dp.exists():
+        raise SystemExit(f"--deepmd {dp}: no such file; give the dp of a DeePMD-kit 3 install or 'none'")
+    cases = args.case or CLASSIC
+    for case in cases:
+        case_input(case)
+    print(header(args, dp), file=sys.stderr if args.json else sys.stdout, flush=True)
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="mtcore-bench-"))
+    try:
+        results = measure(args, cases, dp, work)
+    finally:
+        if not args.keep:
+            import shutil
 
-    tuned = tune_allocator()  # as the CLI does (MTCORE_KEEP_MALLOC=1 to measure without)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, allocator tuned: {tuned}", file=sys.stderr)
-    for case in find_cases(args.case):
-        name = str(case.parent.relative_to(ROOT / "examples")) if ROOT / "examples" in case.parents else str(case)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = prepared_input(case, args.steps, Path(tmp))
-            mt, dp = [], []
-            for _ in range(args.rounds):
-                mt.append(time_mtcore(path, args.steps, args.warmup))
-                if args.deepmd and not multi_task_v2(path):
-                    try:
-                        dp.append(time_deepmd(args.deepmd, path, max(args.steps, 30)))
-                    except RuntimeError as exc:  # DeePMD-kit cannot run every input; say so and go on
-                        print(f"{name}: {str(exc).splitlines()[0]} (last line: {str(exc).splitlines()[-1]})", file=sys.stderr)
-        row = {
-            "case": name,
-            "mtcore_ms_per_step": statistics.median(m["ms_per_step"] for m in mt),
-            "infer_frames_per_s": statistics.median(m["infer_frames_per_s"] for m in mt),
-            "infer_atoms_per_s": statistics.median(m["infer_atoms_per_s"] for m in mt),
-        }
-        if dp:
-            row["deepmd_ms_per_step"] = statistics.median(dp)
-            row["speedup_vs_deepmd"] = row["deepmd_ms_per_step"] / row["mtcore_ms_per_step"]
-        if args.json:
-            print(json.dumps(row))
+            shutil.rmtree(work, ignore_errors=True)
         else:
-            line = f"{name:32s} train {row['mtcore_ms_per_step']:8.1f} ms/step   infer {row['infer_frames_per_s']:8.1f} frames/s"
-            if dp:
-                line += f"   DeePMD-kit {row['deepmd_ms_per_step']:8.1f} ms/step   speed-up x{row['speedup_vs_deepmd']:.2f}"
-            print(line, flush=True)
+            print(f"work folder kept: {work}", file=sys.stderr)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    if args.json:
+        for key, row in results.items():
+            print(json.dumps({"case": key[0], "code": key[1], "run": key[2], "best_of": args.rounds, **row}))
+        print(json.dumps({"total_s": time.perf_counter() - started, "load_at_end": load}))
+        return
+    print(f"\n(total {time.perf_counter() - started:.0f} s; load average at the end {load})\n")
+    print("\n".join(tables(args, cases, results, dp)))
 
 
 if __name__ == "__main__":
