@@ -1,0 +1,97 @@
+"""Where a training step's time goes: torch.profiler over a few steps of an example input.
+
+    python benchmarks/profile_step.py --case water/se_e2_a --steps 10 [--precision float32] [--batch 4]
+
+Prints the operators by self CPU time (the table docs/performance.md quotes). Run on a quiet
+machine: profiles taken while other processes compete for the cores mislead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def prepared_input(case: Path, steps: int, workdir: Path) -> Path:
+    """The example input with numb_steps changed, no checkpoints, and absolute data paths."""
+    from mtcore.config import read_input
+
+    doc = read_input(case)
+
+    def absolute(section):
+        if isinstance(section, dict) and "systems" in section:
+            systems = section["systems"]
+            section["systems"] = (
+                str((case.parent / systems).resolve()) if isinstance(systems, str)
+                else [str((case.parent / s).resolve()) for s in systems]
+            )
+
+    training = doc["training"]
+    for key in ("training_data", "validation_data"):
+        absolute(training.get(key))
+    for entry in (training.get("data_dict") or {}).values():
+        absolute(entry.get("training_data"))
+        absolute(entry.get("validation_data"))
+    training["numb_steps"] = steps
+    training["disp_freq"] = max(steps, 1)
+    training["save_freq"] = 0
+    path = workdir / "input.json"
+    path.write_text(json.dumps(doc, indent=1))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", default="water/se_e2_a")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--precision", default=None, help="set descriptor and fitting precision")
+    parser.add_argument("--batch", type=int, default=None, help="set batch_size")
+    parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--shapes", action="store_true", help="group operators by input shape")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    from rich.console import Console
+
+    from mtcore.config import load_config
+    from mtcore.runtime import tune_allocator
+    from mtcore.train.trainer import Trainer
+
+    tune_allocator()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = prepared_input(ROOT / "examples" / args.case / "input.json", args.steps + args.warmup, Path(tmp))
+        doc = json.loads(path.read_text())
+        if args.precision:
+            doc["model"]["descriptor"]["precision"] = args.precision
+            for fit in [doc["model"].get("fitting_net")] + list((doc["model"].get("fitting_net_dict") or {}).values()):
+                if fit:
+                    fit["precision"] = args.precision
+        if args.batch:
+            doc["training"]["training_data"]["batch_size"] = args.batch
+        path.write_text(json.dumps(doc))
+        trainer = Trainer(load_config(path), path.parent, Console(file=open(os.devnull, "w")))
+        for _ in range(args.warmup):
+            trainer.train_step(trainer.draw_head())
+            trainer.step += 1
+        t0 = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
+            for _ in range(args.steps):
+                trainer.train_step(trainer.draw_head())
+                trainer.step += 1
+        elapsed = time.perf_counter() - t0
+    print(f"{args.case}: {1000 * elapsed / args.steps:.1f} ms/step under the profiler, {torch.get_num_threads()} threads")
+    averages = prof.key_averages(group_by_input_shape=args.shapes)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
