@@ -97,7 +97,7 @@ def variant(doc: dict, precision: str, batch: Optional[int]) -> dict:
     model = doc["model"]
     if precision != "float64":
         descriptor = model["descriptor"]
-        for d in [descriptor, *descriptor.get("list", [])]:
+        for d in descriptor.get("list") or [descriptor]:  # hybrid: its members hold the precision
             d["precision"] = precision
         if isinstance(model.get("type_embedding"), dict):
             model["type_embedding"]["precision"] = precision

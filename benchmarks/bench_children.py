@@ -55,16 +55,18 @@ def train(spec: dict) -> dict:
     start = time.perf_counter()
     trainer = Trainer(config, path.parent, Console(file=open(os.devnull, "w")))
     setup_s = time.perf_counter() - start
-    wall, cpu = [], []
+    wall, cpu, heads = [], [], []
     timed_since = None
     for i in range(spec["warmup"] + spec["steps"]):
+        head = trainer.draw_head()
         t0, c0 = time.perf_counter(), time.process_time()
-        trainer.train_step(trainer.draw_head())
+        trainer.train_step(head)
         trainer.step += 1
         if i < spec["warmup"]:
             continue
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
+        heads.append(head)
         timed_since = timed_since or t0
         if len(wall) >= spec["min_timed"] and time.perf_counter() - timed_since > spec["max_timed_s"]:
             break
@@ -74,9 +76,21 @@ def train(spec: dict) -> dict:
     if spec.get("state"):
         torch.save(trainer.state_dict(), spec["state"])
     batch = sorted({bs for h in trainer.trained for bs in trainer.heads[h].train.batch_sizes})
-    return {"ms_per_step": 1000 * statistics.median(wall), "mean_ms_per_step": 1000 * float(np.mean(wall)),
-            "cpu_ms_per_step": 1000 * statistics.median(cpu), "timed_steps": len(wall), "setup_s": setup_s,
-            "batch_sizes": batch, "threads": threads, "allocator_tuned": tuned, "peak_rss_mb": _peak_rss_mb()}
+    weights = {h: float(w) for h, w in zip(trainer.trained, trainer.draw_weights())}
+    return {"ms_per_step": 1000 * expected(wall, heads, weights), "mean_ms_per_step": 1000 * float(np.mean(wall)),
+            "cpu_ms_per_step": 1000 * expected(cpu, heads, weights), "timed_steps": len(wall), "setup_s": setup_s,
+            "per_head_ms": {h: 1000 * statistics.median([t for t, g in zip(wall, heads) if g == h]) for h in sorted(set(heads))},
+            "draw_weights": weights, "batch_sizes": batch, "threads": threads, "allocator_tuned": tuned,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+def expected(times: list, heads: list, weights: dict) -> float:
+    """The time of an average step: each head's median step weighted by its draw probability.
+    (With heads of different cost, a median over all steps would pick one head's time.) Heads
+    the timed steps never drew are left out and the others' weights renormalised."""
+    drawn = {h: w for h, w in weights.items() if h in heads}
+    total = sum(drawn.values())
+    return sum(w / total * statistics.median([t for t, g in zip(times, heads) if g == h]) for h, w in drawn.items())
 
 
 def _frame(state: dict, head: str):
