@@ -32,6 +32,7 @@ from mtcore.input_checks import (
     check_training,
     check_type_map,
 )
+from mtcore.model.precision import policy_of, warn_disagreeing
 from mtcore.plugins import Registry, get_registry
 from mtcore.schema import (
     check,
@@ -326,15 +327,10 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None, ch
     _check_sections(doc)
     verify(check_type_map, doc["model"].get("type_map"))
     multi = detect_mode(doc)
-    if isinstance(doc.get("training"), dict) and doc["training"].get("mixed_precision"):
-        warnings.warn(
-            "training/mixed_precision is not implemented in mtcore; each component trains in its own "
-            "precision (set precision: float32 on the descriptor and fitting net for single precision)",
-            stacklevel=2,
-        )
     if not multi:
         checked = check(input_argument(registry), doc)
         training = checked["training"]
+        _check_mixed_precision(checked)
         if training.get("fitting_weight_final") is not None:
             raise MtcoreError("training/fitting_weight_final: multi-task only (head draw weights); drop it here")
         training["training_data"] = _absolute_systems(training["training_data"], base_dir)
@@ -430,6 +426,7 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None, ch
         else:
             lrs[h] = shared_lr
     checked["model"]["fitting_net_dict"] = fittings
+    _check_mixed_precision(checked)
     checked["model"].pop("fitting_net", None)
     checked["loss_dict"] = losses
     checked.pop("loss", None)
@@ -458,6 +455,14 @@ def normalize(doc: dict, base_dir: Path, registry: Optional[Registry] = None, ch
         for h in heads
     }
     return RunConfig(True, checked, head_configs)
+
+
+def _check_mixed_precision(checked: dict) -> None:
+    """training/mixed_precision: one-line errors for bad values; one warning line naming the
+    components whose explicit precision it overrides (mtcore.model.precision)."""
+    policy = policy_of(checked.get("training"))
+    if policy is not None:
+        warn_disagreeing(checked["model"], policy)
 
 
 def _best_settings(training: dict, entry: Optional[dict]) -> dict:

@@ -170,10 +170,19 @@ def training_argument() -> Argument:
             Argument(
                 "mixed_precision",
                 dict,
-                [Argument("output_prec", str, optional=True, default="float32"), Argument("compute_prec", str)],
+                [
+                    Argument("output_prec", str, optional=True, default="float32",
+                             doc="float64 or float32: trainable weights, optimiser state, the environment matrix, "
+                             "statistics, energy sums, forces, virials and the loss; overrides every component's "
+                             "precision"),
+                    Argument("compute_prec", str,
+                             doc="float32, float16 or bfloat16 (no wider than output_prec): the matrix products and "
+                             "activations inside every network layer"),
+                ],
                 optional=True,
                 default=None,
-                doc="accepted for compatibility; training runs in each component's own precision (a warning says so)",
+                doc="mixed precision: network layers compute in compute_prec, everything else stays in output_prec "
+                "(docs/performance.md, Mixed precision)",
             ),
             Argument("profiling", bool, optional=True, default=False, doc=compat),
             Argument("profiling_file", str, optional=True, default="timeline.json", doc=compat),

@@ -16,6 +16,7 @@ from mtcore.model.descriptor import Descriptor
 from mtcore.model.fitting import Fitting, check_output_def
 from mtcore.model.loss import Loss
 from mtcore.model.model import MultiHeadModel
+from mtcore.model.precision import apply_compute_precision, override_precision, policy_of
 from mtcore.model.shared_layers import SharedLayerManager
 from mtcore.plugins import Registry, get_registry
 
@@ -77,13 +78,15 @@ def build_model(config: RunConfig, registry: Optional[Registry] = None) -> Multi
     type_map = config.type_map
     if not type_map:
         raise MtcoreError("model/type_map: needed to build the model")
-    params = config.model["descriptor"]
+    # training/mixed_precision: every component in output_prec, Dense layers in compute_prec
+    policy = policy_of(config.training)
+    params = override_precision(config.model["descriptor"], policy)
     with _settings_errors("model/descriptor", params.get("type", "")):
-        descriptor = build_descriptor(params, type_map, registry, config.model.get("type_embedding"))
+        descriptor = build_descriptor(params, type_map, registry, override_precision(config.model.get("type_embedding"), policy))
     if not descriptor.get_rcut() > 0:
         raise MtcoreError(f"model/descriptor/rcut: must be positive, got {descriptor.get_rcut()}")
     manager = SharedLayerManager()
-    fittings = {name: head.fitting for name, head in config.heads.items()}
+    fittings = {name: override_precision(head.fitting, policy) for name, head in config.heads.items()}
     section = "model/fitting_net_dict" if config.multi_task else "model/fitting_net"
     if config.multi_task:
         check_delta_heads(fittings, section)
@@ -107,13 +110,15 @@ def build_model(config: RunConfig, registry: Optional[Registry] = None) -> Multi
     heads = {}
     for name, head in config.heads.items():
         where = f"model/fitting_net_dict/{name}" if config.multi_task else "model/fitting_net"
-        heads[name] = build_head(name, head.fitting, where, manager)
+        heads[name] = build_head(name, fittings[name], where, manager)
     manager.check_usage(heads)
     heads = wrap_delta_heads(
         heads, fittings, section,
         lambda base, params: build_head(base, params, f"{section}/base_fitting_net", SharedLayerManager()),
     )
-    return MultiHeadModel(descriptor, heads, type_map, manager.module_dict(), manager.users)
+    model = MultiHeadModel(descriptor, heads, type_map, manager.module_dict(), manager.users)
+    apply_compute_precision(model, policy)
+    return model
 
 
 def build_losses(config: RunConfig, model: MultiHeadModel, registry: Optional[Registry] = None) -> dict[str, Loss]:

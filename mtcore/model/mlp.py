@@ -100,8 +100,9 @@ class Dense(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mixed:
             c = self.compute_dtype
-            xc, w, b = x.to(c), self.weight.to(c), self.bias.to(c)
-            y = self.activation(torch.addmm(b, xc, w) if xc.dim() == 2 else xc @ w + b)
+            # product then sum (no addmm): TorchScript's autodiff splits addmm into these two, and
+            # a frozen file must round exactly as training did
+            y = self.activation(x.to(c) @ self.weight.to(c) + self.bias.to(c))
             return y.to(self.weight.dtype)
         return self.activation(torch.addmm(self.bias, x, self.weight) if x.dim() == 2 else x @ self.weight + self.bias)
 
