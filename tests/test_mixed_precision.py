@@ -17,7 +17,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from helpers import ENER, model_with_stats, predict, small_input, water_frame, write_input
+from helpers import ENER, model_with_stats, multi_task_input, predict, small_input, water_frame, write_input
 from mtcore import infer
 from mtcore.config import load_config, normalize
 from mtcore.errors import MtcoreError
@@ -127,6 +127,21 @@ def test_tensor_fittings_build_mixed(fit):
     coord, atype, box = water_frame(0, "data_0")
     out = predict(model, "default", coord, atype, box)
     assert all(torch.isfinite(v).all() for v in out.values() if isinstance(v, torch.Tensor))
+
+
+def test_multi_task_heads_and_shared_layers_are_narrowed(tmp_path):
+    doc = multi_task_input(tmp_path, descriptor=TINY_DESCRIPTOR)
+    doc["training"]["mixed_precision"] = {"output_prec": "float32", "compute_prec": "float16"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build_model(normalize(doc, Path("/")))
+    lines = [str(w.message) for w in caught if "mixed_precision" in str(w.message)]
+    assert len(lines) == 1 and "model/fitting_net_dict/ccsd/precision=float64" in lines[0], lines
+    assert model.shared_layers and all(d.mixed for d in dense_layers(model.shared_layers))
+    for head in ("ccsd", "wb97m"):
+        layers = dense_layers(model.heads[head])
+        assert layers and all(d.mixed and d.compute_dtype == torch.float16 for d in layers)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_without_the_key_nothing_is_narrowed():
