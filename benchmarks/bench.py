@@ -230,13 +230,14 @@ def better(old: Optional[dict], new: dict, key: str) -> dict:
 def measure(args, cases: list[str], dp: Optional[Path], root: Path) -> dict:
     results: dict = {}
 
-    def keep(key: tuple, row: dict, figure: str) -> None:
-        results[key] = better(results.get(key), row, figure)
+    def keep(key: tuple, row: dict, by: str) -> None:
+        results[key] = better(results.get(key), row, by)
         printable = {"case": key[0], "code": key[1], "run": key[2], **row, "load": round(os.getloadavg()[0], 2)}
         print(json.dumps(printable) if args.json else
               f"  {key[0]} {key[1]} {key[2]}: " + (row["error"] if "error" in row else
                                                    ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                             for k, v in row.items() if k not in ("frame",))),
+                                                             for k, v in row.items() if k not in ("frame",)))
+              + f" (load average {printable['load']})",
               file=sys.stdout if args.json else sys.stderr, flush=True)
 
     docs = {case: absolute_document(case_input(case)) for case in cases}
@@ -282,7 +283,11 @@ def fmt(value: Optional[float], spec: str = "{:.0f}") -> str:
 
 
 def figure(results: dict, key: tuple, name: str) -> Optional[float]:
-    row = results.get(key)
+    return value(results.get(key), name)
+
+
+def value(row: Optional[dict], name: str) -> Optional[float]:
+    """A figure of a measured row; None (printed "—") when the run failed or has no such figure."""
     return None if row is None or "error" in row or name not in row else row[name]
 
 
@@ -316,21 +321,27 @@ def tables(args, cases: list[str], results: dict, dp: Optional[Path]) -> list[st
                   "DeePMD-kit / mtcore", "peak RSS mtcore / DeePMD-kit (MB)", "float64 / float32 time: mtcore / DeePMD-kit"],
                  "llrrrrrr", rows)
 
-    out += ["", "Batch curve (float64): ms per frame at batch 1, and per-frame time at batch b / at batch 1"]
+    out += ["", "Batch curve (float64): ms per frame at batch 1, then per-frame time at batch b / at batch 1; "
+                "wall / CPU (CPU: mtcore only, less disturbed by other processes)"]
     codes = ["mtcore"] + (["deepmd"] if dp is not None and args.deepmd_batch else [])
     rows = []
     for case in cases:
         for code in codes:
-            one = figure(results, (case, code, "batch 1"), "ms_per_step")
-            if one is None and code == "mtcore" and figure(results, (case, code, "float64"), "batch_sizes") == [1]:
-                one = figure(results, (case, code, "float64"), "ms_per_step")
-            cells = [case, "mtcore" if code == "mtcore" else "DeePMD-kit", fmt(one)]
+            runs = {b: results.get((case, code, f"batch {b}")) for b in args.batches}
+            f64 = results.get((case, code, "float64"))
+            if runs[1] is None and f64 is not None and f64.get("batch_sizes") == [1]:
+                runs[1] = f64  # the example's own batch is 1: that run is the batch-1 point
+            per_frame = {b: (value(r, "ms_per_step"), value(r, "cpu_ms_per_step")) for b, r in runs.items()}
+            one = per_frame[1]
+            cells = [case, "mtcore" if code == "mtcore" else "DeePMD-kit", f"{fmt(one[0])} / {fmt(one[1])}"]
             for b in args.batches[1:]:
-                per_frame = ratio(figure(results, (case, code, f"batch {b}"), "ms_per_step"), b)
-                cells.append(fmt(ratio(per_frame, one), "{:.2f}"))
+                wall, cpu = (ratio(ratio(x, b), y) for x, y in zip(per_frame[b], one))
+                cells.append(f"{fmt(wall, '{:.2f}')} / {fmt(cpu, '{:.2f}')}")
+            cells.append(" / ".join(fmt(value(runs[b], "peak_rss_mb")) for b in args.batches))
             rows.append(cells)
-    out += table(["case", "code", "ms/frame at batch 1", *(f"batch {b}" for b in args.batches[1:])],
-                 "llr" + "r" * (len(args.batches) - 1), rows)
+    out += table(["case", "code", "ms/frame at batch 1", *(f"batch {b}" for b in args.batches[1:]),
+                  "peak RSS at batch " + " / ".join(map(str, args.batches)) + " (MB)"],
+                 "llr" + "r" * len(args.batches), rows)
 
     if not args.no_infer:
         out += ["", f"Inference (mtcore): frames/s of one frame, best of {args.infer_repeats} calls per round, "
@@ -349,6 +360,26 @@ def tables(args, cases: list[str], results: dict, dp: Optional[Path]) -> list[st
     if failures:
         out += ["", "Not measured (" + DASH + "):", *(f"- {f}" for f in failures)]
     return out
+
+
+def tables_from(args, path: Path) -> list[str]:
+    """The tables of the best rows (those with "best_of") of a --json run's output."""
+    results, cases = {}, []
+    for line in path.read_text().splitlines():
+        row = json.loads(line) if line.startswith("{") else {}
+        if "best_of" not in row:
+            continue
+        case, code, run = row.pop("case"), row.pop("code"), row.pop("run")
+        results[(case, code, run)] = row
+        cases += [case] if case not in cases else []
+        args.rounds = row["best_of"]
+        args.infer_repeats = row.get("repeats", args.infer_repeats)
+    found = sorted({int(run.split()[1]) for _, _, run in results if run.startswith("batch ")})
+    args.batches = sorted(set([1] + found))
+    args.deepmd_batch = any(code == "deepmd" and run.startswith("batch") for _, code, run in results)
+    args.no_infer = not any(code == "infer" for _, code, _ in results)
+    dp = Path("dp") if any(code == "deepmd" for _, code, _ in results) else None
+    return tables(args, cases, results, dp)
 
 
 def header(args, dp: Optional[Path]) -> str:
@@ -395,7 +426,11 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="tables for docs/performance.md")
     parser.add_argument("--json", action="store_true", help="JSON lines: every measurement, then the best rows")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (inputs, logs, models)")
+    parser.add_argument("--tables-from", metavar="JSONL", help="print the tables of an earlier --json run's output and stop")
     args = parser.parse_args()
+    if args.tables_from:
+        print("\n".join(tables_from(args, Path(args.tables_from))))
+        return
     if args.quick:
         args.steps, args.warmup, args.rounds, args.infer_repeats = 3, 2, 1, 2
     if sorted(args.batches) != args.batches or args.batches[0] != 1:
