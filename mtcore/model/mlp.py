@@ -97,13 +97,15 @@ class Dense(nn.Module):
             idt = torch.randn(self.n_out, generator=generator, dtype=torch.float64).mul_(0.001).add_(mean)
             self.idt = nn.Parameter(idt.to(self.weight.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, narrow: bool = False) -> torch.Tensor:
+        """``narrow``: a mixed layer inside a network returns compute_dtype (the network casts
+        once at its input and output, as DeePMD-kit does, not at every layer)."""
         if self.mixed:
             c = self.compute_dtype
             # product then sum (no addmm): TorchScript's autodiff splits addmm into these two, and
             # a frozen file must round exactly as training did
             y = self.activation(x.to(c) @ self.weight.to(c) + self.bias.to(c))
-            return y.to(self.weight.dtype)
+            return y if narrow else y.to(self.weight.dtype)
         return self.activation(torch.addmm(self.bias, x, self.weight) if x.dim() == 2 else x @ self.weight + self.bias)
 
 
@@ -116,11 +118,11 @@ class Block(nn.Module):
         self.mode = mode
         self.use_timestep = use_timestep
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dense(x)
+    def forward(self, x: torch.Tensor, narrow: bool = False) -> torch.Tensor:
+        h = self.dense(x, narrow)
         idt = self.dense.idt
         if self.use_timestep and idt is not None:
-            h = h * idt
+            h = h * idt.to(h.dtype)
         if self.mode == 1:  # RESIDUAL (TorchScript cannot read module globals)
             return x + h
         if self.mode == 2:  # DOUBLING
@@ -153,8 +155,16 @@ class EmbeddingNet(nn.Module):
             width = n_out
         self.blocks = nn.ModuleList(blocks)
         self.n_out = width
+        self.wide_dtype = dtype  # weights' and output's dtype
+        self.compute_dtype = dtype  # set by mtcore.model.precision (mixed precision)
+        self.mixed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mixed:  # training/mixed_precision: one cast in, the whole net narrow, one cast out
+            h = x.to(self.compute_dtype)
+            for block in self.blocks:
+                h = block(h, True)
+            return h.to(self.wide_dtype)
         for block in self.blocks:
             x = block(x)
         return x
@@ -192,8 +202,16 @@ class FittingMLP(nn.Module):
             width = n_hidden
         blocks.append(Block(dense_factory(len(neuron), width, n_out, "none"), PLAIN, False))
         self.blocks = nn.ModuleList(blocks)
+        self.wide_dtype = blocks[0].dense.weight.dtype  # weights' and output's dtype
+        self.compute_dtype = self.wide_dtype  # set by mtcore.model.precision (mixed precision)
+        self.mixed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mixed:  # training/mixed_precision: one cast in, the whole net narrow, one cast out
+            h = x.to(self.compute_dtype)
+            for block in self.blocks:
+                h = block(h, True)
+            return h.to(self.wide_dtype)
         for block in self.blocks:
             x = block(x)
         return x

@@ -6,9 +6,10 @@ DeePMD-kit v2's key ``{"output_prec": ..., "compute_prec": ...}``. The policy ha
   weights, optimiser moments, the environment matrix, statistics, the energy sum over atoms,
   forces and virials (autograd) and the loss keep the model's width: the reductions that
   decide accuracy stay wide;
-* inside each :class:`mtcore.model.mlp.Dense` layer (descriptor nets, type embeddings, attention
-  projections, fitting nets) the input and weights are cast to ``compute_prec`` for the product
-  and activation, and the result comes back in ``output_prec``.
+* each embedding and fitting network casts its input to ``compute_prec`` once, runs every layer
+  (products, activations, residual sums) in ``compute_prec`` and casts its output back to
+  ``output_prec`` (DeePMD-kit v2 casts at the same places); a lone :class:`mtcore.model.mlp.Dense`
+  (attention projections) casts around its own product and activation.
 
 The policy lives in the normalised input, so checkpoints, ``--restart`` and every tool that
 rebuilds a model from a document (freeze, compress, show, change-bias) apply it again; the
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from mtcore.errors import MtcoreError
-from mtcore.model.mlp import PRECISIONS, Dense
+from mtcore.model.mlp import PRECISIONS, Dense, EmbeddingNet, FittingMLP
 
 KEY = "training/mixed_precision"
 OUTPUT_PRECS = ("float64", "float32")
@@ -134,4 +135,8 @@ def apply_compute_precision(model: nn.Module, policy: Optional[MixedPrecision]) 
             module.compute_dtype = policy.compute_dtype
             module.mixed = policy.compute_dtype != module.weight.dtype
             narrowed += int(module.mixed)
+        elif isinstance(module, (EmbeddingNet, FittingMLP)):
+            # a whole network computes narrow between one cast in and one cast out
+            module.compute_dtype = policy.compute_dtype
+            module.mixed = policy.compute_dtype != module.wide_dtype
     return narrowed
