@@ -22,7 +22,7 @@ Runs, each a real ``mtcore train`` + ``freeze`` + ``test`` in its own folder:
 * ``<variant>_equal_steps`` / ``<variant>_equal_compute`` for the multi-task options (VARIANTS):
   ``shared_fit`` (every hidden fitting layer shared, ``layer_name``), ``delta`` (the scarce head
   a Δ head on the rich one, ``base_head``), ``delta_fixed_base`` (the same, ``base_trainable:
-  false``), ``ramp`` (the scarce head's draw share 0.2 → 0.8, ``fitting_weight_final``);
+  false``), ``delta_small`` (a Δ head with a 32-32 correction net), ``ramp`` (the scarce head's draw share 0.2 → 0.8, ``fitting_weight_final``);
   ``mt_*`` are the plain two-head runs above. ``<mt|delta|delta_fixed_base>_equal_steps_w0.75``:
   the scarce head drawn N times at weight 0.75 (4N/3 steps in all, a cheaper equal-steps check).
 
@@ -168,6 +168,9 @@ VARIANTS = {
     "delta": {"fitting": {"base_head": "rich"}},
     # Δ-learning, the scarce loss trains only the correction (and the descriptor)
     "delta_fixed_base": {"fitting": {"base_head": "rich", "base_trainable": False}},
+    # Δ-learning with a small correction net (32-32 instead of the base's size): fewer functions
+    # for a few energies to pin down (energy-only scarce data)
+    "delta_small": {"fitting": {"base_head": "rich", "neuron": [32, 32]}},
     # the scarce head's draw share ramps from 0.2 to 0.8 (mean 0.5): the rich head shapes the descriptor first
     "ramp": {"ramp": (0.2, 0.8)},
 }
