@@ -19,6 +19,8 @@ Runs, each a real ``mtcore train`` + ``freeze`` + ``test`` in its own folder:
 * ``mt_equal_compute``: rich + scarce heads, N steps in all (equal compute).
 * ``warm_start``: N/2 steps of the rich head alone, then N/2 steps of the scarce head alone
   starting from that model (``--init-model``): equal compute.
+* ``rich_change_bias``: the rich head alone for N steps, its per-type energy bias then refit to the
+  scarce frames (``mtcore change-bias``): equal steps, no training on level B at all.
 * ``<variant>_equal_steps`` / ``<variant>_equal_compute`` for the multi-task options (VARIANTS):
   ``shared_fit`` (every hidden fitting layer shared, ``layer_name``), ``delta`` (the scarce head
   a Δ head on the rich one, ``base_head``), ``delta_fixed_base`` (the same, ``base_trainable:
@@ -238,6 +240,19 @@ def run_case(name: str, workdir: Path, document: dict, freeze_head: str | None, 
     return folder
 
 
+def change_bias_case(rich: Path, scarce: list) -> Path:
+    """The rich head alone, its per-type energy bias refit to the scarce frames (``mtcore
+    change-bias``, dp change-bias): level B's forces are level A's, its energies shifted."""
+    folder = rich.parent / "rich_change_bias"
+    folder.mkdir(exist_ok=True)
+    if (folder / "frozen.pth").exists():
+        (folder / "frozen.pth").unlink()  # this benchmark's own output of an earlier call
+    mtcore(["change-bias", str(rich / "frozen.pth"), *sum((["-s", s] for s in scarce), []), "-o", "frozen.pth"], folder)
+    for name in ("train_seconds.txt", "train_cpu_seconds.txt"):
+        shutil.copy(rich / name, folder / name)
+    return folder
+
+
 def _settings_of_old_data(data: dict, seed: int) -> dict:
     """data.json written before the settings were recorded: read them off the scarce system (its
     seed was not recorded, so it is taken as given)."""
@@ -289,6 +304,8 @@ def main() -> None:
             run_case("warm_start", workdir, single_input(data["scarce"], data["valid_b"], n - n // 2, q, seed, energy_only), None,
                      init=str(workdir / "warm_start_rich" / "frozen.pth")),
         )[-1],
+        "rich_change_bias": lambda: change_bias_case(
+            run_case("rich_alone", workdir, single_input(data["rich"], data["valid_a"], n, q, seed), None), data["scarce"]),
     })
     if args.only:
         unknown = sorted(set(args.only) - set(cases))
