@@ -124,25 +124,43 @@ def timed_head(doc: dict) -> str:
 
 
 # children ----------------------------------------------------------------------------------------
-def run_measured(cmd: list, cwd: Path, env: dict, timeout: float, log: Path) -> dict:
+def run_measured(cmd: list, cwd: Path, env: dict, limits: dict, log: Path) -> dict:
     """Run ``cmd`` to the end; its exit code, wall time, and peak RSS and CPU time from
-    ``os.wait4`` (its own and its waited-for children's: one process with NUM_WORKERS=0)."""
+    ``os.wait4`` (its own and its waited-for children's: one process with NUM_WORKERS=0).
+    Stopped (an "error" row) past ``limits["timeout"]`` seconds or ``limits["mem_mb"]`` resident
+    MB, checked every 50 ms: the machine is shared, and a large batch can outgrow it."""
     t0 = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        why = None
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            if time.perf_counter() - t0 > timeout:
+            resident = resident_mb(proc.pid)
+            if time.perf_counter() - t0 > limits["timeout"]:
+                why = f"timed out after {limits['timeout']:.0f} s"
+            elif resident > limits["mem_mb"]:
+                why = f"stopped at {resident:.0f} MB resident, above --mem-gb {limits['mem_mb'] / 1024:g}"
+            if why:
                 proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
+                os.wait4(proc.pid, 0)
                 proc.returncode = -9
-                return {"error": f"timed out after {timeout:.0f} s (log {log})"}
+                return {"error": f"{why} (log {log})"}
             time.sleep(0.05)
     proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait for it again
     return {"rc": proc.returncode, "wall_s": time.perf_counter() - t0, "peak_rss_mb": usage.ru_maxrss / 1024,
             "cpu_s": usage.ru_utime + usage.ru_stime, "log": log.read_text(errors="replace")}
+
+
+def resident_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return 0.0
 
 
 def last_line(text: str) -> str:
@@ -157,12 +175,12 @@ def thread_env(threads: int) -> dict:
     return env
 
 
-def mtcore_child(what: str, spec: dict, workdir: Path, threads: int, timeout: float) -> dict:
+def mtcore_child(what: str, spec: dict, workdir: Path, threads: int, limits: dict) -> dict:
     name = f"{what}-{len(list(workdir.glob(what + '-*.json')))}"
     spec_path = workdir / f"{name}.json"
     spec_path.write_text(json.dumps(spec))
     run = run_measured([sys.executable, str(CHILDREN), what, str(spec_path)], workdir, thread_env(threads),
-                       timeout, workdir / f"{name}.log")
+                       limits, workdir / f"{name}.log")
     if "error" in run:
         return run
     if run["rc"] != 0:
@@ -172,7 +190,7 @@ def mtcore_child(what: str, spec: dict, workdir: Path, threads: int, timeout: fl
     return row
 
 
-def deepmd_child(dp: Path, doc: dict, workdir: Path, steps: int, warmup: int, threads: int, timeout: float,
+def deepmd_child(dp: Path, doc: dict, workdir: Path, steps: int, warmup: int, threads: int, limits: dict,
                  default_malloc: bool, workers: int) -> dict:
     """``dp --pt train`` of the document: its "average training time" and its peak RSS."""
     doc = copy.deepcopy(doc)
@@ -191,7 +209,7 @@ def deepmd_child(dp: Path, doc: dict, workdir: Path, steps: int, warmup: int, th
         env.update(MALLOC_MMAP_THRESHOLD_=str(2**31 - 1), MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
     python = dp.with_name("python")  # its venv's: runs dp with a CPU-time average too
     cmd = [str(python), str(DP_CHILD)] if python.exists() else [str(dp)]
-    run = run_measured(cmd + ["--pt", "train", "input.json"], workdir, env, timeout, workdir / "dp.log")
+    run = run_measured(cmd + ["--pt", "train", "input.json"], workdir, env, limits, workdir / "dp.log")
     if "error" in run:
         return run
     match = re.search(r"average training time: ([0-9.]+) s/batch", run["log"])
@@ -247,6 +265,19 @@ def measure(args, cases: list[str], dp: Optional[Path], root: Path) -> dict:
               + f" (load average {printable['load']})",
               file=sys.stdout if args.json else sys.stderr, flush=True)
 
+    def skip(key: tuple, batch: Optional[int]) -> bool:
+        """A run that hit a limit is not tried again; one expected to outgrow --mem-gb is not tried."""
+        earlier = results.get(key, {})
+        if any(word in earlier.get("error", "") for word in ("--mem-gb", "timed out")):
+            return True
+        expected = predicted_mb(results, key, batch)
+        if expected is not None and expected > limits["mem_mb"]:
+            results[key] = {"error": f"not run: about {expected / 1024:.1f} GB expected at batch {batch} "
+                                     f"(linear in the batch from the smaller batches), above --mem-gb {args.mem_gb:g}"}
+            return True
+        return False
+
+    limits = {"timeout": args.timeout, "mem_mb": 1024 * args.mem_gb}
     docs = {case: absolute_document(case_input(case)) for case in cases}
     for round_ in range(1, args.rounds + 1):
         print(f"round {round_} of {args.rounds} (load average {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
@@ -265,23 +296,49 @@ def measure(args, cases: list[str], dp: Optional[Path], root: Path) -> dict:
                 state = folder / f"state-{tag}.pt" if batch is None else None
                 spec = {"input": str(input_path), "steps": steps, "warmup": warmup, "min_timed": min(3, steps),
                         "max_timed_s": args.max_timed_s, "state": str(state) if state and round_ == 1 else None}
-                keep((case, "mtcore", label), mtcore_child("train", spec, folder, args.threads, args.timeout),
-                     "ms_per_step")
+                if not skip((case, "mtcore", label), batch):
+                    keep((case, "mtcore", label), mtcore_child("train", spec, folder, args.threads, limits),
+                         "ms_per_step")
                 if dp is not None and (batch is None or args.deepmd_batch):
                     if multi_task_v2(doc):
                         results[(case, "deepmd", label)] = {"error": "v2 multi-task input: DeePMD-kit 3 does not read it"}
-                    else:
+                    elif not skip((case, "deepmd", label), batch):
                         row = deepmd_child(dp, variant(doc, precision, batch), folder / f"dp-{tag}-{round_}",
-                                           max(3, steps), max(2, warmup), args.threads, args.timeout,
+                                           max(3, steps), max(2, warmup), args.threads, limits,
                                            args.deepmd_default_malloc, args.deepmd_workers)
                         keep((case, "deepmd", label), row, "ms_per_step")
                 if state is not None and state.exists() and not args.no_infer:
                     spec = {"state": str(state), "head": timed_head(doc), "repeats": args.infer_repeats,
                             "frozen": str(folder / f"frozen-{tag}.pth"),
                             "compressed": str(folder / f"compressed-{tag}.pth")}
-                    row = mtcore_child("infer", spec, folder, args.threads, args.timeout)
+                    row = mtcore_child("infer", spec, folder, args.threads, limits)
                     keep((case, "infer", label), row, "frozen_frames_per_s")
     return results
+
+
+def predicted_mb(results: dict, key: tuple, batch: Optional[int]) -> Optional[float]:
+    """Peak RSS expected at ``batch`` from the same code's runs at smaller batches: the line
+    through the two largest, or proportional to the batch from one (an overestimate: it scales
+    Python and torch too). None for the example's own batch or nothing measured yet."""
+    if batch is None:
+        return None
+    case, code, _ = key
+    known = {}
+    for b in range(1, batch):
+        rss = value(results.get((case, code, f"batch {b}")), "peak_rss_mb")
+        if rss is not None:
+            known[b] = rss
+    if 1 not in known and value(results.get((case, "mtcore", "float64")), "batch_sizes") == [1]:
+        rss = value(results.get((case, code, "float64")), "peak_rss_mb")  # the example's run is at batch 1
+        if rss is not None:
+            known[1] = rss
+    if not known:
+        return None
+    if len(known) == 1:
+        (b0, r0), = known.items()
+        return r0 * batch / b0
+    (b0, r0), (b1, r1) = sorted(known.items())[-2:]
+    return r1 + (batch - b1) * (r1 - r0) / (b1 - b0)
 
 
 # tables ------------------------------------------------------------------------------------------
@@ -331,7 +388,7 @@ def tables(args, cases: list[str], results: dict, dp: Optional[Path]) -> list[st
                   "float64 / float32 time: mtcore / DeePMD-kit"], "llrrrrr", rows)
 
     out += ["", "Batch curve (float64): ms per frame at batch 1, then per-frame time at batch b / at batch 1; "
-                "wall / CPU (CPU: mtcore only, less disturbed by other processes)"]
+                "wall / CPU (CPU time is less disturbed by other processes)"]
     codes = ["mtcore"] + (["deepmd"] if dp is not None and args.deepmd_batch else [])
     rows = []
     for case in cases:
@@ -360,11 +417,14 @@ def tables(args, cases: list[str], results: dict, dp: Optional[Path]) -> list[st
             for label in ("float64", "float32"):
                 key = (case, "infer", label)
                 plain, packed = figure(results, key, "frozen_frames_per_s"), figure(results, key, "compressed_frames_per_s")
+                plain_cpu = figure(results, key, "frozen_cpu_frames_per_s")
+                packed_cpu = figure(results, key, "compressed_cpu_frames_per_s")
                 atoms = figure(results, key, "atoms")
-                rows.append([case, label, fmt(atoms), fmt(plain, "{:.1f}"), fmt(packed, "{:.1f}"),
-                             fmt(ratio(packed, plain), "{:.2f}×")])
-        out += table(["case", "precision", "atoms", "frozen frames/s", "compressed frames/s", "compressed / frozen"],
-                     "llrrrr", rows)
+                rows.append([case, label, fmt(atoms), f"{fmt(plain, '{:.1f}')} / {fmt(plain_cpu, '{:.1f}')}",
+                             f"{fmt(packed, '{:.1f}')} / {fmt(packed_cpu, '{:.1f}')}",
+                             f"{fmt(ratio(packed, plain), '{:.2f}×')} / {fmt(ratio(packed_cpu, plain_cpu), '{:.2f}×')}"])
+        out += table(["case", "precision", "atoms", "frozen frames/s: wall / CPU", "compressed frames/s: wall / CPU",
+                      "compressed / frozen: wall / CPU"], "llrrrr", rows)
     failures = [f"{' '.join(k)}: {r['error']}" for k, r in results.items() if "error" in r]
     if failures:
         out += ["", "Not measured (" + DASH + "):", *(f"- {f}" for f in failures)]
@@ -391,6 +451,13 @@ def tables_from(args, path: Path) -> list[str]:
     return tables(args, cases, results, dp)
 
 
+def total_memory_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    except (ValueError, OSError, AttributeError):
+        return 16.0
+
+
 def header(args, dp: Optional[Path]) -> str:
     import torch
 
@@ -406,7 +473,8 @@ def header(args, dp: Optional[Path]) -> str:
         dp_text = (f"DeePMD-kit: {dp} ({last_line(version)}), NUM_WORKERS={args.deepmd_workers}, allocator "
                    + ("default" if args.deepmd_default_malloc else "as mtcore's (MALLOC_*_THRESHOLD_)"))
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}; {args.threads} thread(s) per run; "
+    return (f"{cpu}, {os.cpu_count()} cores, {total_memory_gb():.0f} GB; torch {torch.__version__}; "
+            f"{args.threads} thread(s) per run, at most {args.mem_gb:g} GB resident; "
             f"load average {load}; {args.steps} timed steps after {args.warmup} (fewer at larger batches), "
             f"best of {args.rounds} round(s); {dp_text}")
 
@@ -431,6 +499,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
                         help="threads per run, both codes (default OMP_NUM_THREADS or 1)")
     parser.add_argument("--timeout", type=float, default=1800, help="wall-clock cap per child (s)")
+    parser.add_argument("--mem-gb", type=float, default=round(total_memory_gb() / 2, 1),
+                        help="resident-memory cap per child; a run expected above it is not started "
+                             "(default: half of this machine's memory)")
     parser.add_argument("--quick", action="store_true", help="pipeline check: 3 steps after 2, one round, 2 calls")
     parser.add_argument("--markdown", action="store_true", help="tables for docs/performance.md")
     parser.add_argument("--json", action="store_true", help="JSON lines: every measurement, then the best rows")
