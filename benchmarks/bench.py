@@ -1,32 +1,43 @@
 """Benchmark: training ms/step against DeePMD-kit, peak RSS, float32, batch curve, inference (not a test).
 
-    python benchmarks/bench.py --markdown                     # the classic cases, 2 rounds (~45 min quiet)
+    OMP_NUM_THREADS=1 python benchmarks/bench.py --markdown --json > bench.jsonl   # classic cases, 2 rounds; tables on stderr
+    python benchmarks/bench.py --tables-from bench.jsonl --markdown                 # its tables, again
     python benchmarks/bench.py --case water/se_e2_a --rounds 3
-    python benchmarks/bench.py --quick --case water/se_e2_a   # a pipeline check (a minute or two)
+    python benchmarks/bench.py --quick --case water/se_e2_a   # a pipeline check (2-4 minutes)
     python benchmarks/bench.py --deepmd none                  # mtcore only
+
+The default run (six cases, both codes, 2 rounds, one thread) takes about an hour on the 2-core
+development machine when it is quiet (se_atten is half of it); under load it takes longer and
+the wall columns measure the load: read the CPU columns then, and quote the load average printed.
 
 Per case (examples/<case>/input.json, data paths made absolute, nothing else changed unless said):
 - training, float64 (the example as is) and float32 (descriptor and fitting precision float32, in
-  both codes): ms/step of mtcore and of DeePMD-kit (PyTorch backend), DeePMD-kit / mtcore, the
-  peak RSS of each run, and mtcore's float64 / float32 step-time ratio;
-- batch curve (float64): per-frame ms at batch_size 1, 4, 8 as a ratio to batch 1 (mtcore;
-  DeePMD-kit too with --deepmd-batch, it is slow);
+  both codes): ms/step of mtcore and of DeePMD-kit (PyTorch backend), wall and CPU, DeePMD-kit /
+  mtcore, the peak RSS of each run, and the float64 / float32 step-time ratio of each code;
+- batch curve (float64): per-frame ms at batch_size 1, 4, 8 as a ratio to batch 1, and peak RSS
+  (mtcore; DeePMD-kit too with --deepmd-batch, it is slow);
 - inference: frames/s of the frozen model (`mtcore freeze`) and of the compressed one (`mtcore
-  compress`; "—" where the descriptor has no tables), one frame of the case's validation data.
+  compress`; "—" where the descriptor has no tables), one frame of the case's validation data,
+  energy, forces and virial, neighbour list included.
 
 How: every measurement is a child process of its own (benchmarks/bench_children.py for mtcore,
-`dp --pt train` for DeePMD-kit); peak RSS is that child's ``ru_maxrss`` from ``os.wait4``, so
-it is that run's alone (Python, torch and the data included). mtcore's ms/step is the median
-wall time of a step after ``--warmup`` steps (statistics excluded); DeePMD-kit's is its own
-"average training time" over the steps after its first ``disp_freq`` (= ``--warmup``) steps,
-with validation_data removed from its input (it would otherwise evaluate validation batches
-inside its timed intervals) and ``NUM_WORKERS=0`` (one process, the resources mtcore gets).
-Both get ``--threads`` threads (OMP_NUM_THREADS, torch, DP_INTRA_OP_PARALLELISM_THREADS) and
-the same glibc allocator setting (mtcore's CLI raises the mmap/trim thresholds; DeePMD-kit gets
+`dp --pt train` through benchmarks/deepmd_train_child.py for DeePMD-kit); peak RSS is that
+child's ``ru_maxrss`` from ``os.wait4``, so it is that run's alone (Python, torch, data and
+statistics included). mtcore's ms/step is the median step after ``--warmup`` steps (statistics
+excluded; a multi-task run: each head's median weighted by its draw probability), wall and
+process CPU time. DeePMD-kit's is its own "average training time" (a mean of wall time) over
+the steps after its first ``disp_freq`` (= ``--warmup``) steps, and the CPU time of the same
+intervals; validation_data is removed from its input (its validation batches would run inside
+the timed intervals) and ``NUM_WORKERS=0`` (one process, the resources mtcore gets). Both get
+``--threads`` threads (OMP_NUM_THREADS, torch, DP_INTRA_OP_PARALLELISM_THREADS) and the same
+glibc allocator setting (mtcore's CLI raises the mmap/trim thresholds; DeePMD-kit gets
 ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` unless ``--deepmd-default-malloc``).
-Rounds alternate the codes (mtcore, then DeePMD-kit, variant by variant, case by case), since a
-shared machine's speed drifts; every figure is the BEST over ``--rounds`` (least disturbed; peak
-RSS: the largest). Cases DeePMD-kit 3 cannot read (v2 multi-task inputs) are "—" in its columns.
+Rounds alternate the codes (mtcore, then DeePMD-kit, run by run, case by case), since a shared
+machine's speed drifts; every figure is the BEST over ``--rounds`` (least disturbed; peak RSS:
+the largest). A child is stopped above ``--mem-gb`` resident (default half the machine; se_atten
+trains at ~2.7 GB per 192-atom frame) and a batch expected above it is not started. Cases
+DeePMD-kit 3 cannot read (v2 multi-task inputs) are "—" in its columns; every "—" is explained
+under the tables.
 """
 
 from __future__ import annotations
@@ -295,7 +306,7 @@ def measure(args, cases: list[str], dp: Optional[Path], root: Path) -> dict:
                 input_path.write_text(json.dumps(variant(doc, precision, batch), indent=1))
                 state = folder / f"state-{tag}.pt" if batch is None else None
                 spec = {"input": str(input_path), "steps": steps, "warmup": warmup, "min_timed": min(3, steps),
-                        "max_timed_s": args.max_timed_s, "state": str(state) if state and round_ == 1 else None}
+                        "max_timed_s": args.max_timed_s, "state": str(state) if state and not state.exists() else None}
                 if not skip((case, "mtcore", label), batch):
                     keep((case, "mtcore", label), mtcore_child("train", spec, folder, args.threads, limits),
                          "ms_per_step")
@@ -504,7 +515,8 @@ def main() -> None:
                              "(default: half of this machine's memory)")
     parser.add_argument("--quick", action="store_true", help="pipeline check: 3 steps after 2, one round, 2 calls")
     parser.add_argument("--markdown", action="store_true", help="tables for docs/performance.md")
-    parser.add_argument("--json", action="store_true", help="JSON lines: every measurement, then the best rows")
+    parser.add_argument("--json", action="store_true",
+                        help="JSON lines on stdout: every measurement, then the best rows (tables on stderr)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (inputs, logs, models)")
     parser.add_argument("--tables-from", metavar="JSONL", help="print the tables of an earlier --json run's output and stop")
     args = parser.parse_args()
@@ -537,7 +549,8 @@ def main() -> None:
     if args.json:
         for key, row in results.items():
             print(json.dumps({"case": key[0], "code": key[1], "run": key[2], "best_of": args.rounds, **row}))
-        print(json.dumps({"total_s": time.perf_counter() - started, "load_at_end": load}))
+        print(json.dumps({"total_s": time.perf_counter() - started, "load_at_end": load}), flush=True)
+        print("\n".join(tables(args, cases, results, dp)), file=sys.stderr)  # stdout stays JSON lines
         return
     print(f"\n(total {time.perf_counter() - started:.0f} s; load average at the end {load})\n")
     print("\n".join(tables(args, cases, results, dp)))
