@@ -263,74 +263,130 @@ def better(old: Optional[dict], new: dict, key: str) -> dict:
     return best
 
 
-def measure(args, cases: list[str], dp: Optional[Path], root: Path) -> dict:
-    results: dict = {}
+class Session:
+    """One benchmark run: the options, the limits, and the best row so far of every measurement
+    (key: case, code, run label)."""
 
-    def keep(key: tuple, row: dict, by: str) -> None:
-        results[key] = better(results.get(key), row, by)
-        printable = {"case": key[0], "code": key[1], "run": key[2], **row, "load": round(os.getloadavg()[0], 2)}
-        print(json.dumps(printable) if args.json else
-              f"  {key[0]} {key[1]} {key[2]}: " + (row["error"] if "error" in row else
-                                                   ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                             for k, v in row.items() if k not in ("frame",)))
-              + f" (load average {printable['load']})",
-              file=sys.stdout if args.json else sys.stderr, flush=True)
+    def __init__(self, args, dp: Optional[Path], root: Path):
+        self.args, self.dp, self.root = args, dp, root
+        self.limits = {"timeout": args.timeout, "mem_mb": 1024 * args.mem_gb}
+        self.results: dict = {}
 
-    def skip(key: tuple, batch: Optional[int]) -> bool:
+    def keep(self, key: tuple, row: dict, by: str) -> None:
+        """Record a measurement (best of rounds) and print it as it comes."""
+        self.results[key] = better(self.results.get(key), row, by)
+        load = round(os.getloadavg()[0], 2)
+        if self.args.json:
+            print(json.dumps({"case": key[0], "code": key[1], "run": key[2], **row, "load": load}), flush=True)
+            return
+        text = row["error"] if "error" in row else ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k != "frame")
+        print(f"  {' '.join(key)}: {text} (load average {load})", file=sys.stderr, flush=True)
+
+    def skip(self, key: tuple, batch: Optional[int]) -> bool:
         """A run that hit a limit is not tried again; one expected to outgrow --mem-gb is not tried."""
-        earlier = results.get(key, {})
+        earlier = self.results.get(key, {})
         if any(word in earlier.get("error", "") for word in ("--mem-gb", "timed out")):
             return True
-        expected = predicted_mb(results, key, batch)
-        if expected is not None and expected > limits["mem_mb"]:
-            results[key] = {"error": f"not run: about {expected / 1024:.1f} GB expected at batch {batch} "
-                                     f"(linear in the batch from the smaller batches), above --mem-gb {args.mem_gb:g}"}
+        expected = predicted_mb(self.results, key, batch)
+        if expected is not None and expected > self.limits["mem_mb"]:
+            self.results[key] = {"error": f"not run: about {expected / 1024:.1f} GB expected at batch {batch} (linear "
+                                          f"in the batch from the smaller batches), above --mem-gb {self.args.mem_gb:g}"}
             return True
         return False
 
-    limits = {"timeout": args.timeout, "mem_mb": 1024 * args.mem_gb}
+    def run_case(self, case: str, doc: dict, round_: int) -> None:
+        """Every run of one case in this round, mtcore then DeePMD-kit run by run."""
+        args, dp = self.args, self.dp
+        folder = self.root / case.replace("/", "_")
+        folder.mkdir(parents=True, exist_ok=True)
+        for label, precision, batch in plan(args, doc):
+            steps, warmup = scaled_steps(args, batch)
+            own_batch_is_1 = value(self.results.get((case, "mtcore", "float64")), "batch_sizes") == [1]
+            if batch == 1 and own_batch_is_1 and (dp is None or not args.deepmd_batch):
+                continue  # the example's own batch is 1: the float64 run is the batch-1 point
+            tag = label.replace(" ", "")
+            input_path = folder / f"input-{tag}.json"
+            input_path.write_text(json.dumps(variant(doc, precision, batch), indent=1))
+            state = folder / f"state-{tag}.pt" if batch is None else None
+            spec = {"input": str(input_path), "steps": steps, "warmup": warmup, "min_timed": min(3, steps),
+                    "max_timed_s": args.max_timed_s, "state": str(state) if state and not state.exists() else None}
+            if not self.skip((case, "mtcore", label), batch):
+                self.keep((case, "mtcore", label), mtcore_child("train", spec, folder, args.threads, self.limits),
+                          "ms_per_step")
+            if dp is not None and (batch is None or args.deepmd_batch):
+                if multi_task_v2(doc):
+                    self.results[(case, "deepmd", label)] = {"error": "v2 multi-task input: DeePMD-kit 3 does not read it"}
+                elif not self.skip((case, "deepmd", label), batch):
+                    row = deepmd_child(dp, variant(doc, precision, batch), folder / f"dp-{tag}-{round_}",
+                                       max(3, steps), max(2, warmup), args.threads, self.limits,
+                                       args.deepmd_default_malloc, args.deepmd_workers)
+                    self.keep((case, "deepmd", label), row, "ms_per_step")
+            if state is not None and state.exists() and not args.no_infer:
+                self.infer(case, doc, folder, tag, label, state, round_)
+
+    def infer(self, case: str, doc: dict, folder: Path, tag: str, label: str, state: Path, round_: int) -> None:
+        args = self.args
+        spec = {"state": str(state), "head": timed_head(doc), "repeats": args.infer_repeats,
+                "frozen": str(folder / f"frozen-{tag}.pth"), "compressed": str(folder / f"compressed-{tag}.pth"),
+                "frame_prefix": str(folder / "frame-")}
+        self.keep((case, "infer", label), mtcore_child("infer", spec, folder, args.threads, self.limits),
+                  "frozen_frames_per_s")
+        if args.deepmd_infer and self.dp is not None and not multi_task_v2(doc):
+            self.keep((case, "deepmd-infer", label), deepmd_infer(self.dp, folder, tag, round_, args, self.limits),
+                      "frozen_frames_per_s")
+
+
+def measure(args, cases: list[str], dp: Optional[Path], root: Path) -> dict:
+    """Round after round, case after case (so every case sees the machine's drift alike)."""
+    session = Session(args, dp, root)
     docs = {case: absolute_document(case_input(case)) for case in cases}
     for round_ in range(1, args.rounds + 1):
         print(f"round {round_} of {args.rounds} (load average {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
         for case in cases:
-            doc = docs[case]
-            folder = root / case.replace("/", "_")
-            folder.mkdir(parents=True, exist_ok=True)
-            for label, precision, batch in plan(args, doc):
-                steps, warmup = scaled_steps(args, batch)
-                if batch == 1 and results.get((case, "mtcore", "float64"), {}).get("batch_sizes") == [1] \
-                        and (dp is None or not args.deepmd_batch):
-                    continue  # the example's own batch is 1: the float64 run is the batch-1 point
-                tag = label.replace(" ", "")
-                input_path = folder / f"input-{tag}.json"
-                input_path.write_text(json.dumps(variant(doc, precision, batch), indent=1))
-                state = folder / f"state-{tag}.pt" if batch is None else None
-                spec = {"input": str(input_path), "steps": steps, "warmup": warmup, "min_timed": min(3, steps),
-                        "max_timed_s": args.max_timed_s, "state": str(state) if state and not state.exists() else None}
-                if not skip((case, "mtcore", label), batch):
-                    keep((case, "mtcore", label), mtcore_child("train", spec, folder, args.threads, limits),
-                         "ms_per_step")
-                if dp is not None and (batch is None or args.deepmd_batch):
-                    if multi_task_v2(doc):
-                        results[(case, "deepmd", label)] = {"error": "v2 multi-task input: DeePMD-kit 3 does not read it"}
-                    elif not skip((case, "deepmd", label), batch):
-                        row = deepmd_child(dp, variant(doc, precision, batch), folder / f"dp-{tag}-{round_}",
-                                           max(3, steps), max(2, warmup), args.threads, limits,
-                                           args.deepmd_default_malloc, args.deepmd_workers)
-                        keep((case, "deepmd", label), row, "ms_per_step")
-                if state is not None and state.exists() and not args.no_infer:
-                    spec = {"state": str(state), "head": timed_head(doc), "repeats": args.infer_repeats,
-                            "frozen": str(folder / f"frozen-{tag}.pth"),
-                            "compressed": str(folder / f"compressed-{tag}.pth")}
-                    row = mtcore_child("infer", spec, folder, args.threads, limits)
-                    keep((case, "infer", label), row, "frozen_frames_per_s")
-    return results
+            session.run_case(case, docs[case], round_)
+    return session.results
+
+
+def deepmd_infer(dp: Path, folder: Path, tag: str, round_: int, args, limits: dict) -> dict:
+    """DeePMD-kit's frames/s on the frame mtcore's inference used: its model of this round's
+    training (``dp --pt freeze``, once; ``dp --pt compress`` tried once), timed by
+    benchmarks/deepmd_infer_child.py (``DeepPot.eval``, best of --infer-repeats calls)."""
+    python = dp.with_name("python")
+    frozen, packed = folder / f"dp-frozen-{tag}.pth", folder / f"dp-compressed-{tag}.pth"
+    env = thread_env(args.threads)
+    if not frozen.exists():
+        trained = folder / f"dp-{tag}-{round_}"
+        run = run_measured([str(dp), "--pt", "freeze", "-o", str(frozen)], trained, env, limits, folder / "dp-freeze.log")
+        if "error" in run or run["rc"] != 0 or not frozen.exists():
+            return {"error": f"dp --pt freeze failed in {trained}: {run.get('error') or last_line(run['log'])}"}
+        run = run_measured([str(dp), "--pt", "compress", "-i", str(frozen), "-o", str(packed), "-t", "input.json"],
+                           trained, env, limits, folder / "dp-compress.log")
+        if "error" in run or run["rc"] != 0 or not packed.exists():
+            packed.with_suffix(".why-not").write_text(f"dp --pt compress failed: {run.get('error') or last_line(run['log'])}")
+    frame = [str(folder / f"frame-{part}.npy") for part in ("coord", "box", "type")]
+    if not Path(frame[0]).exists():
+        return {"error": "no periodic frame to evaluate (mtcore's inference run writes it)"}
+    row: dict = {}
+    for name, model in (("frozen", frozen), ("compressed", packed)):
+        if not model.exists():
+            why = packed.with_suffix(".why-not")
+            row["compressed_why_not"] = why.read_text() if why.exists() else "no compressed model"
+            continue
+        run = run_measured([str(python), str(Path(__file__).with_name("deepmd_infer_child.py")), str(model), *frame,
+                            str(args.infer_repeats)], folder, env, limits, folder / f"dp-infer-{name}.log")
+        if "error" in run or run["rc"] != 0:
+            return {"error": f"DeePMD-kit inference of {model.name}: {run.get('error') or last_line(run['log'])}"}
+        result = json.loads(run["log"].strip().splitlines()[-1])
+        row[f"{name}_frames_per_s"] = 1000 / result["ms_per_frame"]
+        row["peak_rss_mb"] = max(row.get("peak_rss_mb", 0), run["peak_rss_mb"])
+    return row
 
 
 def predicted_mb(results: dict, key: tuple, batch: Optional[int]) -> Optional[float]:
     """Peak RSS expected at ``batch`` from the same code's runs at smaller batches: the line
-    through the two largest, or proportional to the batch from one (an overestimate: it scales
-    Python and torch too). None for the example's own batch or nothing measured yet."""
+    through the two largest. None for the example's own batch or fewer than two measured (then
+    only the cap's check while the child runs guards the machine)."""
     if batch is None:
         return None
     case, code, _ = key
@@ -343,11 +399,8 @@ def predicted_mb(results: dict, key: tuple, batch: Optional[int]) -> Optional[fl
         rss = value(results.get((case, code, "float64")), "peak_rss_mb")  # the example's run is at batch 1
         if rss is not None:
             known[1] = rss
-    if not known:
+    if len(known) < 2:  # one point says nothing of the slope (DeePMD-kit's base alone is ~2.5 GB)
         return None
-    if len(known) == 1:
-        (b0, r0), = known.items()
-        return r0 * batch / b0
     (b0, r0), (b1, r1) = sorted(known.items())[-2:]
     return r1 + (batch - b1) * (r1 - r0) / (b1 - b0)
 
@@ -379,7 +432,8 @@ def tables(args, cases: list[str], results: dict, dp: Optional[Path]) -> list[st
         line = lambda cells: "  ".join(c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(cells, widths, aligns))
         return [line(header), *(line(r) for r in rows)]
 
-    out = [f"Training: ms per step (best of {args.rounds} round(s)); peak RSS of the run (largest)"]
+    out = [f"Training: ms per step, best of {args.rounds} round(s) (mtcore: median step; DeePMD-kit: its mean; "
+           "DeePMD-kit / mtcore: mean against mean); peak RSS of the whole run, setup included (largest)"]
     rows = []
     for case in cases:
         for label in ("float64", "float32"):
@@ -391,8 +445,11 @@ def tables(args, cases: list[str], results: dict, dp: Optional[Path]) -> list[st
             f64 = figure(results, (case, "mtcore", "float64"), "ms_per_step")
             dp64 = figure(results, (case, "deepmd", "float64"), "ms_per_step")
             speed = f"{fmt(ratio(f64, mt), '{:.2f}×')} / {fmt(ratio(dp64, d), '{:.2f}×')}" if label == "float32" else ""
+            # the ratio compares means, as DeePMD-kit's figure is one (the median is the mtcore column)
+            mt_mean = figure(results, (case, "mtcore", label), "mean_ms_per_step") or mt
+            cpu_mean = figure(results, (case, "mtcore", label), "mean_cpu_ms_per_step") or cpu
             rows.append([case, label, f"{fmt(mt)} / {fmt(cpu)}", f"{fmt(d)} / {fmt(dcpu)}",
-                         f"{fmt(ratio(d, mt), '{:.2f}×')} / {fmt(ratio(dcpu, cpu), '{:.2f}×')}",
+                         f"{fmt(ratio(d, mt_mean), '{:.2f}×')} / {fmt(ratio(dcpu, cpu_mean), '{:.2f}×')}",
                          f"{fmt(rss[0])} / {fmt(rss[1])}", speed])
     out += table(["case", "precision", "mtcore ms/step: wall / CPU", "DeePMD-kit ms/step: wall / CPU",
                   "DeePMD-kit / mtcore: wall / CPU", "peak RSS mtcore / DeePMD-kit (MB)",
@@ -420,8 +477,9 @@ def tables(args, cases: list[str], results: dict, dp: Optional[Path]) -> list[st
                   "peak RSS at batch " + " / ".join(map(str, args.batches)) + " (MB)"],
                  "llr" + "r" * len(args.batches), rows)
 
+    with_dp = any(code == "deepmd-infer" for _, code, _ in results)
     if not args.no_infer:
-        out += ["", f"Inference (mtcore): frames/s of one frame, best of {args.infer_repeats} calls per round, "
+        out += ["", f"Inference (mtcore{', DeePMD-kit' if with_dp else ''}): frames/s of one frame, best of {args.infer_repeats} calls per round, "
                     "energy, forces, virial, neighbour list included"]
         rows = []
         for case in cases:
@@ -431,12 +489,23 @@ def tables(args, cases: list[str], results: dict, dp: Optional[Path]) -> list[st
                 plain_cpu = figure(results, key, "frozen_cpu_frames_per_s")
                 packed_cpu = figure(results, key, "compressed_cpu_frames_per_s")
                 atoms = figure(results, key, "atoms")
-                rows.append([case, label, fmt(atoms), f"{fmt(plain, '{:.1f}')} / {fmt(plain_cpu, '{:.1f}')}",
-                             f"{fmt(packed, '{:.1f}')} / {fmt(packed_cpu, '{:.1f}')}",
-                             f"{fmt(ratio(packed, plain), '{:.2f}×')} / {fmt(ratio(packed_cpu, plain_cpu), '{:.2f}×')}"])
+                cells = [case, label, fmt(atoms), f"{fmt(plain, '{:.1f}')} / {fmt(plain_cpu, '{:.1f}')}",
+                         f"{fmt(packed, '{:.1f}')} / {fmt(packed_cpu, '{:.1f}')}",
+                         f"{fmt(ratio(packed, plain), '{:.2f}×')} / {fmt(ratio(packed_cpu, plain_cpu), '{:.2f}×')}"]
+                if with_dp:
+                    dkey = (case, "deepmd-infer", label)
+                    d_plain = figure(results, dkey, "frozen_frames_per_s")
+                    d_packed = figure(results, dkey, "compressed_frames_per_s")
+                    cells += [f"{fmt(d_plain, '{:.1f}')} / {fmt(d_packed, '{:.1f}')}",
+                              f"{fmt(ratio(plain, d_plain), '{:.2f}×')} / {fmt(ratio(packed, d_packed), '{:.2f}×')}"]
+                rows.append(cells)
         out += table(["case", "precision", "atoms", "frozen frames/s: wall / CPU", "compressed frames/s: wall / CPU",
-                      "compressed / frozen: wall / CPU"], "llrrrr", rows)
+                      "compressed / frozen: wall / CPU"]
+                     + (["DeePMD-kit frames/s: frozen / compressed", "mtcore / DeePMD-kit: frozen / compressed (wall)"]
+                        if with_dp else []), "llrrrr" + ("rr" if with_dp else ""), rows)
     failures = [f"{' '.join(k)}: {r['error']}" for k, r in results.items() if "error" in r]
+    failures += [f"{' '.join(k)} compressed: {r['compressed_why_not']}" for k, r in results.items()
+                 if r.get("compressed_why_not")]
     if failures:
         out += ["", "Not measured (" + DASH + "):", *(f"- {f}" for f in failures)]
     return out
@@ -505,6 +574,8 @@ def main() -> None:
     parser.add_argument("--deepmd-default-malloc", action="store_true",
                         help="run DeePMD-kit with glibc's default allocator settings (mtcore keeps its own)")
     parser.add_argument("--deepmd-workers", type=int, default=0, help="DeePMD-kit's NUM_WORKERS (default 0: one process)")
+    parser.add_argument("--deepmd-infer", action="store_true",
+                        help="DeePMD-kit's inference frames/s too (dp --pt freeze, and compress where it can)")
     parser.add_argument("--no-infer", action="store_true", help="skip the inference rows")
     parser.add_argument("--infer-repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),

@@ -78,6 +78,7 @@ def train(spec: dict) -> dict:
     batch = sorted({bs for h in trainer.trained for bs in trainer.heads[h].train.batch_sizes})
     weights = {h: float(w) for h, w in zip(trainer.trained, trainer.draw_weights())}
     return {"ms_per_step": 1000 * expected(wall, heads, weights), "mean_ms_per_step": 1000 * float(np.mean(wall)),
+            "mean_cpu_ms_per_step": 1000 * float(np.mean(cpu)),
             "cpu_ms_per_step": 1000 * expected(cpu, heads, weights), "timed_steps": len(wall), "setup_s": setup_s,
             "per_head_ms": {h: 1000 * statistics.median([t for t, g in zip(wall, heads) if g == h]) for h in sorted(set(heads))},
             "draw_weights": weights, "batch_sizes": batch, "threads": threads, "allocator_tuned": tuned,
@@ -146,6 +147,12 @@ def infer(spec: dict) -> dict:
             why_not = str(exc).splitlines()[0]
             marker.write_text(why_not)
     coord, atype, box, source = _frame(state, state_head(state, head))
+    if spec.get("frame_prefix") and box is not None:  # the same frame for DeePMD-kit's inference
+        import numpy as np
+
+        np.save(spec["frame_prefix"] + "coord.npy", coord.numpy())
+        np.save(spec["frame_prefix"] + "box.npy", box.numpy())
+        np.save(spec["frame_prefix"] + "type.npy", atype.numpy())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         modules = {"frozen": torch.jit.load(str(plain))}
