@@ -3,12 +3,14 @@
     OMP_NUM_THREADS=1 python benchmarks/bench.py --markdown --json > bench.jsonl   # classic cases, 2 rounds; tables on stderr
     python benchmarks/bench.py --tables-from bench.jsonl --markdown                 # its tables, again
     python benchmarks/bench.py --case water/se_e2_a --rounds 3
-    python benchmarks/bench.py --quick --case water/se_e2_a   # a pipeline check (2-4 minutes)
+    python benchmarks/bench.py --quick --case water/se_e2_a   # a pipeline check (2-4 minutes; all six: 16)
     python benchmarks/bench.py --deepmd none                  # mtcore only
 
-The default run (six cases, both codes, 2 rounds, one thread) takes about an hour on the 2-core
-development machine when it is quiet (se_atten is half of it); under load it takes longer and
-the wall columns measure the load: read the CPU columns then, and quote the load average printed.
+The default run (six cases, both codes, 2 rounds, one thread) should take about 50 minutes on
+the 2-core development machine when it is quiet (an estimate from the step times of a --quick run
+of all six, which took 16 minutes; se_atten is a third of it; --deepmd-infer adds ~5 minutes a
+round). Under load it takes longer and the wall columns measure the load: read the CPU columns
+then, and quote the load average printed.
 
 Per case (examples/<case>/input.json, data paths made absolute, nothing else changed unless said):
 - training, float64 (the example as is) and float32 (descriptor and fitting precision float32, in
@@ -503,19 +505,24 @@ def tables(args, cases: list[str], results: dict, dp: Optional[Path]) -> list[st
                       "compressed / frozen: wall / CPU"]
                      + (["DeePMD-kit frames/s: frozen / compressed", "mtcore / DeePMD-kit: frozen / compressed (wall)"]
                         if with_dp else []), "llrrrr" + ("rr" if with_dp else ""), rows)
-    failures = [f"{' '.join(k)}: {r['error']}" for k, r in results.items() if "error" in r]
-    failures += [f"{' '.join(k)} compressed: {r['compressed_why_not']}" for k, r in results.items()
-                 if r.get("compressed_why_not")]
-    if failures:
-        out += ["", "Not measured (" + DASH + "):", *(f"- {f}" for f in failures)]
+    reasons: dict = {}  # one line per reason, naming the runs it stopped
+    for key, row in results.items():
+        if "error" in row:
+            reasons.setdefault(row["error"], []).append(" ".join(key))
+        if row.get("compressed_why_not"):
+            reasons.setdefault(row["compressed_why_not"].split(". ")[0], []).append(" ".join(key) + " compressed")
+    if reasons:
+        out += ["", "Not measured (" + DASH + "):", *(f"- {', '.join(runs)}: {why}" for why, runs in reasons.items())]
     return out
 
 
 def tables_from(args, path: Path) -> list[str]:
     """The tables of the best rows (those with "best_of") of a --json run's output."""
-    results, cases = {}, []
+    results, cases, notes = {}, [], []
     for line in path.read_text().splitlines():
         row = json.loads(line) if line.startswith("{") else {}
+        if "header" in row or "total_s" in row:
+            notes.append(row.get("header") or f"(total {row['total_s']:.0f} s; load average at the end {row['load_at_end']})")
         if "best_of" not in row:
             continue
         case, code, run = row.pop("case"), row.pop("code"), row.pop("run")
@@ -528,7 +535,7 @@ def tables_from(args, path: Path) -> list[str]:
     args.deepmd_batch = any(code == "deepmd" and run.startswith("batch") for _, code, run in results)
     args.no_infer = not any(code == "infer" for _, code, _ in results)
     dp = Path("dp") if any(code == "deepmd" for _, code, _ in results) else None
-    return tables(args, cases, results, dp)
+    return notes + [""] + tables(args, cases, results, dp)
 
 
 def total_memory_gb() -> float:
@@ -604,7 +611,8 @@ def main() -> None:
     cases = args.case or CLASSIC
     for case in cases:
         case_input(case)
-    print(header(args, dp), file=sys.stderr if args.json else sys.stdout, flush=True)
+    text = header(args, dp)
+    print(json.dumps({"header": text}) if args.json else text, flush=True)
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="mtcore-bench-"))
     try:
