@@ -21,25 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def prepared_input(case: Path, steps: int, workdir: Path) -> Path:
-    """The example input with numb_steps changed, no checkpoints, and absolute data paths."""
-    from mtcore.config import read_input
+    """The example input (absolute data paths, bench.py's) with numb_steps changed, no checkpoints."""
+    from bench import absolute_document
 
-    doc = read_input(case)
-
-    def absolute(section):
-        if isinstance(section, dict) and "systems" in section:
-            systems = section["systems"]
-            section["systems"] = (
-                str((case.parent / systems).resolve()) if isinstance(systems, str)
-                else [str((case.parent / s).resolve()) for s in systems]
-            )
-
+    doc = absolute_document(case)
     training = doc["training"]
-    for key in ("training_data", "validation_data"):
-        absolute(training.get(key))
-    for entry in (training.get("data_dict") or {}).values():
-        absolute(entry.get("training_data"))
-        absolute(entry.get("validation_data"))
     training["numb_steps"] = steps
     training["disp_freq"] = max(steps, 1)
     training["save_freq"] = 0
@@ -61,6 +47,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     from rich.console import Console
 
+    from bench import fittings
     from mtcore.config import load_config
     from mtcore.runtime import tune_allocator
     from mtcore.train.trainer import Trainer
@@ -71,9 +58,8 @@ def main() -> None:
         doc = json.loads(path.read_text())
         if args.precision:
             doc["model"]["descriptor"]["precision"] = args.precision
-            for fit in [doc["model"].get("fitting_net")] + list((doc["model"].get("fitting_net_dict") or {}).values()):
-                if fit:
-                    fit["precision"] = args.precision
+            for fit in fittings(doc["model"]):
+                fit["precision"] = args.precision
         if args.batch:
             doc["training"]["training_data"]["batch_size"] = args.batch
         path.write_text(json.dumps(doc))
