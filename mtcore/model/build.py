@@ -78,7 +78,7 @@ def build_model(config: RunConfig, registry: Optional[Registry] = None) -> Multi
     type_map = config.type_map
     if not type_map:
         raise MtcoreError("model/type_map: needed to build the model")
-    # training/mixed_precision: every component in output_prec, Dense layers in compute_prec
+    # training/mixed_precision: every component in output_prec, its networks in compute_prec
     policy = policy_of(config.training)
     params = override_precision(config.model["descriptor"], policy)
     with _settings_errors("model/descriptor", params.get("type", "")):
