@@ -12,6 +12,13 @@ energies alone (``start/limit_pref_f`` 0, ``start/limit_pref_e`` 1), as a DeePMD
 write it. Validation still measures forces and energies on the fully labelled held-out frames.
 Default ``energy_force``: the scarce frames carry energies and forces, every head's loss the same.
 
+``--configurations clusters`` (water_clusters.py) replaces the periodic 192-atom frames by clusters
+of ``--molecules`` whole molecules cut out of them, labelled by two analytic levels (a flexible
+SPC/E-like model, and the same plus the pair correction): a few 12-atom clusters really are a data
+limit (the single run's validation error well above its training error, reported as ``train F
+RMSE``), while a few 192-atom frames are not: that is the regime where borrowing can beat a head's
+own steps.
+
 Runs, each a real ``mtcore train`` + ``freeze`` + ``test`` in its own folder:
 
 * ``single``: the scarce head alone for N steps (its baseline).
@@ -29,11 +36,14 @@ Runs, each a real ``mtcore train`` + ``freeze`` + ``test`` in its own folder:
   the scarce head drawn N times at weight 0.75 (4N/3 steps in all, a cheaper equal-steps check).
 
 Results of earlier calls with the same settings are kept in ``results.json`` (run one case per
-call on a busy machine: ``--only delta_equal_compute``).
+call on a busy machine: ``--only delta_equal_compute``; calls running side by side in one workdir
+add their rows, the file is read again before each write).
 
     python benchmarks/scarce_head.py --steps 2000 --only single mt_equal_compute --workdir /tmp/scarce
     python benchmarks/scarce_head.py --steps 200 --quick     # pipeline check
     python benchmarks/scarce_head.py --scarce-labels energy --only single --workdir /tmp/scarce_e8
+    python benchmarks/scarce_head.py --configurations clusters --molecules 4 --scarce-frames 4 --steps 16000 \
+        --only single mt_equal_compute mt_equal_steps_w0.75 --workdir /tmp/scarce_clusters
 
 It prints a table of the scarce head's validation force and energy RMSE per run (and the ratio to
 ``single``) and writes it as JSON beside the runs.
@@ -267,6 +277,10 @@ def main() -> None:
     parser.add_argument("--scarce-frames", type=int, default=8)
     parser.add_argument("--scarce-labels", choices=("energy_force", "energy"), default="energy_force",
                         help="labels of the scarce frames (energy: no force.npy, an energy-only loss)")
+    parser.add_argument("--configurations", choices=("periodic", "clusters"), default="periodic",
+                        help="periodic: the 192-atom DFT frames; clusters: --molecules-molecule clusters cut from "
+                             "them with two analytic levels (water_clusters.py), where a few frames are a data limit")
+    parser.add_argument("--molecules", type=int, default=8, help="molecules per cluster (--configurations clusters)")
     parser.add_argument("--weight", type=float, default=0.5, help="fitting_weight of the scarce head in multi-task runs")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="small nets: a pipeline check, not a measurement")
@@ -278,8 +292,17 @@ def main() -> None:
     data_root = workdir / "data"
     energy_only = args.scarce_labels == "energy"
     data_settings = {"scarce_frames": args.scarce_frames, "seed": args.seed, "scarce_labels": args.scarce_labels}
+    clusters = args.configurations == "clusters"
+    if clusters:  # absent for periodic frames, so data.json files written before the option still match
+        data_settings["clusters_of"] = args.molecules
     if not data_root.exists():
-        data = make_data(data_root, args.scarce_frames, args.seed, scarce_forces=not energy_only)
+        if clusters:
+            from water_clusters import make_cluster_data
+
+            data = make_cluster_data(data_root, WATER, args.scarce_frames, args.seed, args.molecules,
+                                     scarce_forces=not energy_only)
+        else:
+            data = make_data(data_root, args.scarce_frames, args.seed, scarce_forces=not energy_only)
         (workdir / "data.json").write_text(json.dumps(dict(data, settings=data_settings)))
     data = json.loads((workdir / "data.json").read_text())
     made = data.pop("settings", None) or _settings_of_old_data(data, args.seed)
@@ -315,28 +338,42 @@ def main() -> None:
     settings = {"steps": n, "weight": w, "scarce_frames": args.scarce_frames, "quick": args.quick}
     if energy_only:  # absent for energy_force, so results.json files written before the option still match
         settings["scarce_labels"] = args.scarce_labels
-    previous = json.loads((workdir / "results.json").read_text()) if (workdir / "results.json").exists() else {}
-    same = {k: v for k, v in previous.items() if k != "rows"} == settings
-    rows = previous.get("rows", {}) if same else {}
+    if clusters:
+        settings["clusters_of"] = args.molecules
+    results = workdir / "results.json"
+
+    def kept_rows() -> dict:
+        """Rows of earlier calls with the same settings, read again before each write, so calls
+        running side by side in one workdir add their rows instead of overwriting each other's."""
+        previous = json.loads(results.read_text()) if results.exists() else {}
+        same = {k: v for k, v in previous.items() if k != "rows"} == settings
+        return previous.get("rows", {}) if same else {}
+
     for name, run in cases.items():
         if args.only and name not in args.only:
             continue
         folder = run()
-        rows[name] = scarce_errors(folder, "frozen.pth", data["valid_b"])
-        rows[name]["train_s"] = float((folder / "train_seconds.txt").read_text())
-        rows[name]["train_cpu_s"] = float((folder / "train_cpu_seconds.txt").read_text())
-        print(f"{name:18s} rmse_f {rows[name]['rmse_f']:.4f} eV/Å   rmse_e/atom {rows[name]['rmse_e_per_atom']}", flush=True)
+        row = scarce_errors(folder, "frozen.pth", data["valid_b"])
+        if not energy_only:  # training error on the scarce frames: above validation's = data-limited
+            row["train_rmse_f"] = scarce_errors(folder, "frozen.pth", data["scarce"])["rmse_f"]
+        row["train_s"] = float((folder / "train_seconds.txt").read_text())
+        row["train_cpu_s"] = float((folder / "train_cpu_seconds.txt").read_text())
+        rows = kept_rows()
+        rows[name] = row
+        results.write_text(json.dumps(dict(settings, rows=rows), indent=1))
+        print(f"{name:18s} rmse_f {row['rmse_f']:.4f} eV/Å   rmse_e/atom {row['rmse_e_per_atom']}", flush=True)
+    rows = kept_rows()
     base = rows.get("single", {})
     labels = "energies only" if energy_only else "energies and forces"
     print(f"\nscarce head ({args.scarce_frames} frames of level B, {labels}), validation on "
           f"{len(data['valid_b'])} held-out system(s); N = {n}")
-    print(f"{'run':30s} {'force RMSE':>11s} {'vs single':>10s} {'E/atom RMSE':>12s} {'vs single':>10s} {'train s':>8s} {'cpu s':>8s}")
+    print(f"{'run':30s} {'force RMSE':>11s} {'vs single':>10s} {'E/atom RMSE':>12s} {'vs single':>10s} "
+          f"{'train F RMSE':>12s} {'train s':>8s} {'cpu s':>8s}")
     for name, row in rows.items():
         ratio_f = f"{row['rmse_f'] / base['rmse_f']:.3f}" if base else "-"
         ratio_e = f"{row['rmse_e_per_atom'] / base['rmse_e_per_atom']:.3f}" if base else "-"
         print(f"{name:30s} {row['rmse_f']:11.4f} {ratio_f:>10s} {row['rmse_e_per_atom']:12.5f} {ratio_e:>10s} "
-              f"{row['train_s']:8.1f} {row.get('train_cpu_s', float('nan')):8.1f}")
-    (workdir / "results.json").write_text(json.dumps(dict(settings, rows=rows), indent=1))
+              f"{row.get('train_rmse_f', float('nan')):12.4f} {row['train_s']:8.1f} {row.get('train_cpu_s', float('nan')):8.1f}")
     print(f"\nruns and results.json in {workdir}")
 
 
