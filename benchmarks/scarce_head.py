@@ -160,11 +160,13 @@ def lr(steps: int) -> dict:
     return {"type": "exp", "start_lr": 1e-3, "stop_lr": 3e-6, "decay_steps": max(steps // 40, 1)}
 
 
-def single_input(systems: list, valid: list, steps: int, quick: bool, seed: int, energy_only: bool = False) -> dict:
+def single_input(systems: list, valid: list, steps: int, quick: bool, seed: int, energy_only: bool = False,
+                 lr_scale: float = 1.0) -> dict:
     m = model_section(quick)
+    schedule = dict(lr(steps), start_lr=lr(steps)["start_lr"] * lr_scale)
     return {
         "model": {"type_map": m["type_map"], "descriptor": m["descriptor"], "fitting_net": m["fitting"]},
-        "learning_rate": lr(steps), "loss": loss(energy_only),
+        "learning_rate": schedule, "loss": loss(energy_only),
         "training": {"training_data": {"systems": systems, "batch_size": 1},
                      "validation_data": {"systems": valid, "batch_size": 1, "numb_btch": 1},
                      "numb_steps": steps, "seed": seed, "disp_freq": max(steps // 10, 1), "save_freq": steps},
@@ -185,6 +187,11 @@ VARIANTS = {
     "delta_small": {"fitting": {"base_head": "rich", "neuron": [32, 32]}},
     # the scarce head's draw share ramps from 0.2 to 0.8 (mean 0.5): the rich head shapes the descriptor first
     "ramp": {"ramp": (0.2, 0.8)},
+    # the scarce head's own schedule starts at twice the learning rate (learning_rate_dict): its
+    # fitting net gets fewer updates at equal compute, each larger
+    "fast_scarce": {"scarce_lr_scale": 2.0},
+    # shared hidden fitting layers and the faster scarce schedule together
+    "shared_fit_fast": {"shared_hidden": True, "scarce_lr_scale": 2.0},
 }
 
 
@@ -212,6 +219,8 @@ def multi_input(data: dict, steps: int, weight_scarce: float, quick: bool, seed:
             **({"fitting_weight_final": {"rich": 1.0 - final, "scarce": final}} if final is not None else {}),
             "numb_steps": steps, "seed": seed, "disp_freq": max(steps // 10, 1), "save_freq": steps,
         },
+        **({"learning_rate_dict": {"scarce": dict(lr(steps), start_lr=lr(steps)["start_lr"] * spec["scarce_lr_scale"])}}
+           if "scarce_lr_scale" in spec else {}),
     }
 
 
@@ -312,13 +321,16 @@ def main() -> None:
     cases = {
         "single": lambda: run_case("single", workdir, single_input(data["scarce"], data["valid_b"], n, q, seed, energy_only), None),
     }
+    # the baseline with the faster schedule of the *_fast variants: is a gain the schedule's alone?
+    cases["single_lr2x"] = lambda: run_case(
+        "single_lr2x", workdir, single_input(data["scarce"], data["valid_b"], n, q, seed, energy_only, lr_scale=2.0), None)
     for variant in VARIANTS:
         cases[f"{variant}_equal_steps"] = lambda v=variant: run_case(
             f"{v}_equal_steps", workdir, multi_input(data, int(round(n / w)), w, q, seed, v, energy_only), "scarce")
         cases[f"{variant}_equal_compute"] = lambda v=variant: run_case(
             f"{v}_equal_compute", workdir, multi_input(data, n, w, q, seed, v, energy_only), "scarce")
     # equal steps on the scarce head at 3/4 of the draws: 4N/3 steps in all instead of 2N (a cheaper check)
-    for variant in ("mt", "delta", "delta_fixed_base"):
+    for variant in ("mt", "delta", "delta_fixed_base", "shared_fit_fast"):
         cases[f"{variant}_equal_steps_w0.75"] = lambda v=variant: run_case(
             f"{v}_equal_steps_w0.75", workdir, multi_input(data, int(round(n / 0.75)), 0.75, q, seed, v, energy_only), "scarce")
     cases.update({
