@@ -156,17 +156,17 @@ def loss(energy_only: bool = False) -> dict:
             "start_pref_v": 0, "limit_pref_v": 0}
 
 
-def lr(steps: int) -> dict:
-    return {"type": "exp", "start_lr": 1e-3, "stop_lr": 3e-6, "decay_steps": max(steps // 40, 1)}
+def lr(steps: int, scale: float = 1.0) -> dict:
+    """The benchmark's schedule; ``scale`` multiplies its start (the *_fast variants, single_lr2x)."""
+    return {"type": "exp", "start_lr": 1e-3 * scale, "stop_lr": 3e-6, "decay_steps": max(steps // 40, 1)}
 
 
 def single_input(systems: list, valid: list, steps: int, quick: bool, seed: int, energy_only: bool = False,
                  lr_scale: float = 1.0) -> dict:
     m = model_section(quick)
-    schedule = dict(lr(steps), start_lr=lr(steps)["start_lr"] * lr_scale)
     return {
         "model": {"type_map": m["type_map"], "descriptor": m["descriptor"], "fitting_net": m["fitting"]},
-        "learning_rate": schedule, "loss": loss(energy_only),
+        "learning_rate": lr(steps, lr_scale), "loss": loss(energy_only),
         "training": {"training_data": {"systems": systems, "batch_size": 1},
                      "validation_data": {"systems": valid, "batch_size": 1, "numb_btch": 1},
                      "numb_steps": steps, "seed": seed, "disp_freq": max(steps // 10, 1), "save_freq": steps},
@@ -219,8 +219,7 @@ def multi_input(data: dict, steps: int, weight_scarce: float, quick: bool, seed:
             **({"fitting_weight_final": {"rich": 1.0 - final, "scarce": final}} if final is not None else {}),
             "numb_steps": steps, "seed": seed, "disp_freq": max(steps // 10, 1), "save_freq": steps,
         },
-        **({"learning_rate_dict": {"scarce": dict(lr(steps), start_lr=lr(steps)["start_lr"] * spec["scarce_lr_scale"])}}
-           if "scarce_lr_scale" in spec else {}),
+        **({"learning_rate_dict": {"scarce": lr(steps, spec["scarce_lr_scale"])}} if "scarce_lr_scale" in spec else {}),
     }
 
 
