@@ -3,12 +3,12 @@
     OMP_NUM_THREADS=1 python benchmarks/bench.py --markdown --json > bench.jsonl   # classic cases, 2 rounds; tables on stderr
     python benchmarks/bench.py --tables-from bench.jsonl --markdown                 # its tables, again
     python benchmarks/bench.py --case water/se_e2_a --rounds 3
-    python benchmarks/bench.py --quick --case water/se_e2_a   # a pipeline check (2-4 minutes; all six: 16)
+    python benchmarks/bench.py --quick --case water/se_e2_a   # a pipeline check (2-4 minutes; all seven: ~18)
     python benchmarks/bench.py --deepmd none                  # mtcore only
 
-The default run (six cases, both codes, 2 rounds, one thread) should take about 50 minutes on
+The default run (seven cases, both codes, 2 rounds, one thread) should take about 55 minutes on
 the 2-core development machine when it is quiet (an estimate from the step times of a --quick run
-of all six, which took 16 minutes; se_atten is a third of it; --deepmd-infer adds ~5 minutes a
+of the first six, which took 16 minutes; se_atten is a third of it; --deepmd-infer adds ~5 minutes a
 round). Under load it takes longer and the wall columns measure the load: read the CPU columns
 then, and quote the load average printed.
 
@@ -37,9 +37,11 @@ glibc allocator setting (mtcore's CLI raises the mmap/trim thresholds; DeePMD-ki
 Rounds alternate the codes (mtcore, then DeePMD-kit, run by run, case by case), since a shared
 machine's speed drifts; every figure is the BEST over ``--rounds`` (least disturbed; peak RSS:
 the largest). A child is stopped above ``--mem-gb`` resident (default half the machine; se_atten
-trains at ~2.7 GB per 192-atom frame) and a batch expected above it is not started. Cases
-DeePMD-kit 3 cannot read (v2 multi-task inputs) are "—" in its columns; every "—" is explained
-under the tables.
+trains at ~2.7 GB per 192-atom frame) and a batch expected above it is not started. DeePMD-kit 3
+does not read v2 multi-task inputs: it trains their translation to its own multi-task layout
+(benchmarks/deepmd_v3_input.py: same descriptor, fitting nets, losses, data and draw weights;
+v2's layer_name sharing has no v3 form and is dropped, which changes no step's work). Every "—"
+is explained under the tables.
 """
 
 from __future__ import annotations
@@ -57,11 +59,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from deepmd_v3_input import v3_multi_task
+
 ROOT = Path(__file__).resolve().parents[1]
 CHILDREN = Path(__file__).with_name("bench_children.py")
 DP_CHILD = Path(__file__).with_name("deepmd_train_child.py")
 CLASSIC = ["water/se_e2_a", "water/se_e2_r", "water/se_e3", "water/se_atten", "water/hybrid",
-           "water_multi_task/ener_dipole"]
+           "water_multi_task/ener_dipole", "water_multi_task/two_levels"]
 DEFAULT_DP = Path.home() / ".cache" / "mtcore-bench" / "deepmd-venv" / "bin" / "dp"
 BATCHES = (1, 4, 8)
 DASH = "—"
@@ -124,7 +128,8 @@ def variant(doc: dict, precision: str, batch: Optional[int]) -> dict:
 
 
 def multi_task_v2(doc: dict) -> bool:
-    """DeePMD-kit 3 reads multi-task inputs in its own v3 layout only, not v2's fitting_net_dict."""
+    """DeePMD-kit 3 reads multi-task inputs in its own v3 layout only, not v2's fitting_net_dict
+    (bench.py translates them: benchmarks/deepmd_v3_input.py)."""
     return "fitting_net_dict" in doc["model"]
 
 
@@ -317,10 +322,11 @@ class Session:
                 self.keep((case, "mtcore", label), mtcore_child("train", spec, folder, args.threads, self.limits),
                           "ms_per_step")
             if dp is not None and (batch is None or args.deepmd_batch):
-                if multi_task_v2(doc):
-                    self.results[(case, "deepmd", label)] = {"error": "v2 multi-task input: DeePMD-kit 3 does not read it"}
-                elif not self.skip((case, "deepmd", label), batch):
-                    row = deepmd_child(dp, variant(doc, precision, batch), folder / f"dp-{tag}-{round_}",
+                if not self.skip((case, "deepmd", label), batch):
+                    dp_doc = variant(doc, precision, batch)
+                    if multi_task_v2(dp_doc):  # DeePMD-kit 3 reads its own multi-task layout only
+                        dp_doc = v3_multi_task(dp_doc, folder / f"dp-v3-data-{tag}")
+                    row = deepmd_child(dp, dp_doc, folder / f"dp-{tag}-{round_}",
                                        max(3, steps), max(2, warmup), args.threads, self.limits,
                                        args.deepmd_default_malloc, args.deepmd_workers)
                     self.keep((case, "deepmd", label), row, "ms_per_step")
