@@ -107,7 +107,8 @@ def padded_positions(center: torch.Tensor, natoms: int) -> Tuple[torch.Tensor, i
 def scatter_padded(values: torch.Tensor, positions: torch.Tensor, natoms: int, maxnn: int) -> torch.Tensor:
     """Place per-pair rows [P, k] into a zero-filled [natoms, maxnn, k] tensor."""
     out = torch.zeros(natoms * maxnn, values.shape[1], dtype=values.dtype, device=values.device)
-    out = out.index_put((positions,), values)
+    # in place on the fresh zeros: the out-of-place index_put would copy them first
+    out.index_put_((positions,), values)
     return out.view(natoms, maxnn, values.shape[1])
 
 
