@@ -4,6 +4,12 @@
 
 Prints the operators by self CPU time (the table docs/performance.md quotes). Run on a quiet
 machine: profiles taken while other processes compete for the cores mislead.
+
+    python benchmarks/profile_step.py --case water/se_atten --flops
+
+instead counts the step's matrix-product work (torch.utils.flop_counter: mm, addmm, bmm,
+baddbmm; element-wise work is not counted) and times a large float64/float32 matrix product on
+this machine, so the step's arithmetic floor (GFLOP / peak GFLOP/s) can be set against a target.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="set batch_size")
     parser.add_argument("--rows", type=int, default=30)
     parser.add_argument("--shapes", action="store_true", help="group operators by input shape")
+    parser.add_argument("--flops", action="store_true", help="count matrix-product FLOPs per step and the floor they set")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     from rich.console import Console
@@ -67,6 +74,9 @@ def main() -> None:
         for _ in range(args.warmup):
             trainer.train_step(trainer.draw_head())
             trainer.step += 1
+        if args.flops:
+            report_flops(trainer, args.steps, args.case, doc["model"]["descriptor"].get("precision", "float64"))
+            return
         t0 = time.perf_counter()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
             for _ in range(args.steps):
@@ -76,6 +86,36 @@ def main() -> None:
     print(f"{args.case}: {1000 * elapsed / args.steps:.1f} ms/step under the profiler, {torch.get_num_threads()} threads")
     averages = prof.key_averages(group_by_input_shape=args.shapes)
     print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+
+
+def peak_gflops(dtype: torch.dtype, n: int = 2000, repeats: int = 3) -> float:
+    """Best GFLOP/s of an n×n matrix product: what the BLAS reaches on this machine and thread count."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def report_flops(trainer, steps: int, case: str, precision: str) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    t0 = time.process_time()
+    with counter:
+        for _ in range(steps):
+            trainer.train_step(trainer.draw_head())
+            trainer.step += 1
+    per_step = counter.get_total_flops() / steps / 1e9
+    parts = {str(op).split(".")[-1]: round(n / steps / 1e9, 3) for op, n in counter.get_flop_counts()["Global"].items()}
+    dtype = torch.float32 if precision == "float32" else torch.float64
+    peak = peak_gflops(dtype)
+    print(f"{case} ({precision}, {torch.get_num_threads()} threads): {per_step:.3f} GFLOP of matrix products per step "
+          f"{parts}; {dtype} matrix-product peak here {peak:.1f} GFLOP/s; floor {1000 * per_step / peak:.0f} ms/step "
+          f"(the counted steps took {1000 * (time.process_time() - t0) / steps:.0f} CPU ms each, counting overhead included)")
 
 
 if __name__ == "__main__":
