@@ -124,6 +124,31 @@ def test_equals_the_sel_wide_computation(name):
     assert torch.equal(out["type_embedding"], d.type_embedding()[atype])
 
 
+def test_layout_buckets_atoms_by_neighbour_count():
+    """Attention pads each bucket of atoms to its own widest, not all to the widest atom."""
+    d = built(VARIANTS["v2"]).descriptor  # smooth: a bucket gets one column for its slots not laid out
+    counts = torch.tensor([5, 1, 9, 3] * 16)  # 64 atoms: two buckets of 32
+    order, first_row, bounds, widths, extras, total = d._layout(counts)
+    assert bounds == [0, 32, 64] and widths == [3 + 1, 9 + 1] and extras == [120 - 3, 120 - 9]
+    assert sorted(counts[order[:32]].tolist()) == [1] * 16 + [3] * 16
+    assert torch.equal(first_row[order], torch.cat([torch.arange(32) * 4, 128 + torch.arange(32) * 10]))
+    assert total == 32 * 4 + 32 * 10
+    assert d._layout(counts[:40])[3] == [10]  # fewer than two buckets' worth of atoms: one layout
+
+
+@pytest.mark.parametrize("name", ["plain", "v2"])
+def test_bucketed_layout_equals_one_layout(name):
+    """Energy and forces of a 192-atom frame (4 buckets) equal those of one layout."""
+    model = built(VARIANTS[name])
+    coord, atype, box = water_frame(3)
+    results = []
+    for buckets in (4, 1):
+        model.descriptor.layout_buckets = buckets
+        results.append(predict(model, "default", coord, atype, box))
+    for key in ("energy", "force", "virial"):
+        assert torch.allclose(results[0][key], results[1][key], rtol=1e-10, atol=1e-10), key
+
+
 def test_empty_slots_only_rescale_when_davg_is_zero():
     """set_davg_zero, non-smooth: empty rows are 0 and masked, so sel 140 only changes 1/N_c."""
     small = built(SE_ATTEN).descriptor

@@ -18,8 +18,9 @@ with s_j = sw(r)/r the un-normalised first column (0 for an empty slot); r̂_j =
 unit length (0 for an empty slot). The fitting nets also receive T[t_i] ("type_embedding").
 
 Empty slots, in closed form. DeePMD-kit runs all sel slots; here only real neighbours are laid
-out ([atoms × max real neighbours], zero rows beyond each atom's count), and the result is the
-sel-wide one because an empty slot j enters in exactly three ways:
+out ([atoms × m], zero rows beyond each atom's count; atoms go in up to four buckets of similar
+neighbour counts, each with its own m = its widest atom, since attention costs m² per atom), and
+the result is the sel-wide one because an empty slot j enters in exactly three ways:
 
 * as a key k: non-smooth, exp(-2³³ - max) is exactly 0 so it drops out of the softmax; smooth,
   w_k = 0 makes its logit -20, so it adds exp(-20) to every denominator and nothing to P V
@@ -53,7 +54,7 @@ from torch import nn
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, NeighborStat, SchemaContext, hookimpl
 from mtcore.model.descriptor import Descriptor, EmbeddingInput, StatSample
-from mtcore.model.env import env_statistics, kept_rows, padded_positions, padding_rows, scatter_padded
+from mtcore.model.env import env_statistics, kept_rows, padding_rows, scatter_padded
 from mtcore.model.mlp import Dense, EmbeddingNet, dtype_of, new_generator
 from mtcore.model.sel import resolve_sel
 from mtcore.model.tabulate import normalised_s_range
@@ -64,6 +65,11 @@ MTCORE_PLUGIN_API = 2
 
 DOC = "DPA-1: type-embedded smooth embedding with self-attention over the neighbours (mixed types)."
 DOC_V2 = "se_atten with stripped and smooth type embedding (set_davg_zero false by default)."
+
+#: attention layouts: at most this many buckets of atoms with similar neighbour counts ...
+LAYOUT_BUCKETS = 4
+#: ... of at least this many atoms each (fewer, larger batched products below that)
+BUCKET_ATOMS = 32
 
 #: DeePMD-kit's default type embedding when ``model/type_embedding`` is absent
 AUTO_TYPE_EMBEDDING = {
@@ -218,6 +224,8 @@ class DescrptSeAtten(Descriptor):
             self.net = EmbeddingNet(1 + pair_width, neuron, activation_function, resnet_dt, self.dtype, gen)
             self.type_net = EmbeddingNet(0, [], activation_function, resnet_dt, self.dtype, gen)  # unused
         self.layers = nn.ModuleList([AttentionLayer(self.dim_emb, int(attn), self.dtype, gen) for _ in range(attn_layer)])
+        self.layout_buckets: int = LAYOUT_BUCKETS
+        self.bucket_atoms: int = BUCKET_ATOMS
         for name, p in self.named_parameters():
             if not name.startswith("type_embedding."):
                 p.requires_grad_(bool(trainable))
@@ -318,10 +326,12 @@ class DescrptSeAtten(Descriptor):
         return pad.unsqueeze(2) * emb.unsqueeze(1)
 
     def _attention_masks(
-        self, rows: torch.Tensor, rows_pad: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor, extra: int
+        self, rows_pad: torch.Tensor, w_pad: torch.Tensor, counts: torch.Tensor, extra: int
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        """What every attention layer shares: logit bias, smooth row weights, softmax gate.
-        ``extra`` > 0: the last laid-out column stands for that many empty slots (smooth only)."""
+        """What every attention layer shares in one layout: logit bias, smooth row weights, softmax
+        gate. ``w_pad`` [n, m, 1]: the smooth weights laid out (smooth only); ``counts``: each
+        atom's real neighbours; ``extra`` > 0: the last column stands for that many empty slots
+        (smooth only)."""
         natoms, width = rows_pad.shape[0], rows_pad.shape[1]
         device = rows_pad.device
         dummy = torch.zeros(1, 1, 1, dtype=self.dtype, device=device)
@@ -329,7 +339,7 @@ class DescrptSeAtten(Descriptor):
         gate = dummy
         use_gate = False
         if self.smooth:
-            w = scatter_padded(self._smooth_weight(rows[:, 0:1]), positions, natoms, width)  # [n, m, 1]
+            w = w_pad
             pair_weight = w * w.transpose(1, 2)
             row_weight = torch.stack([w, w, torch.ones_like(w)], dim=2)  # scales q, k; not v
             bias = 20.0 * pair_weight - 20.0
@@ -354,6 +364,35 @@ class DescrptSeAtten(Descriptor):
             use_gate = True
         return bias, row_weight, gate, use_gate
 
+    def _layout(self, counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, List[int], List[int], List[int], int]:
+        """Atoms in buckets of similar neighbour counts, each padded to its own widest atom.
+
+        Attention costs [atoms × width²]: one layout for all atoms pads every atom to the widest
+        (water, 192 atoms: 80-101 neighbours, a quarter of the work on padding); up to
+        ``layout_buckets`` buckets of at least ``bucket_atoms`` atoms, sorted by count, pad each to
+        its own. Returns (atoms in layout order, each atom's first row in the flat layout, bucket
+        bounds in layout order, widths, extra empty slots per bucket, rows in all)."""
+        natoms = counts.shape[0]
+        buckets = 1 if len(self.layers) == 0 else max(1, min(self.layout_buckets, natoms // self.bucket_atoms))
+        order = torch.argsort(counts, stable=True)
+        sorted_counts = counts.index_select(0, order)
+        bounds: List[int] = [natoms * b // buckets for b in range(buckets + 1)]
+        widths: List[int] = []
+        extras: List[int] = []
+        starts: List[torch.Tensor] = []
+        offset = 0
+        for b in range(buckets):
+            lo, hi = bounds[b], bounds[b + 1]
+            widest = max(int(sorted_counts[hi - 1]), 1) if hi > lo else 1
+            extra = self.nnei - widest if self.smooth and self.nnei > widest and len(self.layers) > 0 else 0
+            width = widest + 1 if extra > 0 else widest  # one more column stands for the slots not laid out
+            starts.append(offset + torch.arange(hi - lo, device=counts.device) * width)
+            offset += (hi - lo) * width
+            widths.append(width)
+            extras.append(extra)
+        first_row = torch.empty_like(order).index_copy_(0, order, torch.cat(starts))
+        return order, first_row, bounds, widths, extras, offset
+
     def forward(
         self,
         coord: torch.Tensor,
@@ -373,22 +412,31 @@ class DescrptSeAtten(Descriptor):
         tj = atype.index_select(0, neighbor.index_select(0, keep))
         normed = (rows - self.davg.index_select(0, ti)) / self.dstd.index_select(0, ti)
         emb = self._embed(normed[:, 0:1], rows[:, 0:1], tj, ti, table)
-        positions, maxnn = padded_positions(center, natoms)
         counts = torch.bincount(center, minlength=natoms)
-        extra = 0
-        width = maxnn
-        if self.smooth and self.nnei > maxnn and len(self.layers) > 0:
-            # one more column stands for the empty slots not laid out: logit -20 + log(extra), gate 0
-            extra = self.nnei - maxnn
-            width = maxnn + 1
-            positions = positions + torch.div(positions, maxnn, rounding_mode="floor")
-        rows_pad = scatter_padded(normed, positions, natoms, width)  # [n, m, 4]
-        g = scatter_padded(emb, positions, natoms, width)  # [n, m, M]
-        if len(self.layers) > 0:
-            bias, row_weight, gate, use_gate = self._attention_masks(rows, rows_pad, positions, counts, extra)
-            for layer in self.layers:
-                g = layer(g, bias, row_weight, gate, self.smooth, use_gate)
-        env = torch.bmm(rows_pad.transpose(1, 2), g)  # [n, 4, M]
+        slot = torch.arange(center.shape[0], device=center.device) - (torch.cumsum(counts, 0) - counts).index_select(0, center)
+        order, first_row, bounds, widths, extras, total = self._layout(counts)
+        flat = first_row.index_select(0, center) + slot  # each pair's row in the flat layout
+        rows_flat = scatter_padded(normed, flat, total, 1).view(total, 4)
+        g_flat = scatter_padded(emb, flat, total, 1).view(total, self.dim_emb)
+        w_flat = scatter_padded(self._smooth_weight(rows[:, 0:1]), flat, total, 1).view(total, 1) if self.smooth \
+            else rows_flat[:, 0:1]
+        sorted_counts = counts.index_select(0, order)
+        parts: List[torch.Tensor] = []
+        row = 0
+        for b in range(len(widths)):
+            n, width = bounds[b + 1] - bounds[b], widths[b]
+            rows_pad = rows_flat[row : row + n * width].view(n, width, 4)
+            g = g_flat[row : row + n * width].view(n, width, self.dim_emb)
+            if len(self.layers) > 0:
+                w_pad = w_flat[row : row + n * width].view(n, width, 1)
+                bias, row_weight, gate, use_gate = self._attention_masks(
+                    rows_pad, w_pad, sorted_counts[bounds[b] : bounds[b + 1]], extras[b])
+                for layer in self.layers:
+                    g = layer(g, bias, row_weight, gate, self.smooth, use_gate)
+            parts.append(torch.bmm(rows_pad.transpose(1, 2), g))  # [n, 4, M]
+            row += n * width
+        rank = torch.empty_like(order).index_copy_(0, order, torch.arange(natoms, device=order.device))
+        env = torch.cat(parts, dim=0).index_select(0, rank)
         empty = (self.nnei - counts).to(self.dtype).view(-1, 1, 1)
         env = env + empty * self._empty_slot(table).index_select(0, ti_atom)
         env = env * (real_atom.to(self.dtype) / self.nnei).view(-1, 1, 1)
