@@ -277,8 +277,6 @@ def compress(
         info = do_compress(input_, output, step, extrapolate, training_script, check_frequency)
         console.print(f"wrote {output}: {len(info['tables'])} embedding net(s) tabulated "
                       f"(step {step:g}, min neighbour distance {info['min_distance']:.3f} Å)", highlight=False)
-        if info.get("speed_note"):
-            console.print(f"note: {info['speed_note']}", highlight=False)
 
     _run(body)
 

@@ -125,7 +125,6 @@ def compress_descriptor(descriptor: torch.nn.Module, min_distance: float, step: 
         net = descriptor.get_submodule(item.path)
         if not isinstance(net, EmbeddingNet):
             raise MtcoreError(f"model/descriptor: '{item.path}' is a {type(net).__name__}, not an embedding net; cannot tabulate it")
-        net_work = sum(int(block.dense.weight.numel()) for block in net.blocks)
         table = TabulatedEmbedding.from_net(net, item.lower, item.upper, step, extrapolate, check_frequency)
         parent_name, _, attr = item.path.rpartition(".")
         parent = descriptor.get_submodule(parent_name) if parent_name else descriptor
@@ -135,25 +134,8 @@ def compress_descriptor(descriptor: torch.nn.Module, min_distance: float, step: 
             setattr(parent, attr, table)
         start, lower, upper, end = table.table_range()
         done.append({"path": item.path, "meaning": item.meaning, "lower": lower, "upper": upper,
-                     "table_start": start, "table_end": end, "intervals": int(table.coef.shape[0]),
-                     "net_multiply_adds": net_work, "table_multiply_adds": 6 * int(table.coef.shape[-1])})
+                     "table_start": start, "table_end": end, "intervals": int(table.coef.shape[0])})
     return done
-
-
-#: a table pays only where its net costs clearly more per input than the table's 6 rows per output
-#: (benchmarks/bench_compress.py: [25, 50, 100] nets, 6,275 against 600: 1.27x faster; [5, 10, 20],
-#: 255 against 120: 1.02-1.08x; se_e3's [2, 4, 8], 42 against 48: 0.79-0.85x, slower)
-WORTHWHILE_NET_TO_TABLE = 2.0
-
-
-def speed_note(tables: list[dict]) -> Optional[str]:
-    """A one-line warning when no tabulated net is large enough for its table to be faster."""
-    if not tables or any(t["net_multiply_adds"] >= WORTHWHILE_NET_TO_TABLE * t["table_multiply_adds"] for t in tables):
-        return None
-    largest = max(tables, key=lambda t: t["net_multiply_adds"])
-    return (f"these embedding nets are too small for tables to speed inference (largest: {largest['net_multiply_adds']} "
-            f"multiply-adds per input, its table {largest['table_multiply_adds']}); the compressed file gives the same "
-            "results but may be slower than the frozen one (se_e3 [2, 4, 8]: 0.8x measured)")
 
 
 def compress(input_path: Path, output_path: Path, step: float = 0.01, extrapolate: float = 5.0,
@@ -178,8 +160,7 @@ def compress(input_path: Path, output_path: Path, step: float = 0.01, extrapolat
     name = str(meta["config"]["model"]["descriptor"].get("type", "?"))
     tables = compress_descriptor(model.descriptor, min_distance, step, extrapolate, check_frequency, name)
     info = {"step": step, "extrapolate": extrapolate, "check_frequency": check_frequency,
-            "min_distance": min_distance, "data": systems, "tables": tables, "speed_note": speed_note(tables),
-            "source": str(input_path),
+            "min_distance": min_distance, "data": systems, "tables": tables, "source": str(input_path),
             "mtcore_version": mtcore.__version__}
     new_meta = copy.deepcopy(meta)
     new_meta["compressed"] = info

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from helpers import WATER, model_with_stats, predict, small_input, water_frame, write_input
 from mtcore import infer
 from mtcore.cli import app
-from mtcore.compress import compress, speed_note
+from mtcore.compress import compress
 from mtcore.errors import MtcoreError
 from mtcore.freeze import _save_script, head_metadata
 from mtcore.model.frozen import FrozenModel
@@ -241,8 +241,6 @@ def test_cli_writes_the_file(models, tmp_path, monkeypatch):
     result = _invoke(["compress", "-i", str(plain), "-o", "c.pth", "-s", "0.02", "-e", "3"], tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
     assert "wrote c.pth" in result.output
-    # [8, 16] nets: 136 multiply-adds per input against the table's 96, so the user is told
-    assert "note: these embedding nets are too small for tables to speed inference" in result.output
     meta = infer.load(tmp_path / "c.pth").metadata["compressed"]
     assert meta["step"] == 0.02 and meta["extrapolate"] == 3.0 and len(meta["tables"]) == 2
     from mtcore.show import describe
@@ -282,15 +280,3 @@ def test_united_file_keeps_every_head(tmp_path):
 def test_a_table_too_large_is_refused_before_it_is_built():
     with pytest.raises(MtcoreError, match=r"--step 1e-07: a table of .* would take .* GB"):
         TabulatedEmbedding.from_net(_net(), -1.0, 3.0, step=1e-7)
-
-
-def test_small_nets_get_a_speed_note(models):
-    """se_e3's [4, 8] net costs 1·4 + 4·8 = 36 multiply-adds per input, its table 6·8 = 48: slower."""
-    tables = models["se_e3"][2]["tables"]
-    assert {(t["net_multiply_adds"], t["table_multiply_adds"]) for t in tables} == {(36, 48)}
-    assert "too small for tables to speed inference" in models["se_e3"][2]["speed_note"]
-    # the example's [25, 50, 100] nets (1·25 + 25·50 + 50·100 = 6,275 against 600) are worth a table
-    big = {"net_multiply_adds": 6275, "table_multiply_adds": 600}
-    small = {"net_multiply_adds": 42, "table_multiply_adds": 48}
-    assert speed_note([big]) is None and speed_note([small, big]) is None
-    assert "largest: 42 multiply-adds per input, its table 48" in speed_note([small, small])
