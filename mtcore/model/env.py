@@ -95,21 +95,30 @@ def padding_rows(davg: torch.Tensor, dstd: torch.Tensor) -> torch.Tensor:
     return -davg / dstd
 
 
+def neighbor_slots(center: torch.Tensor, natoms: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each pair's slot among its centre's pairs (pairs sorted by center) and each atom's pair count."""
+    counts = torch.bincount(center, minlength=natoms)
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(center.numel(), device=center.device) - starts.index_select(0, center), counts
+
+
 def padded_positions(center: torch.Tensor, natoms: int) -> Tuple[torch.Tensor, int]:
     """Slot of each pair in a [natoms, maxnn] layout (pairs sorted by center) and maxnn."""
-    counts = torch.bincount(center, minlength=natoms)
+    slot, counts = neighbor_slots(center, natoms)
     maxnn = int(counts.max()) if counts.numel() > 0 and center.numel() > 0 else 1
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(center.numel(), device=center.device) - starts.index_select(0, center)
     return center * maxnn + slot, maxnn
+
+
+def scatter_rows(values: torch.Tensor, positions: torch.Tensor, nrows: int) -> torch.Tensor:
+    """Place per-pair rows [P, k] at ``positions`` of a zero-filled [nrows, k] tensor."""
+    out = torch.zeros(nrows, values.shape[1], dtype=values.dtype, device=values.device)
+    # in place on the fresh zeros: the out-of-place index_put would copy them first
+    return out.index_put_((positions,), values)
 
 
 def scatter_padded(values: torch.Tensor, positions: torch.Tensor, natoms: int, maxnn: int) -> torch.Tensor:
     """Place per-pair rows [P, k] into a zero-filled [natoms, maxnn, k] tensor."""
-    out = torch.zeros(natoms * maxnn, values.shape[1], dtype=values.dtype, device=values.device)
-    # in place on the fresh zeros: the out-of-place index_put would copy them first
-    out.index_put_((positions,), values)
-    return out.view(natoms, maxnn, values.shape[1])
+    return scatter_rows(values, positions, natoms * maxnn).view(natoms, maxnn, values.shape[1])
 
 
 def group_slices(key: torch.Tensor, ngroups: int) -> Tuple[torch.Tensor, List[int]]:

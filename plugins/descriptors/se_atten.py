@@ -54,7 +54,7 @@ from torch import nn
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, NeighborStat, SchemaContext, hookimpl
 from mtcore.model.descriptor import Descriptor, EmbeddingInput, StatSample
-from mtcore.model.env import env_statistics, kept_rows, padding_rows, scatter_padded
+from mtcore.model.env import env_statistics, kept_rows, neighbor_slots, padding_rows, scatter_rows
 from mtcore.model.mlp import Dense, EmbeddingNet, dtype_of, new_generator
 from mtcore.model.sel import resolve_sel
 from mtcore.model.tabulate import normalised_s_range
@@ -412,14 +412,13 @@ class DescrptSeAtten(Descriptor):
         tj = atype.index_select(0, neighbor.index_select(0, keep))
         normed = (rows - self.davg.index_select(0, ti)) / self.dstd.index_select(0, ti)
         emb = self._embed(normed[:, 0:1], rows[:, 0:1], tj, ti, table)
-        counts = torch.bincount(center, minlength=natoms)
-        slot = torch.arange(center.shape[0], device=center.device) - (torch.cumsum(counts, 0) - counts).index_select(0, center)
+        slot, counts = neighbor_slots(center, natoms)
         order, first_row, bounds, widths, extras, total = self._layout(counts)
         flat = first_row.index_select(0, center) + slot  # each pair's row in the flat layout
-        rows_flat = scatter_padded(normed, flat, total, 1).view(total, 4)
-        g_flat = scatter_padded(emb, flat, total, 1).view(total, self.dim_emb)
-        w_flat = scatter_padded(self._smooth_weight(rows[:, 0:1]), flat, total, 1).view(total, 1) if self.smooth \
-            else rows_flat[:, 0:1]
+        rows_flat = scatter_rows(normed, flat, total)
+        g_flat = scatter_rows(emb, flat, total)
+        # smooth weights laid out likewise; without smooth, an unused stand-in of the same shape
+        w_flat = scatter_rows(self._smooth_weight(rows[:, 0:1]), flat, total) if self.smooth else rows_flat[:, 0:1]
         sorted_counts = counts.index_select(0, order)
         parts: List[torch.Tensor] = []
         row = 0
