@@ -136,6 +136,16 @@ def _timing(event: str) -> None:
         print(f"MTCORE_TIMING {event} {time.time():.3f} {time.process_time():.3f}", file=sys.stderr, flush=True)
 
 
+def new_adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
+    """Adam, fused (one kernel over all tensors) where torch has the fused kernel for them.
+
+    torch's default on the CPU is a loop of eight element-wise operators per tensor: 5.6 ms a
+    step for water se_e2_a's 44 tensors against 1.9 ms fused (2-core AMD EPYC, one thread), a
+    tenth of an se_e2_r step. The two agree to rounding (9e-16 after a few steps)."""
+    fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=True) if fusable else torch.optim.Adam(params, lr=lr)
+
+
 class Trainer:
     def __init__(
         self,
@@ -515,7 +525,7 @@ class Trainer:
             unique = list({id(p): p for p in params}.values())
             if not unique:
                 raise MtcoreError(f"head '{name}': nothing is trainable (descriptor and fitting net both frozen)")
-            self.heads[name].optimizer = torch.optim.Adam(unique, lr=self.heads[name].schedule.start_lr)
+            self.heads[name].optimizer = new_adam(unique, self.heads[name].schedule.start_lr)
 
     # stepping ------------------------------------------------------------------------------
     @property
