@@ -117,6 +117,11 @@ class DeepPotential:
             self.head_metadata = self.metadata
         self.head = head or self.metadata.get("head")
         self.device = device
+        # On the CPU TorchScript's optimising executor makes a frozen model slower, not faster:
+        # its first calls take seconds (profiling, then a differentiable graph per shape), and
+        # later calls take 1.05-1.4x as long as the plain scripted code with autograd
+        # (benchmarks/bench_executor.py, docs/performance.md). Elsewhere it is left on (unmeasured).
+        self.optimize = torch.device(device).type != "cpu"
 
     @property
     def type_map(self) -> list[str]:
@@ -213,10 +218,11 @@ class DeepPotential:
         fp = self._parameters("fparam", fparam, self.numb_fparam, nframes, natoms)
         ap = self._parameters("aparam", aparam, self.numb_aparam, nframes, natoms)
         try:
-            if self.united:
-                out = self.module(torch.as_tensor(coord), types, cell, self.head, virial, fp, ap)
-            else:
-                out = self.module(torch.as_tensor(coord), types, cell, virial, fp, ap)
+            with torch.jit.optimized_execution(self.optimize):
+                if self.united:
+                    out = self.module(torch.as_tensor(coord), types, cell, self.head, virial, fp, ap)
+                else:
+                    out = self.module(torch.as_tensor(coord), types, cell, virial, fp, ap)
         except (torch.jit.Error, RuntimeError) as exc:
             message = _module_message(exc)
             if message is None:

@@ -277,3 +277,29 @@ def test_united_model_takes_external_neighbours_per_head(frozen, water_model):
     for key in ("energy", "force", "virial", "atom_energy"):
         assert torch.allclose(out[key], ref[key], atol=TOL, rtol=0), key
     assert "unknown head 'c'" in _message(lambda: united.forward_extended(ext, ext_type, 192, mapping, pairs=pairs, head="c"))
+
+
+def test_evaluate_runs_the_plain_scripted_code_on_the_cpu_with_the_same_numbers(frozen):
+    """On the CPU ``evaluate`` turns TorchScript's optimising executor off for its call (seconds
+    saved on the first calls, 5-40 % on later ones: benchmarks/bench_executor.py); what it
+    computes must not change, and the caller's own setting must come back afterwards."""
+    _, path = frozen
+    pot = infer.load(path)
+    seen = []
+    module = pot.module
+
+    def spy(*args):
+        seen.append(torch._C._get_graph_executor_optimize())
+        return module(*args)
+
+    pot.module = spy
+    coord, atype, box = water_frame(1)
+    coord = coord.numpy() + np.random.default_rng(3).normal(0, 0.05, coord.shape)
+    plain = pot.evaluate(coord, box.numpy(), atype.numpy())
+    assert seen == [False] and torch._C._get_graph_executor_optimize() is True
+    optimised = infer.load(path).module
+    with torch.jit.optimized_execution(True):
+        for _ in range(3):  # the profiling executor's first calls record, later ones run its graph
+            reference = optimised(torch.as_tensor(coord), atype, box, True, None, None)
+    for key in ("energy", "force", "virial", "atom_energy"):
+        assert np.allclose(plain[key], reference[key].numpy(), atol=TOL, rtol=0), key
