@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from mtcore.config import normalize
-from mtcore.data.dataset import DataSet
 from mtcore.data.loading import load_dataset
 from mtcore.data.neighbors import NeighborCache
 from mtcore.model.build import build_model

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import WATER, small_input
+from helpers import small_input
 from mtcore.config import detect_mode, load_config, normalize
 from mtcore.errors import MtcoreError
 

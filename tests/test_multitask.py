@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ from typer.testing import CliRunner
 from helpers import ENER, WATER, assert_nested_close, multi_task_input, predict, small_input, water_frame, write_input
 from mtcore import infer
 from mtcore.cli import app
-from mtcore.config import load_config, normalize
+from mtcore.config import normalize
 from mtcore.errors import MtcoreError
 from mtcore.freeze import freeze
 from mtcore.model.build import build_model

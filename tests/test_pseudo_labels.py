@@ -16,7 +16,8 @@ from mtcore.train.init_source import load_init_source
 from mtcore.train.trainer import Trainer
 
 from helpers import predict
-from test_extend_model import QUIET, data, extended_input, few_frames, make_trainer, source_path  # noqa: F401 (fixtures)
+from test_extend_model import QUIET, extended_input, few_frames, make_trainer
+from test_extend_model import data, source_path  # noqa: F401 (pytest fixtures used by name)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ENER, ROOT, WATER, model_with_stats, multi_task_input, predict, small_input, water_frame
+from helpers import ROOT, WATER, model_with_stats, multi_task_input, predict, small_input, water_frame
 from mtcore.config import normalize
 from mtcore.model.env import smooth_weight
 from mtcore.model.frozen import FrozenModel

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,6 @@ import torch
 
 from helpers import SE_E2_A, WATER, model_with_stats, multi_task_input, small_input, water_frame
 from mtcore.config import normalize
-from mtcore.data.dataset import DataSet
 from mtcore.data.loading import load_dataset, pooled_neighbor_stat
 from mtcore.data import neighbors
 from mtcore.data.neighbors import NeighborCache
