@@ -207,8 +207,10 @@ def pairs_of(
     """(center, neighbor, image, distance) of the pairs within rcut around ``centres`` (atom
     indices), sorted by (center, neighbour type, distance, neighbour index).
 
-    Each centre is compared with the atoms of the bins within ``reach``: a loop over those bin
-    offsets (27 in a cell wider than 2·rcut), vectorised over centres and candidates.
+    Each centre is compared with the atoms of the bins within ``reach`` (27 bin offsets in a cell
+    wider than 2·rcut): one row per (centre, offset), the candidates of a block of rows gathered
+    at once, so a small frame takes a few vectorised operations instead of some per offset, and a
+    large one keeps its temporaries small.
     """
     pos, cell_of, bin3, nbins, reach, by_bin, counts, starts, strides, cell_vectors, periodic = bins
     device = pos.device
@@ -219,43 +221,56 @@ def pairs_of(
     px = pos[:, 0].index_select(0, by_bin)
     py = pos[:, 1].index_select(0, by_bin)
     pz = pos[:, 2].index_select(0, by_bin)
-    home = bin3.index_select(0, centres)
-    mine = pos.index_select(0, centres)
+    offsets = _offsets(reach, device)
+    k = offsets.shape[0]
+    raw = (bin3.index_select(0, centres).unsqueeze(1) + offsets.unsqueeze(0)).reshape(-1, 3)  # [m·k, 3]
+    owner = torch.arange(m, device=device).repeat_interleave(k)  # row → centre position
+    mine = pos.index_select(0, centres).index_select(0, owner)
+    if periodic:
+        wrap = torch.div(raw, nbins, rounding_mode="floor")
+        other = raw - wrap * nbins
+        bin_index = (other * strides).sum(1)
+        many = counts.index_select(0, bin_index)
+        img = wrap.to(dtype)
+        # the centre moved by minus the image shift: r_ij = pos_j - (pos_i - wrap_i @ box)
+        q = mine - img @ cell_vectors
+        moved = (wrap != 0).any(1)
+    else:
+        valid = ((raw >= 0) & (raw < nbins)).all(1)
+        other = torch.minimum(raw.clamp(min=0), nbins - 1)
+        bin_index = (other * strides).sum(1)
+        many = torch.where(valid, counts.index_select(0, bin_index), torch.zeros_like(bin_index))
+        img = torch.zeros(raw.shape[0], 3, dtype=dtype, device=device)
+        q = mine
+        moved = torch.zeros(raw.shape[0], dtype=torch.bool, device=device)
+    first_all = torch.cumsum(many, 0) - many
+    base_all = starts.index_select(0, bin_index) - first_all
     centers: List[torch.Tensor] = []
     neighbors: List[torch.Tensor] = []
     image_rows: List[torch.Tensor] = []
     dists: List[torch.Tensor] = []
-    for offset in _offsets(reach, device):
-        raw = home + offset
-        if periodic:
-            wrap = torch.div(raw, nbins, rounding_mode="floor")
-            other = raw - wrap * nbins
-            many = counts.index_select(0, (other * strides).sum(1))
-            img = wrap.to(dtype)
-            # the centre moved by minus the image shift: r_ij = pos_j - (pos_i - wrap_i @ box)
-            q = mine - img @ cell_vectors
-            moved = (wrap != 0).any(1)
-        else:
-            valid = ((raw >= 0) & (raw < nbins)).all(1)
-            other = torch.minimum(raw.clamp(min=0), nbins - 1)
-            many = torch.where(valid, counts.index_select(0, (other * strides).sum(1)), torch.zeros_like(centres))
-            img = torch.zeros(m, 3, dtype=dtype, device=device)
-            q = mine
-            moved = torch.zeros(m, dtype=torch.bool, device=device)
-        total = int(many.sum())
+    nrows = raw.shape[0]
+    # rows in blocks: one block for a small frame (few operations), bounded temporaries (that stay
+    # in cache) for a large one (a local: TorchScript reads no module globals)
+    block = 4096
+    for lo in range(0, nrows, block):
+        hi = min(nrows, lo + block)
+        block_many = many[lo:hi]
+        total = int(block_many.sum())
         if total == 0:
             continue
-        first = torch.cumsum(many, 0) - many
-        base = starts.index_select(0, (other * strides).sum(1)) - first
-        slot = torch.arange(total, device=device) + torch.repeat_interleave(base, many, output_size=total)
-        row = torch.repeat_interleave(torch.arange(m, device=device), many, output_size=total)
+        # candidate slots: consecutive within each row's bin; base_all makes the running count
+        # over all rows land on the bin's first slot
+        slot = torch.arange(total, device=device) + int(first_all[lo]) + torch.repeat_interleave(
+            base_all[lo:hi], block_many, output_size=total)
+        row = torch.repeat_interleave(torch.arange(lo, hi, device=device), block_many, output_size=total)
         dx = px.index_select(0, slot) - q[:, 0].index_select(0, row)
         dy = py.index_select(0, slot) - q[:, 1].index_select(0, row)
         dz = pz.index_select(0, slot) - q[:, 2].index_select(0, row)
         d2 = dx * dx + dy * dy + dz * dz
         idx = torch.nonzero(d2 < rc2).squeeze(1)
         ri = row.index_select(0, idx)
-        ci = centres.index_select(0, ri)
+        ci = centres.index_select(0, owner.index_select(0, ri))
         cj = by_bin.index_select(0, slot.index_select(0, idx))
         d2 = d2.index_select(0, idx)
         real = torch.nonzero((cj != ci) | moved.index_select(0, ri)).squeeze(1)  # not the atom itself
