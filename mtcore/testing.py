@@ -659,7 +659,10 @@ def _freeze_round_trip(descriptor: Descriptor, fitting: Fitting, type_map: List[
     for frame in frames:
         inputs = inputs or _Inputs(fitting, len(type_map))
         eager = _head_pass(model, "kit", frame, inputs)
-        frozen = loaded(frame.coord, frame.atype, frame.box, True, inputs.fparam(frame), inputs.aparam(frame))
+        # called as mtcore.infer calls frozen files on the CPU (no optimising executor: the same
+        # numbers, without seconds of profiling per new frame shape)
+        with torch.jit.optimized_execution(False):
+            frozen = loaded(frame.coord, frame.atype, frame.box, True, inputs.fparam(frame), inputs.aparam(frame))
         pairs = [(odef.atomic_key, odef.atomic_key)]
         if reduction_of(odef) == "none":
             if odef.global_key in frozen:
