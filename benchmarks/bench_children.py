@@ -126,7 +126,7 @@ def infer(spec: dict) -> dict:
 
     from mtcore.compress import compress
     from mtcore.errors import MtcoreError
-    from mtcore.freeze import freeze
+    from mtcore.freeze import freeze, frozen_execution
     from mtcore.runtime import tune_allocator
 
     threads = _threads()
@@ -159,7 +159,7 @@ def infer(spec: dict) -> dict:
         if why_not is None:
             modules["compressed"] = torch.jit.load(str(packed))
     outs, best, best_cpu = {}, {}, {}
-    with torch.jit.optimized_execution(False):  # as mtcore.infer calls frozen files on the CPU
+    with frozen_execution("cpu"):  # as mtcore.infer calls frozen files
         for name, module in modules.items():
             for _ in range(2):
                 outs[name] = module(coord, atype, box)

@@ -110,14 +110,14 @@ def compare(plain: Path, packed: Path, atoms: int, rounds: int, floor: Path = No
     models' results (a check that the timed calls compute the same thing)."""
     import statistics
 
-    import torch
+    from mtcore.freeze import frozen_execution
 
     modules = {"plain": load(plain), "compressed": load(packed)}
     if floor is not None:
         modules["floor"] = load(floor)
     frame = replicated_water(REPS[atoms])
     outs = {}
-    with torch.jit.optimized_execution(False):  # as mtcore.infer calls frozen files on the CPU
+    with frozen_execution("cpu"):  # as mtcore.infer calls frozen files
         for name, module in modules.items():  # warm-up
             for _ in range(2 if atoms <= 1536 else 1):
                 outs[name] = module(*frame)
@@ -145,9 +145,11 @@ def compare(plain: Path, packed: Path, atoms: int, rounds: int, floor: Path = No
 def profile(path: Path, atoms: int, label: str, top: int) -> str:
     import torch
 
+    from mtcore.freeze import frozen_execution
+
     module = load(path)
     frame = replicated_water(REPS[atoms])
-    with torch.jit.optimized_execution(False):  # as mtcore.infer calls frozen files on the CPU
+    with frozen_execution("cpu"):  # as mtcore.infer calls frozen files
         module(*frame)
         with torch.profiler.profile() as prof:
             module(*frame)

@@ -84,6 +84,7 @@ def child(atoms: int, precision: str, repeats: int, chunk: int) -> dict:
     """Runs in its own process: build, warm up, time; report ms per frame and this process's peak RSS."""
     import torch
 
+    from mtcore.freeze import frozen_execution
     from mtcore.runtime import tune_allocator
 
     tune_allocator()
@@ -91,7 +92,7 @@ def child(atoms: int, precision: str, repeats: int, chunk: int) -> dict:
     if chunk > 0:
         module.set_chunk_atoms(chunk)
     coord, atype, box = replicated_water(SIZES[atoms])
-    with torch.jit.optimized_execution(False):  # as mtcore.infer calls frozen files on the CPU
+    with frozen_execution("cpu"):  # as mtcore.infer calls frozen files
         module(coord, atype, box)  # warm-up
         if atoms <= 1536:
             module(coord, atype, box)

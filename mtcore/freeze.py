@@ -65,6 +65,15 @@ def load_frozen(path: Path, device: str = "cpu") -> tuple[torch.jit.ScriptModule
     return module, json.loads(extra[METADATA_FILE] or "{}")
 
 
+def frozen_execution(device: str = "cpu"):
+    """The context a frozen file is called in: on the CPU without TorchScript's optimising
+    executor. There its first calls take seconds (profiling, then a differentiable graph per
+    shape) and later calls take 1.05-1.4x as long as the plain scripted code with autograd
+    (benchmarks/bench_executor.py, docs/performance.md); elsewhere it is left on (unmeasured).
+    The setting is per thread and restored on exit."""
+    return torch.jit.optimized_execution(torch.device(device).type != "cpu")
+
+
 def head_metadata(model: MultiHeadModel, document: dict, head: str, multi_task: bool,
                   provenance: Optional[dict] = None) -> dict:
     fitting = model.heads[head]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mtcore.errors import MtcoreError
-from mtcore.freeze import load_frozen
+from mtcore.freeze import frozen_execution, load_frozen
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -117,11 +117,6 @@ class DeepPotential:
             self.head_metadata = self.metadata
         self.head = head or self.metadata.get("head")
         self.device = device
-        # On the CPU TorchScript's optimising executor makes a frozen model slower, not faster:
-        # its first calls take seconds (profiling, then a differentiable graph per shape), and
-        # later calls take 1.05-1.4x as long as the plain scripted code with autograd
-        # (benchmarks/bench_executor.py, docs/performance.md). Elsewhere it is left on (unmeasured).
-        self.optimize = torch.device(device).type != "cpu"
 
     @property
     def type_map(self) -> list[str]:
@@ -218,7 +213,7 @@ class DeepPotential:
         fp = self._parameters("fparam", fparam, self.numb_fparam, nframes, natoms)
         ap = self._parameters("aparam", aparam, self.numb_aparam, nframes, natoms)
         try:
-            with torch.jit.optimized_execution(self.optimize):
+            with frozen_execution(self.device):
                 if self.united:
                     out = self.module(torch.as_tensor(coord), types, cell, self.head, virial, fp, ap)
                 else:

@@ -646,6 +646,8 @@ def check_descriptor(
 def _freeze_round_trip(descriptor: Descriptor, fitting: Fitting, type_map: List[str], frames: List[Frame],
                        inputs: "Optional[_Inputs]" = None) -> None:
     """FrozenModel scripted, saved, loaded with torch.jit.load, compared with the eager model."""
+    from mtcore.freeze import frozen_execution
+
     model = MultiHeadModel(descriptor, {"kit": fitting}, type_map)
     odef = fitting.output_def()
     scripted = _script(FrozenModel(descriptor, fitting, type_map, "kit", "{}"))
@@ -659,9 +661,7 @@ def _freeze_round_trip(descriptor: Descriptor, fitting: Fitting, type_map: List[
     for frame in frames:
         inputs = inputs or _Inputs(fitting, len(type_map))
         eager = _head_pass(model, "kit", frame, inputs)
-        # called as mtcore.infer calls frozen files on the CPU (no optimising executor: the same
-        # numbers, without seconds of profiling per new frame shape)
-        with torch.jit.optimized_execution(False):
+        with frozen_execution("cpu"):  # as mtcore.infer calls frozen files
             frozen = loaded(frame.coord, frame.atype, frame.box, True, inputs.fparam(frame), inputs.aparam(frame))
         pairs = [(odef.atomic_key, odef.atomic_key)]
         if reduction_of(odef) == "none":
