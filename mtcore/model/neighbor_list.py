@@ -243,8 +243,7 @@ def pairs_of(
         img = torch.zeros(raw.shape[0], 3, dtype=dtype, device=device)
         q = mine
         moved = torch.zeros(raw.shape[0], dtype=torch.bool, device=device)
-    first_all = torch.cumsum(many, 0) - many
-    base_all = starts.index_select(0, bin_index) - first_all
+    first_slot = starts.index_select(0, bin_index)  # each row's bin starts here in bin order
     centers: List[torch.Tensor] = []
     neighbors: List[torch.Tensor] = []
     image_rows: List[torch.Tensor] = []
@@ -259,10 +258,9 @@ def pairs_of(
         total = int(block_many.sum())
         if total == 0:
             continue
-        # candidate slots: consecutive within each row's bin; base_all makes the running count
-        # over all rows land on the bin's first slot
-        slot = torch.arange(total, device=device) + int(first_all[lo]) + torch.repeat_interleave(
-            base_all[lo:hi], block_many, output_size=total)
+        # candidate slots: consecutive from each row's first slot
+        base = first_slot[lo:hi] - (torch.cumsum(block_many, 0) - block_many)
+        slot = torch.arange(total, device=device) + torch.repeat_interleave(base, block_many, output_size=total)
         row = torch.repeat_interleave(torch.arange(lo, hi, device=device), block_many, output_size=total)
         dx = px.index_select(0, slot) - q[:, 0].index_select(0, row)
         dy = py.index_select(0, slot) - q[:, 1].index_select(0, row)
