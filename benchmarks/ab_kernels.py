@@ -24,6 +24,8 @@ shared machine fall on all of them; the median per variant and its ratio to ``be
 
 from __future__ import annotations
 
+import mtcore  # noqa: F401  first: MKL's kernels are chosen when torch loads (mtcore/mkl_dispatch.py)
+
 import argparse
 import json
 import os

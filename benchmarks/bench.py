@@ -46,6 +46,8 @@ is explained under the tables.
 
 from __future__ import annotations
 
+import mtcore  # noqa: F401  first: MKL's kernels are chosen when torch loads (mtcore/mkl_dispatch.py)
+
 import argparse
 import copy
 import json
@@ -186,10 +188,23 @@ def last_line(text: str) -> str:
     return lines[-1][:200] if lines else "?"
 
 
+#: set by --deepmd-mkl-answer: DeePMD-kit's children preload mtcore's answer to MKL's vendor check
+DEEPMD_PRELOAD: list[str] = []
+
+
 def thread_env(threads: int) -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                DP_INTRA_OP_PARALLELISM_THREADS=str(threads), DP_INTER_OP_PARALLELISM_THREADS="1")
+    return env
+
+
+def deepmd_env(threads: int) -> dict:
+    """thread_env, plus LD_PRELOAD of mtcore's MKL answer with --deepmd-mkl-answer (the same
+    MKL kernels mtcore gets on an AMD processor; mtcore/mkl_dispatch.py)."""
+    env = thread_env(threads)
+    if DEEPMD_PRELOAD:
+        env["LD_PRELOAD"] = " ".join(DEEPMD_PRELOAD + env.get("LD_PRELOAD", "").split())
     return env
 
 
@@ -221,7 +236,7 @@ def deepmd_child(dp: Path, doc: dict, workdir: Path, steps: int, warmup: int, th
     training.pop("max_ckpt_keep", None)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "input.json").write_text(json.dumps(doc, indent=1))
-    env = thread_env(threads)
+    env = deepmd_env(threads)
     env["NUM_WORKERS"] = str(workers)
     if not default_malloc:
         env.update(MALLOC_MMAP_THRESHOLD_=str(2**31 - 1), MALLOC_TRIM_THRESHOLD_=str(2**31 - 1))
@@ -362,7 +377,7 @@ def deepmd_infer(dp: Path, folder: Path, tag: str, round_: int, args, limits: di
     benchmarks/deepmd_infer_child.py (``DeepPot.eval``, best of --infer-repeats calls)."""
     python = dp.with_name("python")
     frozen, packed = folder / f"dp-frozen-{tag}.pth", folder / f"dp-compressed-{tag}.pth"
-    env = thread_env(args.threads)
+    env = deepmd_env(args.threads)
     if not frozen.exists():
         trained = folder / f"dp-{tag}-{round_}"
         run = run_measured([str(dp), "--pt", "freeze", "-o", str(frozen)], trained, env, limits, folder / "dp-freeze.log")
@@ -564,12 +579,13 @@ def header(args, dp: Optional[Path]) -> str:
     if dp is not None:
         version = subprocess.run([str(dp), "--version"], capture_output=True, text=True).stdout.strip() or "?"
         dp_text = (f"DeePMD-kit: {dp} ({last_line(version)}), NUM_WORKERS={args.deepmd_workers}, allocator "
-                   + ("default" if args.deepmd_default_malloc else "as mtcore's (MALLOC_*_THRESHOLD_)"))
+                   + ("default" if args.deepmd_default_malloc else "as mtcore's (MALLOC_*_THRESHOLD_)")
+                   + (", MKL vendor check answered as mtcore's (LD_PRELOAD)" if DEEPMD_PRELOAD else ""))
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"{cpu}, {os.cpu_count()} cores, {total_memory_gb():.0f} GB; torch {torch.__version__}; "
             f"{args.threads} thread(s) per run, at most {args.mem_gb:g} GB resident; "
             f"load average {load}; {args.steps} timed steps after {args.warmup} (fewer at larger batches), "
-            f"best of {args.rounds} round(s); {dp_text}")
+            f"best of {args.rounds} round(s); mtcore's MKL dispatch: {mtcore.mkl_dispatch.status}; {dp_text}")
 
 
 def main() -> None:
@@ -586,6 +602,9 @@ def main() -> None:
     parser.add_argument("--deepmd-batch", action="store_true", help="DeePMD-kit's batch curve too (slow)")
     parser.add_argument("--deepmd-default-malloc", action="store_true",
                         help="run DeePMD-kit with glibc's default allocator settings (mtcore keeps its own)")
+    parser.add_argument("--deepmd-mkl-answer", action="store_true",
+                        help="preload mtcore's answer to MKL's vendor check in DeePMD-kit's runs too (LD_PRELOAD): "
+                             "both codes then get MKL's AVX2/AVX-512 kernels on an AMD processor")
     parser.add_argument("--deepmd-workers", type=int, default=0, help="DeePMD-kit's NUM_WORKERS (default 0: one process)")
     parser.add_argument("--deepmd-infer", action="store_true",
                         help="DeePMD-kit's inference frames/s too (dp --pt freeze, and compress where it can)")
@@ -604,6 +623,12 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work folder (inputs, logs, models)")
     parser.add_argument("--tables-from", metavar="JSONL", help="print the tables of an earlier --json run's output and stop")
     args = parser.parse_args()
+    if args.deepmd_mkl_answer:
+        from mtcore import mkl_dispatch
+
+        if not mkl_dispatch.status.startswith("on") or not mkl_dispatch.library_path().exists():
+            parser.error(f"--deepmd-mkl-answer: mtcore's MKL answer is not in use here ({mkl_dispatch.status})")
+        DEEPMD_PRELOAD.append(str(mkl_dispatch.library_path()))
     if args.tables_from:
         print("\n".join(tables_from(args, Path(args.tables_from))))
         return

@@ -11,6 +11,8 @@ written by bench.py; the keys are read below.
 
 from __future__ import annotations
 
+import mtcore  # noqa: F401  first: MKL's kernels are chosen when torch loads (mtcore/mkl_dispatch.py)
+
 import json
 import os
 import resource

@@ -20,6 +20,8 @@ Threads: OMP_NUM_THREADS / torch.set_num_threads (1 by default).
 
 from __future__ import annotations
 
+import mtcore  # noqa: F401  first: MKL's kernels are chosen when torch loads (mtcore/mkl_dispatch.py)
+
 import argparse
 import json
 import os

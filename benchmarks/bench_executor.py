@@ -24,6 +24,8 @@ start-up), then the median and best of the remaining calls; CPU time of the proc
 
 from __future__ import annotations
 
+import mtcore  # noqa: F401  first: MKL's kernels are chosen when torch loads (mtcore/mkl_dispatch.py)
+
 import argparse
 import json
 import statistics

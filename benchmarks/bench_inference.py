@@ -28,6 +28,8 @@ out of memory is reported as such instead of bringing the machine down.
 
 from __future__ import annotations
 
+import mtcore  # noqa: F401  first: MKL's kernels are chosen when torch loads (mtcore/mkl_dispatch.py)
+
 import argparse
 import json
 import os

@@ -24,6 +24,8 @@ ru_maxrss (wait4), which counts file pages mapped and touched; peak RssAnon (sam
 
 from __future__ import annotations
 
+import mtcore  # noqa: F401  first: MKL's kernels are chosen when torch loads (mtcore/mkl_dispatch.py)
+
 import argparse
 import json
 import os

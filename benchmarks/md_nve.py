@@ -9,6 +9,8 @@ against time, in meV/atom/ps. Prints one line per engine.
 
 from __future__ import annotations
 
+import mtcore  # noqa: F401  first: MKL's kernels are chosen when torch loads (mtcore/mkl_dispatch.py)
+
 import argparse
 import tempfile
 import time

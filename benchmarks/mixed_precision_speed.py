@@ -12,6 +12,8 @@ round, the median, and the ratio to float64. Report ``uptime``'s load average be
 
 from __future__ import annotations
 
+import mtcore  # noqa: F401  first: MKL's kernels are chosen when torch loads (mtcore/mkl_dispatch.py)
+
 import argparse
 import json
 import os

@@ -15,6 +15,8 @@ levels are analytic and exact, with forces by autograd:
 
 from __future__ import annotations
 
+import mtcore  # noqa: F401  first: MKL's kernels are chosen when torch loads (mtcore/mkl_dispatch.py)
+
 import shutil
 from pathlib import Path
 

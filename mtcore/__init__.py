@@ -9,6 +9,11 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# before anything loads torch: MKL's choice of kernels is made when torch's library is loaded
+from mtcore import mkl_dispatch  # noqa: E402
+
+mkl_dispatch.enable()
+
 from mtcore.errors import MtcoreError  # noqa: E402
 
 __all__ = ["MtcoreError", "__version__"]
