@@ -33,7 +33,10 @@ intervals; validation_data is removed from its input (its validation batches wou
 the timed intervals) and ``NUM_WORKERS=0`` (one process, the resources mtcore gets). Both get
 ``--threads`` threads (OMP_NUM_THREADS, torch, DP_INTRA_OP_PARALLELISM_THREADS) and the same
 glibc allocator setting (mtcore's CLI raises the mmap/trim thresholds; DeePMD-kit gets
-``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` unless ``--deepmd-default-malloc``).
+``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` unless ``--deepmd-default-malloc``). On an AMD
+processor mtcore answers MKL's vendor check (mtcore/mkl_dispatch.py) and so runs MKL's AVX2/AVX-512
+kernels; DeePMD-kit runs MKL's generic path as its users get it, unless ``--deepmd-mkl-answer``
+preloads the same library into its runs (the header line says which).
 Rounds alternate the codes (mtcore, then DeePMD-kit, run by run, case by case), since a shared
 machine's speed drifts; every figure is the BEST over ``--rounds`` (least disturbed; peak RSS:
 the largest). A child is stopped above ``--mem-gb`` resident (default half the machine; se_atten
