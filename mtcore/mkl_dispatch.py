@@ -3,9 +3,9 @@
 Why: torch's x86-64 wheels do their matrix products in MKL, and MKL chooses its fast code paths
 only after asking whether the processor is an Intel one. On an AMD processor it takes a generic
 path instead. On the 2-core AMD EPYC (Zen 4) development machine the float64 products of an
-embedding net ([17,000 × 50] by [50 × 100]) take 8.9 ms on the generic path and 4.6 ms on the
-AVX-512 one, and a water se_e2_a training step is about a quarter faster
-(benchmarks/bench_mkl_dispatch.py).
+embedding net ([17,000 × 50] by [50 × 100]) take 11.4 ms on the generic path and 5.0 ms on the
+AVX-512 one, and a water se_e2_a float64 training step is 1.35× faster
+(benchmarks/bench_mkl_dispatch.py, docs/performance.md).
 
 How: MKL asks through two exported functions, ``mkl_serv_intel_cpu`` and
 ``mkl_serv_intel_cpu_true``. A two-line library that answers "yes" to both, loaded with

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import pytest
 from mtcore import mkl_dispatch
 
 ON_AMD_LINUX = sys.platform.startswith("linux") and mkl_dispatch.cpu_vendor() == "AuthenticAMD"
-HAS_CC = bool(os.environ.get("CC") or __import__("shutil").which("cc") or __import__("shutil").which("gcc"))
+HAS_CC = bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc"))
 
 
 def test_opt_out_and_other_processors(monkeypatch):
