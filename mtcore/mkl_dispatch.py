@@ -23,28 +23,21 @@ Results agree with the generic path to rounding (tests/test_mkl_dispatch.py).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
+from mtcore import native
+
 SOURCE = "int mkl_serv_intel_cpu(void) { return 1; }\nint mkl_serv_intel_cpu_true(void) { return 1; }\n"
+FLAGS = ("-O2",)
 
 #: what enable() decided, for `mtcore show`-style reports and tests
 status = "not tried"
 
-
-def cache_dir() -> Path:
-    """$MTCORE_CACHE_DIR, else $XDG_CACHE_HOME/mtcore, else ~/.cache/mtcore."""
-    if os.environ.get("MTCORE_CACHE_DIR"):
-        return Path(os.environ["MTCORE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mtcore"
+cache_dir = native.cache_dir
 
 
 def cpu_vendor() -> Optional[str]:
@@ -60,30 +53,13 @@ def cpu_vendor() -> Optional[str]:
 
 
 def library_path() -> Path:
-    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:12]
-    return cache_dir() / f"mkl_cpu_answer-{digest}-{platform.machine()}.so"
+    """Where the answering library is cached (benchmarks preload it into DeePMD-kit's runs)."""
+    return native.library_path("mkl_cpu_answer", SOURCE, FLAGS)
 
 
 def build_library(target: Path) -> Optional[str]:
-    """Compile SOURCE into ``target`` (atomically: a half-written file is never loaded);
-    None on success, else why not."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        return "no C compiler"
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            src = Path(tmp) / "answer.c"
-            src.write_text(SOURCE)
-            built = Path(tmp) / "answer.so"
-            run = subprocess.run([compiler, "-shared", "-fPIC", "-O2", "-o", str(built), str(src)],
-                                 capture_output=True, text=True, timeout=60)
-            if run.returncode != 0 or not built.exists():
-                return f"{compiler} failed: {(run.stderr or run.stdout).strip()[:200]}"
-            os.replace(built, target)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"could not build {target}: {exc}"
-    return None
+    """Compile SOURCE into ``target``; None on success, else why not."""
+    return native.build_library(SOURCE, target, FLAGS)
 
 
 def enable() -> str:
@@ -105,11 +81,9 @@ def _enable() -> str:
         return f"not needed ({vendor or 'unknown'} processor)"
     if "torch" in sys.modules:
         return "too late (torch was loaded before mtcore)"
-    target = library_path()
-    if not target.exists():
-        why = build_library(target)
-        if why is not None:
-            return f"off ({why})"
+    target, why = native.cached_library("mkl_cpu_answer", SOURCE, FLAGS)
+    if target is None:
+        return f"off ({why})"
     try:
         ctypes.CDLL(str(target), mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:
