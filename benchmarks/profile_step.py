@@ -87,6 +87,12 @@ def main() -> None:
         elapsed = time.perf_counter() - t0
     print(f"{args.case}: {1000 * elapsed / args.steps:.1f} ms/step under the profiler, {torch.get_num_threads()} threads")
     averages = prof.key_averages(group_by_input_shape=args.shapes)
+    if args.shapes:  # one line per (operator, shapes): ms per step, calls per step, shapes
+        rows = sorted(averages, key=lambda e: -e.self_cpu_time_total)[: args.rows]
+        for e in rows:
+            print(f"{e.self_cpu_time_total / 1000 / args.steps:8.2f} ms {e.count / args.steps:6.1f}x  "
+                  f"{e.key[:40]:40s} {str(e.input_shapes)[:90]}")
+        return
     print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
 
 

@@ -88,7 +88,7 @@ def water_frame(index: int = 0, system: str = "data_0"):
     return torch.tensor(coord), torch.tensor(atype), torch.tensor(box)
 
 
-def predict(model, head: str, coord, atype, box, want_virial: bool = True) -> dict:
+def predict(model, head: str, coord, atype, box, want_virial: bool = True, create_graph: bool = False) -> dict:
     """Evaluate ``model`` (MultiHeadModel) on one or more frames, building neighbour lists in torch."""
     coord = coord.reshape(-1, atype.shape[-1], 3).to(torch.float64)
     nframes = coord.shape[0]
@@ -97,7 +97,7 @@ def predict(model, head: str, coord, atype, box, want_virial: bool = True) -> di
     center, neighbor, image = batch_neighbor_list(coord, atype, box, model.rcut, model.ntypes)
     conservative = model.heads[head].output_def().conservative
     return model(head, coord, atype, box, center, neighbor, image, want_force=conservative,
-                 want_virial=want_virial and conservative)
+                 want_virial=want_virial and conservative, create_graph=create_graph)
 
 
 def random_rotation(seed: int = 0) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mtcore.errors import MtcoreError
+from mtcore.model import tangent_embedding
 from mtcore.model.fast_tanh import Tanh
 
 PRECISIONS = {
@@ -161,6 +162,10 @@ class EmbeddingNet(nn.Module):
         self.mixed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            fused = self._with_tangent(x)
+            if fused is not None:
+                return fused
         if self.mixed:  # training/mixed_precision: one cast in, the whole net narrow, one cast out
             h = x.to(self.compute_dtype)
             for block in self.blocks:
@@ -169,6 +174,11 @@ class EmbeddingNet(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
+
+    @torch.jit.unused
+    def _with_tangent(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """In force training, the net with its input derivative fused (tangent_embedding.py)."""
+        return tangent_embedding.embed(self, x)
 
 
 class FittingMLP(nn.Module):

@@ -36,6 +36,7 @@ from mtcore.errors import MtcoreError
 from mtcore.model.delta import DeltaFitting
 from mtcore.model.build import build_losses, build_model, head_requirements, update_sel
 from mtcore.model.loss import Loss
+from mtcore.model import tangent_embedding
 from mtcore.model.model import MultiHeadModel
 from mtcore.plugins import Registry, get_registry
 from mtcore.train.best import BestTracker, fixed_frames, pooled_rmse
@@ -577,14 +578,22 @@ class Trainer:
         lr = runtime.schedule.value(self.step)
         for group in runtime.optimizer.param_groups:
             group["lr"] = lr
-        pred = self._predict(head, batch, create_graph=True)
+        # the loss needs first derivatives in the coordinates only: the embedding nets may carry
+        # their input derivative forward instead of being differentiated twice (tangent_embedding.py)
+        with tangent_embedding.force_training(runtime.loss.needs_force() or runtime.loss.needs_virial()):
+            pred = self._predict(head, batch, create_graph=True)
         atype = batch.atype.to(self.device)
         loss, _ = runtime.loss(pred, labels_on(batch, self.device), batch.find, atype, lr / runtime.schedule.start_lr)
         what = None
         if not bool(torch.isfinite(loss.detach())):
             what = f"loss {float(loss.detach())}"
         else:
-            loss.backward()
+            # only toward this head's trainable parameters: a plain backward() also runs the
+            # whole first-order graph back to the coordinates (their .grad is never read),
+            # 7-10 % of a force-trained step (benchmarks/ab_step.py)
+            trainable = [p for group in runtime.optimizer.param_groups for p in group["params"] if p.requires_grad]
+            if trainable:
+                loss.backward(inputs=trainable)
         if self.group.enabled:  # every rank takes the same decision (one all_reduce)
             what = self._average_gradients(runtime, what)
         if what is None:

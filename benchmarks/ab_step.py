@@ -1,0 +1,127 @@
+"""A/B of the training step's backward, in one process: what each change of 2026-12-03 is worth.
+
+    OMP_NUM_THREADS=1 python benchmarks/ab_step.py --case water/se_e2_a --rounds 40 [--precision float32]
+
+Variants, each a training step of the same trainer (the weights move on; the timing does not care):
+
+- ``before``: ``loss.backward()`` over the whole graph (also back to the coordinates, whose
+  gradient nobody reads) and the embedding nets differentiated twice by autograd;
+- ``inputs``: the backward only toward the head's trainable parameters
+  (``loss.backward(inputs=...)``), nets as before;
+- ``after``: that, and the nets' value and input derivative computed together
+  (mtcore/model/tangent_embedding.py): what mtcore does now.
+
+Before timing, the parameter gradients of one batch are computed under each variant and compared
+(largest difference relative to the largest gradient entry, per parameter), so a speed-up that
+changed the numbers would show. The variants alternate step by step (order reversed every other
+round), so slow spells of a shared machine fall on all of them; the median per variant and its
+ratio to ``before`` are printed.
+"""
+
+from __future__ import annotations
+
+import mtcore  # noqa: F401  first: MKL's kernels are chosen when torch loads (mtcore/mkl_dispatch.py)
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+VARIANTS = ("before", "inputs", "after")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", default="water/se_e2_a")
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--precision", default=None, help="set descriptor and fitting precision")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from " + ",".join(VARIANTS))
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    from rich.console import Console
+
+    from bench import fittings
+    from mtcore.config import load_config
+    from mtcore.model import tangent_embedding
+    from mtcore.runtime import tune_allocator
+    from mtcore.train.trainer import Trainer, labels_on
+    from profile_step import ROOT, prepared_input
+
+    tune_allocator()
+    variants = [v for v in args.variants.split(",") if v]
+    print(f"fused embedding path: {tangent_embedding.status()}")
+    backward, embed = torch.Tensor.backward, tangent_embedding.embed
+
+    def whole_graph_backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+        return backward(self, gradient, retain_graph, create_graph)
+
+    def use(variant: str) -> None:
+        torch.Tensor.backward = whole_graph_backward if variant == "before" else backward
+        tangent_embedding.embed = embed if variant == "after" else (lambda net, x: None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = prepared_input(ROOT / "examples" / args.case / "input.json", 10**6, Path(tmp))
+        doc = json.loads(path.read_text())
+        if args.precision:
+            doc["model"]["descriptor"]["precision"] = args.precision
+            for fit in fittings(doc["model"]):
+                fit["precision"] = args.precision
+        path.write_text(json.dumps(doc))
+        trainer = Trainer(load_config(path), path.parent, Console(file=open(os.devnull, "w")))
+
+        def gradients(variant: str, head: str, batch) -> list[torch.Tensor]:
+            use(variant)
+            runtime = trainer.heads[head]
+            params = [p for g in runtime.optimizer.param_groups for p in g["params"] if p.requires_grad]
+            trainer.model.zero_grad(set_to_none=True)
+            with tangent_embedding.force_training(runtime.loss.needs_force() or runtime.loss.needs_virial()):
+                pred = trainer._predict(head, batch, create_graph=True)
+            loss, _ = runtime.loss(pred, labels_on(batch, trainer.device), batch.find, batch.atype.to(trainer.device), 1.0)
+            loss.backward(inputs=params)
+            grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+            trainer.model.zero_grad(set_to_none=True)
+            return grads
+
+        head = trainer.draw_head()
+        batch = trainer.heads[head].train.sample(trainer.rng)
+        reference = gradients("before", head, batch)
+        for variant in variants[1:]:
+            worst = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-300))
+                        for a, b in zip(reference, gradients(variant, head, batch)))
+            print(f"{variant}: parameter gradients of one batch differ from before's by at most {worst:.1e} (relative)")
+
+        def step() -> float:
+            t0 = time.perf_counter()
+            trainer.train_step(trainer.draw_head())
+            trainer.step += 1
+            return 1000 * (time.perf_counter() - t0)
+
+        for variant in variants:  # warm-up: every variant's first steps allocate
+            use(variant)
+            step(), step()
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for r in range(args.rounds):
+            for variant in variants if r % 2 == 0 else variants[::-1]:
+                use(variant)
+                times[variant].append(step())
+        use("after")
+    base = statistics.median(times[variants[0]])
+    print(f"{args.case} ({args.precision or 'as in the input'}, {torch.get_num_threads()} thread(s), {args.rounds} rounds)")
+    print("| variant | median ms/step | lower quartile | against " + variants[0] + " |")
+    print("|---|---:|---:|---:|")
+    for variant in variants:
+        values = sorted(times[variant])
+        print(f"| {variant} | {statistics.median(values):.1f} | {values[len(values) // 4]:.1f} | "
+              f"{statistics.median(values) / base:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""An embedding net's value and its derivative in its scalar input, computed together, for force
+training.
+
+Why: force training differentiates the embedding nets twice, once for the forces and once more
+for the force loss's parameter gradient. Autograd's graph for that runs about twenty element-wise
+passes per layer over [pairs × width] tensors (17,000 × 100 float64 for water se_e2_a: 14 MB
+each), and those passes, not the matrix products, take most of the nets' time. The net's input
+is one number per pair, s(r), so its derivative T = dG/ds can be carried forward with the value
+(one more matrix product per layer), and the parameter gradients of G and T written out by hand:
+per layer one fused element-wise pass forward and one backward, in a few lines of C
+(:mod:`mtcore.native`). The matrix products stay torch's.
+
+How it joins autograd: ``G + T·(s − s.detach())`` equals G; its derivative in s is T, which
+carries its own graph back to the weights. So the forces, the virial and the force loss's
+parameter gradient come out as autograd's do, to rounding (tests/test_tangent_embedding.py).
+What it leaves out is T's own derivative in s, i.e. second derivatives of the energy in the
+coordinates. The trainer's losses never need those, so this path is taken only inside
+:func:`force_training`, around the training step's prediction; everything else (validation,
+inference, frozen files, user code) runs the plain net.
+
+Taken for nets whose layers are all tanh without a resnet timestep, on the CPU in float64 or
+float32, outside mixed precision; anything else runs the plain net. ``MTCORE_PLAIN_EMBEDDING=1``
+turns it off; without a C compiler it is off (``status()`` says why).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from mtcore import native
+
+# Layer l maps x [P, m] to out [P, n] = tanh(z) + skip(x), z = x W + b; its tangent tx [P, m] to
+# tout = (1 − y²)·tz + skip(tx), tz = tx W. skip: mode 0 none, 1 residual (n = m), 2 width doubling
+# (n = 2m, x repeated). Forward is given σ(2z) (torch's sigmoid kernel) and writes y = tanh(z)
+# over it. Backward, given g_out and g_tout (NULL: zero), writes gz, gtz and the skip's share of
+# the input gradients gxs, gtxs (only for modes 1 and 2).
+SOURCE = r"""
+#define KERNELS(SUF, T)                                                                          \
+void fwd_##SUF(long P, long n, long m, int mode, T *sg, const T *x, const T *tz, const T *tx,   \
+               T *out, T *tout) {                                                                \
+  for (long p = 0; p < P; ++p) {                                                                 \
+    T *yp = sg + p * n, *op = out + p * n, *top = tout + p * n;                                  \
+    const T *tzp = tz + p * n, *xp = x + p * m, *txp = tx + p * m;                               \
+    if (mode == 0) {                                                                             \
+      for (long k = 0; k < n; ++k) {                                                             \
+        T y = yp[k] + yp[k] - (T)1; yp[k] = y; op[k] = y; top[k] = ((T)1 - y * y) * tzp[k];     \
+      }                                                                                          \
+    } else {                                                                                     \
+      for (long h = 0; h < n; h += m)                                                            \
+        for (long k = 0; k < m; ++k) {                                                           \
+          T y = yp[h + k] + yp[h + k] - (T)1; yp[h + k] = y;                                     \
+          op[h + k] = xp[k] + y; top[h + k] = ((T)1 - y * y) * tzp[h + k] + txp[k];              \
+        }                                                                                        \
+    }                                                                                            \
+  }                                                                                              \
+}                                                                                                \
+void bwd_##SUF(long P, long n, long m, int mode, const T *g_out, const T *g_tout, const T *y,   \
+               const T *tz, T *gz, T *gtz, T *gxs, T *gtxs) {                                    \
+  for (long p = 0; p < P; ++p) {                                                                 \
+    const T *gop = g_out + p * n, *yp = y + p * n, *tzp = tz + p * n;                            \
+    T *gzp = gz + p * n, *gtzp = gtz + p * n;                                                    \
+    if (g_tout) {                                                                                \
+      const T *gtp = g_tout + p * n;                                                             \
+      for (long k = 0; k < n; ++k) {                                                             \
+        T yk = yp[k], d = (T)1 - yk * yk, gt = gtp[k];                                           \
+        gzp[k] = (gop[k] - (gt + gt) * yk * tzp[k]) * d; gtzp[k] = gt * d;                       \
+      }                                                                                          \
+    } else {                                                                                     \
+      for (long k = 0; k < n; ++k) gzp[k] = gop[k] * ((T)1 - yp[k] * yp[k]);                     \
+    }                                                                                            \
+    if (mode == 0) continue;                                                                     \
+    T *gxp = gxs + p * m, *gtxp = gtxs + p * m;                                                  \
+    for (long k = 0; k < m; ++k) gxp[k] = gop[k];                                                \
+    for (long h = m; h < n; h += m)                                                              \
+      for (long k = 0; k < m; ++k) gxp[k] += gop[h + k];                                         \
+    if (g_tout) {                                                                                \
+      const T *gtp = g_tout + p * n;                                                             \
+      for (long k = 0; k < m; ++k) gtxp[k] = gtp[k];                                             \
+      for (long h = m; h < n; h += m)                                                            \
+        for (long k = 0; k < m; ++k) gtxp[k] += gtp[h + k];                                      \
+    }                                                                                            \
+  }                                                                                              \
+}
+KERNELS(f64, double)
+KERNELS(f32, float)
+"""
+FLAGS = ("-O3",)
+#: rows per thread below which the kernels run on the calling thread only
+MIN_ROWS_PER_THREAD = 4096
+
+_library: Optional[ctypes.CDLL] = None
+_status = "not tried"
+_active = False
+_pool: Optional[ThreadPoolExecutor] = None
+
+
+def status() -> str:
+    """Whether the fused path is available, and if not, why (loads the library on first call)."""
+    _load()
+    return _status
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _library, _status
+    if _status != "not tried":
+        return _library
+    if os.environ.get("MTCORE_PLAIN_EMBEDDING") == "1":
+        _status = "off (MTCORE_PLAIN_EMBEDDING=1)"
+        return None
+    path, why = native.cached_library("embedding_tangent", SOURCE, FLAGS)
+    if path is None:
+        _status = f"off ({why})"
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        _status = f"off (could not load {path}: {exc})"
+        return None
+    ptr, size = ctypes.c_void_p, ctypes.c_long
+    for suffix in ("f64", "f32"):
+        fwd, bwd = getattr(lib, "fwd_" + suffix), getattr(lib, "bwd_" + suffix)
+        fwd.argtypes = [size, size, size, ctypes.c_int] + [ptr] * 6
+        bwd.argtypes = [size, size, size, ctypes.c_int] + [ptr] * 8
+        fwd.restype = bwd.restype = None
+    _library, _status = lib, "on"
+    return lib
+
+
+@contextlib.contextmanager
+def force_training(enabled: bool = True) -> Iterator[None]:
+    """Inside: embedding nets built for it take the fused path (the trainer wraps the training
+    step's prediction, whose loss needs only first derivatives in the coordinates)."""
+    global _active
+    before = _active
+    _active = bool(enabled) and _load() is not None
+    try:
+        yield
+    finally:
+        _active = before
+
+
+def _run(name: str, dtype: torch.dtype, P: int, n: int, m: int, mode: int,
+         tensors: Sequence[Tuple[Optional[torch.Tensor], int]]) -> None:
+    """Call kernel ``name`` on rows [0, P), split over torch's thread count when that pays
+    (ctypes releases the GIL, so the chunks run in parallel)."""
+    assert _library is not None
+    fn = getattr(_library, f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+    item = 8 if dtype == torch.float64 else 4
+    bases = [(t.data_ptr() if t is not None else None, width) for t, width in tensors]
+
+    def call(lo: int, hi: int) -> None:
+        fn(hi - lo, n, m, mode, *[None if base is None else base + lo * width * item for base, width in bases])
+
+    threads = min(torch.get_num_threads(), P // MIN_ROWS_PER_THREAD)
+    if threads <= 1:
+        call(0, P)
+        return
+    global _pool
+    if _pool is None or _pool._max_workers < threads:  # noqa: SLF001 (size of the executor)
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mtcore-embedding")
+    step = -(-P // threads)
+    futures = [_pool.submit(call, lo, min(P, lo + step)) for lo in range(step, P, step)]
+    call(0, min(P, step))
+    for f in futures:
+        f.result()
+
+
+class _EmbedWithTangent(torch.autograd.Function):
+    """(G, T) of a tanh embedding net at s [P, 1]; ``params`` are (W, b) per layer."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, modes: Tuple[int, ...], *params: torch.Tensor):
+        x, tx = s, torch.ones_like(s)
+        saved: List[torch.Tensor] = []
+        for i, mode in enumerate(modes):
+            weight, bias = params[2 * i], params[2 * i + 1]
+            P, m = x.shape
+            n = weight.shape[1]
+            # σ(2z) with the doubling folded into W and b (exact), as fast_tanh computes it
+            y = torch.addmm(bias + bias, x, weight + weight).sigmoid_()
+            tz = torch.mm(tx, weight)
+            out, tout = torch.empty_like(y), torch.empty_like(y)
+            _run("fwd", y.dtype, P, n, m, mode, [(y, n), (x, m), (tz, n), (tx, m), (out, n), (tout, n)])
+            saved += [x, tx, y, tz]
+            x, tx = out, tout
+        ctx.modes = modes
+        ctx.save_for_backward(*saved, *params)
+        return x, tx
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_value: Optional[torch.Tensor], g_tangent: Optional[torch.Tensor]):
+        modes = ctx.modes
+        depth = len(modes)
+        saved = ctx.saved_tensors
+        params = saved[4 * depth:]
+        grads: List[Optional[torch.Tensor]] = [None] * (2 * depth)
+        last_y = saved[4 * (depth - 1) + 2]
+        g_out = g_value.contiguous() if g_value is not None else torch.zeros_like(last_y)
+        g_tout = g_tangent.contiguous() if g_tangent is not None else None
+        for i in reversed(range(depth)):
+            x, tx, y, tz = saved[4 * i: 4 * i + 4]
+            weight, mode = params[2 * i], modes[i]
+            P, n = y.shape
+            m = x.shape[1]
+            gz = torch.empty_like(y)
+            gtz = torch.empty_like(y) if g_tout is not None else None
+            gxs = y.new_empty(P, m) if mode else None
+            gtxs = y.new_empty(P, m) if mode and g_tout is not None else None
+            _run("bwd", y.dtype, P, n, m, mode,
+                 [(g_out, n), (g_tout, n), (y, n), (tz, n), (gz, n), (gtz, n), (gxs, m), (gtxs, m)])
+            g_weight = torch.mm(x.t(), gz)
+            if gtz is not None:
+                g_weight.addmm_(tx.t(), gtz)
+            grads[2 * i], grads[2 * i + 1] = g_weight, gz.sum(0)
+            if i > 0:
+                g_out = gxs.addmm_(gz, weight.t()) if gxs is not None else torch.mm(gz, weight.t())
+                if gtz is not None:
+                    g_tout = gtxs.addmm_(gtz, weight.t()) if gtxs is not None else torch.mm(gtz, weight.t())
+        return (None, None, *grads)
+
+
+def _fused_layers(net: torch.nn.Module, x: torch.Tensor) -> Optional[Tuple[Tuple[int, ...], List[torch.Tensor]]]:
+    """(skip modes, [W, b, ...]) when every layer is a plain tanh layer in x's dtype, else None."""
+    if getattr(net, "mixed", False):
+        return None
+    modes: List[int] = []
+    params: List[torch.Tensor] = []
+    for block in net.blocks:
+        dense = block.dense
+        if dense.activation_name != "tanh" or dense.mixed or dense.weight.dtype != x.dtype:
+            return None
+        if block.use_timestep and dense.idt is not None:
+            return None
+        modes.append(int(block.mode))
+        params += [dense.weight, dense.bias]
+    return tuple(modes), params
+
+
+def embed(net: torch.nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``net(x)`` through the fused path, or None where it does not apply (the caller then runs
+    the plain net)."""
+    if not _active or not torch.is_grad_enabled() or not x.requires_grad:
+        return None
+    if x.dim() != 2 or x.shape[1] != 1 or x.shape[0] == 0 or x.device.type != "cpu":
+        return None
+    if x.dtype not in (torch.float64, torch.float32):
+        return None
+    layers = _fused_layers(net, x)
+    if layers is None:
+        return None
+    modes, params = layers
+    s = x.detach().contiguous()
+    value, tangent = _EmbedWithTangent.apply(s, modes, *params)
+    return torch.addcmul(value, tangent, x - s)

@@ -1,0 +1,156 @@
+"""mtcore/model/tangent_embedding.py: the fused value-and-derivative embedding path gives the
+forces and the parameter gradients autograd gives, and is taken only where it is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import model_with_stats, predict, small_input, water_frame
+from mtcore.model import mlp, tangent_embedding
+from mtcore.model.mlp import EmbeddingNet, new_generator
+
+pytestmark = pytest.mark.skipif(tangent_embedding.status() != "on", reason=f"fused path {tangent_embedding.status()}")
+
+
+def force_loss_gradients(net: EmbeddingNet, s0: torch.Tensor, fused: bool, energy_only: bool = False):
+    """Parameter gradients of E + |dE/ds|² for E a quadratic of the net's output (dE/dG depends on
+    G, so the force term's second-order path through G is exercised too)."""
+    g = torch.Generator().manual_seed(3)
+    mix = torch.randn(net.n_out, 3, generator=g, dtype=s0.dtype)
+    s = s0.clone().requires_grad_(True)
+    net.zero_grad(set_to_none=True)
+    with tangent_embedding.force_training(fused):
+        out = net(s)
+    energy = ((out @ mix) ** 2).sum() / s.shape[0]
+    (force,) = torch.autograd.grad(energy, s, create_graph=True)
+    loss = energy if energy_only else energy + (force ** 2).sum()
+    params = list(net.parameters())
+    loss.backward(inputs=params)
+    return out.detach(), force.detach(), [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("neuron", [[25, 50, 100], [4, 4, 8, 8], [1, 2, 3]])  # plain/doubling, residual, odd widths
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_values_forces_and_gradients_match_autograd(neuron, dtype):
+    net = EmbeddingNet(1, neuron, "tanh", False, dtype, new_generator(5))
+    s0 = (torch.rand(2000, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 4 - 0.5).to(dtype)
+    g_out, g_force, g_grads = force_loss_gradients(net, s0, fused=False)
+    f_out, f_force, f_grads = force_loss_gradients(net, s0, fused=True)
+    rel = 1e-12 if dtype == torch.float64 else 2e-4
+    assert torch.equal(f_out, g_out)  # the value is computed with the very same operators
+    assert torch.allclose(f_force, g_force, rtol=rel, atol=rel * float(g_force.abs().max()))
+    for name, (a, b) in zip([n for n, _ in net.named_parameters()], zip(g_grads, f_grads)):
+        assert float((a - b).abs().max()) <= rel * float(a.abs().max()), name
+
+
+def test_energy_only_loss_needs_no_tangent_gradient():
+    net = EmbeddingNet(1, [8, 16, 32], "tanh", False, torch.float64, new_generator(2))
+    s0 = torch.linspace(-0.5, 3.0, 500, dtype=torch.float64).unsqueeze(1)
+    _, _, plain = force_loss_gradients(net, s0, fused=False, energy_only=True)
+    _, _, fused = force_loss_gradients(net, s0, fused=True, energy_only=True)
+    for a, b in zip(plain, fused):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_rows_split_over_threads_give_the_same_numbers(monkeypatch):
+    net = EmbeddingNet(1, [8, 16, 32], "tanh", False, torch.float64, new_generator(4))
+    s0 = torch.linspace(-0.5, 3.0, 3001, dtype=torch.float64).unsqueeze(1)
+    one = force_loss_gradients(net, s0, fused=True)
+    monkeypatch.setattr(tangent_embedding, "MIN_ROWS_PER_THREAD", 100)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        split = force_loss_gradients(net, s0, fused=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[1], split[1])  # row-wise kernels: the same bits
+    # the weight gradients' sums over rows are split over threads by torch too: rounding only
+    assert all(torch.allclose(a, b, rtol=1e-13, atol=1e-15) for a, b in zip(one[2], split[2]))
+
+
+def test_taken_only_where_exact(monkeypatch):
+    s = torch.rand(50, 1, dtype=torch.float64, requires_grad=True)
+    tanh_net = EmbeddingNet(1, [4, 8], "tanh", False, torch.float64, new_generator(1))
+    assert tangent_embedding.embed(tanh_net, s) is None  # outside force_training: plain net (Hessians stay right)
+    with tangent_embedding.force_training():
+        assert tangent_embedding.embed(tanh_net, s) is not None
+        assert tangent_embedding.embed(tanh_net, s.detach()) is None  # nothing to differentiate
+        with torch.no_grad():
+            assert tangent_embedding.embed(tanh_net, s) is None
+        assert tangent_embedding.embed(EmbeddingNet(1, [4, 8], "relu", False, torch.float64, new_generator(1)), s) is None
+        assert tangent_embedding.embed(EmbeddingNet(1, [4, 8], "tanh", True, torch.float64, new_generator(1)), s) is None
+        two_inputs = torch.rand(50, 2, dtype=torch.float64, requires_grad=True)
+        assert tangent_embedding.embed(EmbeddingNet(2, [4, 8], "tanh", False, torch.float64, new_generator(1)), two_inputs) is None
+        mixed = EmbeddingNet(1, [4, 8], "tanh", False, torch.float64, new_generator(1))
+        mixed.mixed = True
+        assert tangent_embedding.embed(mixed, s) is None
+        assert tangent_embedding.embed(tanh_net, s.float()) is None  # weights of another dtype
+    with tangent_embedding.force_training(False):
+        assert tangent_embedding.embed(tanh_net, s) is None
+    monkeypatch.setattr(tangent_embedding, "_library", None)
+    monkeypatch.setattr(tangent_embedding, "_status", "off (no C compiler)")
+    with tangent_embedding.force_training():  # no library: the plain net, quietly
+        assert tangent_embedding.embed(tanh_net, s) is None
+
+
+def test_model_forces_virial_and_training_gradients_match(tmp_path):
+    """The whole se_e2_a + ener model on a water frame: forces, virial and the parameter
+    gradient of an energy + force + virial loss, fused against plain."""
+    doc = small_input(tmp_path)
+    model, _ = model_with_stats(doc)
+    coord, atype, box = water_frame(1)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(fused: bool):
+        model.zero_grad(set_to_none=True)
+        with tangent_embedding.force_training(fused):
+            out = predict(model, "default", coord, atype, box, create_graph=True)
+        loss = out["energy"].sum() + (out["force"] ** 2).sum() + (out["virial"] ** 2).sum() * 1e-3
+        loss.backward(inputs=params)
+        return out, [p.grad.clone() for p in params]
+
+    plain, plain_grads = run(False)
+    fused, fused_grads = run(True)
+    assert torch.equal(fused["energy"], plain["energy"])
+    for key in ("force", "virial"):
+        assert torch.allclose(fused[key], plain[key], rtol=1e-12, atol=1e-12 * float(plain[key].abs().max()))
+    for a, b in zip(plain_grads, fused_grads):
+        assert float((a - b).abs().max()) <= 1e-11 * float(a.abs().max())
+
+
+def test_a_scripted_net_runs_the_plain_layers():
+    net = EmbeddingNet(1, [4, 8], "tanh", False, torch.float64, new_generator(1))
+    scripted = torch.jit.script(net)
+    s = torch.rand(20, 1, dtype=torch.float64)
+    with tangent_embedding.force_training():
+        assert torch.allclose(scripted(s), net(s), rtol=1e-15, atol=1e-15)
+    assert isinstance(net.blocks[0], mlp.Block)
+
+
+def test_the_trainer_takes_it_for_its_step_only(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from helpers import write_input
+    from mtcore.config import load_config
+    from mtcore.train.trainer import Trainer
+
+    trainer = Trainer(load_config(write_input(tmp_path, small_input(tmp_path, numb_steps=2))), tmp_path,
+                      Console(file=io.StringIO()))
+    taken = []
+    embed = tangent_embedding.embed
+
+    def counting(net, x):
+        out = embed(net, x)
+        if x.requires_grad:  # (the padded slots' constant rows need no derivative)
+            taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(tangent_embedding, "embed", counting)
+    assert trainer.train_step("default")
+    assert len(taken) == 4 and all(taken)  # the four type-pair nets of the force-trained step
+    taken.clear()
+    trainer.display_values()  # validation: plain nets
+    assert taken and not any(taken)
