@@ -76,6 +76,7 @@ def main() -> None:
     from mtcore.model.fast_tanh import Tanh
     from mtcore.runtime import tune_allocator
     from mtcore.train.trainer import Trainer
+    from alternating import alternate, print_table
     from profile_step import ROOT, prepared_input
 
     tune_allocator()
@@ -104,29 +105,9 @@ def main() -> None:
                 trainer.heads[name].optimizer = fused if variant in ("adam", "after", "doubling") else plain
             mlp.Block.forward = _broadcast_doubling_forward if variant == "doubling" else kept_forward
 
-        def step() -> float:
-            t0 = time.perf_counter()
-            trainer.train_step(trainer.draw_head())
-            trainer.step += 1
-            return 1000 * (time.perf_counter() - t0)
-
-        for variant in variants:  # warm-up: every variant's first steps allocate
-            use(variant)
-            step(), step()
-        times: dict[str, list[float]] = {v: [] for v in variants}
-        for r in range(args.rounds):
-            for variant in variants if r % 2 == 0 else variants[::-1]:
-                use(variant)
-                times[variant].append(step())
+        times = alternate(trainer, variants, use, args.rounds)
         use("after")
-    base = statistics.median(times[variants[0]])
-    print(f"{args.case} ({args.precision or 'as in the input'}, {torch.get_num_threads()} thread(s), {args.rounds} rounds)")
-    print("| variant | median ms/step | lower quartile | against " + variants[0] + " |")
-    print("|---|---:|---:|---:|")
-    for variant in variants:
-        values = sorted(times[variant])
-        print(f"| {variant} | {statistics.median(values):.1f} | {values[len(values) // 4]:.1f} | "
-              f"{statistics.median(values) / base:.3f} |")
+    print_table(f"{args.case} ({args.precision or 'as in the input'}, {torch.get_num_threads()} thread(s), {args.rounds} rounds)", times)
 
 
 def inference(precision: str, atoms: int, rounds: int) -> None:

@@ -1,0 +1,46 @@
+"""Alternating A/B of training-step variants in one trainer (ab_kernels.py, ab_step.py).
+
+Variants alternate step by step, order reversed every other round, so slow spells of a shared
+machine fall on all of them alike; only ratios within one run mean anything on a VM whose speed
+swings by 20-30 %.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def timed_step(trainer) -> float:
+    """One training step of a drawn head, in ms."""
+    t0 = time.perf_counter()
+    trainer.train_step(trainer.draw_head())
+    trainer.step += 1
+    return 1000 * (time.perf_counter() - t0)
+
+
+def alternate(trainer, variants: list[str], use: Callable[[str], None], rounds: int) -> dict[str, list[float]]:
+    """ms per step of each variant; two untimed warm-up steps per variant first (they allocate)."""
+    for variant in variants:
+        use(variant)
+        timed_step(trainer), timed_step(trainer)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(rounds):
+        for variant in variants if r % 2 == 0 else variants[::-1]:
+            use(variant)
+            times[variant].append(timed_step(trainer))
+    return times
+
+
+def print_table(title: str, times: dict[str, list[float]]) -> None:
+    """Median, lower quartile and ratio to the first variant, as a markdown table."""
+    variants = list(times)
+    base = statistics.median(times[variants[0]])
+    print(title)
+    print("| variant | median ms/step | lower quartile | against " + variants[0] + " |")
+    print("|---|---:|---:|---:|")
+    for variant in variants:
+        values = sorted(times[variant])
+        print(f"| {variant} | {statistics.median(values):.1f} | {values[len(values) // 4]:.1f} | "
+              f"{statistics.median(values) / base:.3f} |")
