@@ -27,7 +27,6 @@ from __future__ import annotations
 import mtcore  # noqa: F401  first: MKL's kernels are chosen when torch loads (mtcore/mkl_dispatch.py)
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -68,28 +67,16 @@ def main() -> None:
     if args.inference:
         inference(args.precision or "float64", args.atoms, args.rounds)
         return
-    from rich.console import Console
 
-    from bench import fittings
-    from mtcore.config import load_config
     from mtcore.model import mlp
     from mtcore.model.fast_tanh import Tanh
     from mtcore.runtime import tune_allocator
-    from mtcore.train.trainer import Trainer
-    from alternating import alternate, print_table
-    from profile_step import ROOT, prepared_input
+    from alternating import alternate, example_trainer, print_table
 
     tune_allocator()
     variants = [v for v in args.variants.split(",") if v]
     with tempfile.TemporaryDirectory() as tmp:
-        path = prepared_input(ROOT / "examples" / args.case / "input.json", 10**6, Path(tmp))
-        doc = json.loads(path.read_text())
-        if args.precision:
-            doc["model"]["descriptor"]["precision"] = args.precision
-            for fit in fittings(doc["model"]):
-                fit["precision"] = args.precision
-        path.write_text(json.dumps(doc))
-        trainer = Trainer(load_config(path), path.parent, Console(file=open(os.devnull, "w")))
+        trainer = example_trainer(args.case, args.precision, Path(tmp))
         denses = [m for m in trainer.model.modules() if isinstance(m, mlp.Dense) and isinstance(m.activation, Tanh)]
         optimizers = {}
         for name, runtime in trainer.heads.items():

@@ -23,7 +23,6 @@ from __future__ import annotations
 import mtcore  # noqa: F401  first: MKL's kernels are chosen when torch loads (mtcore/mkl_dispatch.py)
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -44,15 +43,11 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from " + ",".join(VARIANTS))
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    from rich.console import Console
 
-    from bench import fittings
-    from mtcore.config import load_config
     from mtcore.model import tangent_embedding
     from mtcore.runtime import tune_allocator
-    from mtcore.train.trainer import Trainer, labels_on
-    from alternating import alternate, print_table
-    from profile_step import ROOT, prepared_input
+    from mtcore.train.trainer import labels_on
+    from alternating import alternate, example_trainer, print_table
 
     tune_allocator()
     variants = [v for v in args.variants.split(",") if v]
@@ -67,14 +62,7 @@ def main() -> None:
         tangent_embedding.embed = embed if variant == "after" else (lambda net, x: None)
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = prepared_input(ROOT / "examples" / args.case / "input.json", 10**6, Path(tmp))
-        doc = json.loads(path.read_text())
-        if args.precision:
-            doc["model"]["descriptor"]["precision"] = args.precision
-            for fit in fittings(doc["model"]):
-                fit["precision"] = args.precision
-        path.write_text(json.dumps(doc))
-        trainer = Trainer(load_config(path), path.parent, Console(file=open(os.devnull, "w")))
+        trainer = example_trainer(args.case, args.precision, Path(tmp))
 
         def gradients(variant: str, head: str, batch) -> list[torch.Tensor]:
             use(variant)

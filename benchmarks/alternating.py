@@ -7,8 +7,11 @@ swings by 20-30 %.
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 
@@ -44,3 +47,23 @@ def print_table(title: str, times: dict[str, list[float]]) -> None:
         values = sorted(times[variant])
         print(f"| {variant} | {statistics.median(values):.1f} | {values[len(values) // 4]:.1f} | "
               f"{statistics.median(values) / base:.3f} |")
+
+
+def example_trainer(case: str, precision: str | None, workdir: Path):
+    """A quiet Trainer of examples/<case>/input.json (descriptor and fittings set to
+    ``precision`` when given), its data paths made absolute, for a long run of steps."""
+    from rich.console import Console
+
+    from bench import fittings
+    from mtcore.config import load_config
+    from mtcore.train.trainer import Trainer
+    from profile_step import ROOT, prepared_input
+
+    path = prepared_input(ROOT / "examples" / case / "input.json", 10**6, workdir)
+    doc = json.loads(path.read_text())
+    if precision:
+        doc["model"]["descriptor"]["precision"] = precision
+        for fit in fittings(doc["model"]):
+            fit["precision"] = precision
+    path.write_text(json.dumps(doc))
+    return Trainer(load_config(path), path.parent, Console(file=open(os.devnull, "w")))
