@@ -37,8 +37,6 @@ FLAGS = ("-O2",)
 #: what enable() decided, for `mtcore show`-style reports and tests
 status = "not tried"
 
-cache_dir = native.cache_dir
-
 
 def cpu_vendor() -> Optional[str]:
     """The vendor_id of /proc/cpuinfo (Linux), e.g. 'AuthenticAMD'; None where unknown."""

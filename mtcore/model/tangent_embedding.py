@@ -229,7 +229,7 @@ class _EmbedWithTangent(torch.autograd.Function):
 
 def _fused_layers(net: torch.nn.Module, x: torch.Tensor) -> Optional[Tuple[Tuple[int, ...], List[torch.Tensor]]]:
     """(skip modes, [W, b, ...]) when every layer is a plain tanh layer in x's dtype, else None."""
-    if getattr(net, "mixed", False):
+    if net.mixed:
         return None
     modes: List[int] = []
     params: List[torch.Tensor] = []

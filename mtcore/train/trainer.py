@@ -33,10 +33,10 @@ from mtcore.data.loading import load_dataset, pooled_neighbor_stat
 from mtcore.data.neighbors import NeighborCache
 from mtcore.data.statsample import DATA_STAT_NFRAMES, NEIGHBOR_STAT_NFRAMES
 from mtcore.errors import MtcoreError
+from mtcore.model import tangent_embedding
 from mtcore.model.delta import DeltaFitting
 from mtcore.model.build import build_losses, build_model, head_requirements, update_sel
 from mtcore.model.loss import Loss
-from mtcore.model import tangent_embedding
 from mtcore.model.model import MultiHeadModel
 from mtcore.plugins import Registry, get_registry
 from mtcore.train.best import BestTracker, fixed_frames, pooled_rmse
@@ -62,6 +62,11 @@ def model_inputs(batch: Batch, device: torch.device) -> dict:
         "image": batch.image.to(device),
         **{k: batch.labels[k].to(device) for k in ("fparam", "aparam") if k in batch.labels},
     }
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors an optimiser updates, in its own order (the order its state is saved in)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def labels_on(batch: Batch, device: torch.device) -> dict:
@@ -503,7 +508,7 @@ class Trainer:
             if target not in self.trained or src not in stored:
                 continue
             optimizer = self.heads[target].optimizer
-            mine = [p for group in optimizer.param_groups for p in group["params"]]
+            mine = optimizer_params(optimizer)
             theirs = stored[src]
             their_ids = [i for group in theirs["param_groups"] for i in group["params"]]
             shapes = [tuple(theirs["state"][i]["exp_avg"].shape) if i in theirs["state"] else None for i in their_ids]
@@ -591,13 +596,13 @@ class Trainer:
             # only toward this head's trainable parameters: a plain backward() also runs the
             # whole first-order graph back to the coordinates (their .grad is never read),
             # 7-10 % of a force-trained step (benchmarks/ab_step.py)
-            trainable = [p for group in runtime.optimizer.param_groups for p in group["params"] if p.requires_grad]
+            trainable = [p for p in optimizer_params(runtime.optimizer) if p.requires_grad]
             if trainable:
                 loss.backward(inputs=trainable)
         if self.group.enabled:  # every rank takes the same decision (one all_reduce)
             what = self._average_gradients(runtime, what)
         if what is None:
-            grads = [p.grad for group in runtime.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in optimizer_params(runtime.optimizer) if p.grad is not None]
             # one fused norm per tensor instead of three element-wise passes each: a NaN or inf
             # anywhere makes its norm non-finite (so does a component above ~1e154, already garbage)
             if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
@@ -613,7 +618,7 @@ class Trainer:
     def _average_gradients(self, runtime: HeadRuntime, what: Optional[str]) -> Optional[str]:
         """Data-parallel: average this head's gradients over the ranks; the same message says
         whether any rank had a non-finite loss and whether any rank was asked to stop."""
-        params = [p for group in runtime.optimizer.param_groups for p in group["params"]]
+        params = optimizer_params(runtime.optimizer)
         interrupt = getattr(self, "_interrupt", None)
         flags = distributed.average_gradients(
             params, [0.0 if what is None else 1.0, 1.0 if interrupt is not None and interrupt.requested else 0.0],
