@@ -1,4 +1,4 @@
-"""A/B of the training step's backward, in one process: what each change of 2026-12-03 is worth.
+"""A/B of the training step's backward, in one process: what each change since 2026-12-03 is worth.
 
     OMP_NUM_THREADS=1 python benchmarks/ab_step.py --case water/se_e2_a --rounds 40 [--precision float32]
 
@@ -8,8 +8,12 @@ Variants, each a training step of the same trainer (the weights move on; the tim
   gradient nobody reads) and the embedding nets differentiated twice by autograd;
 - ``inputs``: the backward only toward the head's trainable parameters
   (``loss.backward(inputs=...)``), nets as before;
-- ``after``: that, and the nets' value and input derivative computed together
-  (mtcore/model/tangent_embedding.py): what mtcore does now.
+- ``nets``: that, and the nets' value and input derivative computed together
+  (mtcore/model/tangent_embedding.py), the contraction still the padded batched product;
+- ``loops``: that, and se_e2_a's per-atom contraction as C loops over the real pairs
+  (mtcore/model/pair_contraction.py);
+- ``after``: that, and the per-type nets' rows joined by a concatenation whose second derivative
+  is one pass (mtcore/model/row_blocks.py): what mtcore does now.
 
 Before timing, the parameter gradients of one batch are computed under each variant and compared
 (largest difference relative to the largest gradient entry, per parameter), so a speed-up that
@@ -32,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = ("before", "inputs", "after")
+VARIANTS = ("before", "inputs", "nets", "loops", "after")
 
 
 def main() -> None:
@@ -44,22 +48,25 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
 
-    from mtcore.model import tangent_embedding
+    from mtcore.model import pair_contraction, row_blocks, tangent_embedding
     from mtcore.runtime import tune_allocator
     from mtcore.train.trainer import labels_on
     from alternating import alternate, example_trainer, print_table
 
     tune_allocator()
     variants = [v for v in args.variants.split(",") if v]
-    print(f"fused embedding path: {tangent_embedding.status()}")
-    backward, embed = torch.Tensor.backward, tangent_embedding.embed
+    print(f"fused embedding path: {tangent_embedding.status()}; pair contraction: {pair_contraction.status()}")
+    backward, embed, contract = torch.Tensor.backward, tangent_embedding.embed, pair_contraction.contract
+    join = row_blocks.join_rows
 
     def whole_graph_backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
         return backward(self, gradient, retain_graph, create_graph)
 
     def use(variant: str) -> None:
         torch.Tensor.backward = whole_graph_backward if variant == "before" else backward
-        tangent_embedding.embed = embed if variant == "after" else (lambda net, x: None)
+        tangent_embedding.embed = embed if variant in ("nets", "loops", "after") else (lambda net, x: None)
+        pair_contraction.contract = contract if variant in ("loops", "after") else (lambda *args: None)
+        row_blocks.join_rows = join if variant == "after" else (lambda parts: torch.cat(parts, dim=0))
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = example_trainer(args.case, args.precision, Path(tmp))
@@ -79,11 +86,11 @@ def main() -> None:
 
         head = trainer.draw_head()
         batch = trainer.heads[head].train.sample(trainer.rng)
-        reference = gradients("before", head, batch)
+        reference = gradients(variants[0], head, batch)
         for variant in variants[1:]:
             worst = max(float((a - b).abs().max() / a.abs().max().clamp_min(1e-300))
                         for a, b in zip(reference, gradients(variant, head, batch)))
-            print(f"{variant}: parameter gradients of one batch differ from before's by at most {worst:.1e} (relative)")
+            print(f"{variant}: parameter gradients of one batch differ from {variants[0]}'s by at most {worst:.1e} (relative)")
 
         times = alternate(trainer, variants, use, args.rounds)
         use("after")

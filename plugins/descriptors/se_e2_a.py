@@ -6,8 +6,9 @@ neighbours of each type t and embedding G_j = N_{t_i,t_j}(R̃_j0) ∈ R^M:
     A_i = (1/N_c) Σ_slots R̃_jᵀ G_j ∈ R^{4×M},   D_i = A_iᵀ A_i[:, :axis_neuron],   Q_i = A_i[1:4]ᵀ
 
 N_c = Σ sel counts every slot; the empty slots' constant rows are added in closed form, so the
-nets only ever run on real neighbours (no work on padding), and the sum over neighbours is one
-batched matrix product over a [atoms × max neighbours] layout.
+nets only ever run on real neighbours (no work on padding). The sum over neighbours runs as C
+loops over the real pairs (mtcore.model.pair_contraction) in eager mode, and as one batched
+matrix product over a [atoms × max neighbours] layout in a frozen (TorchScript) model.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mtcore.errors import MtcoreError
 from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, SchemaContext, hookimpl
 from mtcore.model.descriptor import Descriptor, EmbeddingInput, StatSample
 from mtcore.model.env import env_statistics, group_slices, kept_rows, padded_positions, padding_rows, scatter_padded
+from mtcore.model import pair_contraction, row_blocks
 from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
 from mtcore_builtins.descriptors._common import check_rcut, exclusion_matrix, update_sel_per_type, type_group_embeddings
 
@@ -124,7 +126,34 @@ class DescrptSeA(Descriptor):
                 parts.append(net(s_sorted[lo:hi]))
         if len(parts) == 0:
             return torch.zeros(0, self.dim_emb, dtype=s.dtype, device=s.device), order
+        if not torch.jit.is_scripting():
+            return self._join(parts), order
         return torch.cat(parts, dim=0), order
+
+    @torch.jit.unused
+    def _join(self, parts: List[torch.Tensor]) -> torch.Tensor:
+        """torch.cat, with a derivative of its derivative that is one pass (mtcore.model.row_blocks)."""
+        return row_blocks.join_rows(parts)
+
+    def _contract(
+        self, rows: torch.Tensor, emb: torch.Tensor, center: torch.Tensor, order: torch.Tensor, natoms: int
+    ) -> torch.Tensor:
+        """Σ over each atom's real pairs of R̃ᵀG, [n, 4, M]: C loops over the pairs in eager
+        mode (mtcore.model.pair_contraction), one batched product over a padded layout when scripted."""
+        if not torch.jit.is_scripting():
+            fused = self._contract_pairs(rows, emb, center, order, natoms)
+            if fused is not None:
+                return fused
+        positions, maxnn = padded_positions(center, natoms)
+        rows_pad = scatter_padded(rows, positions, natoms, maxnn)
+        emb_pad = scatter_padded(emb, positions.index_select(0, order), natoms, maxnn)
+        return torch.bmm(rows_pad.transpose(1, 2), emb_pad)
+
+    @torch.jit.unused
+    def _contract_pairs(
+        self, rows: torch.Tensor, emb: torch.Tensor, center: torch.Tensor, order: torch.Tensor, natoms: int
+    ) -> Optional[torch.Tensor]:
+        return pair_contraction.contract(rows, emb, center, order, natoms)
 
     def _padding_term(self, atype: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Σ over empty slots of R̃_padᵀ G(R̃_pad), per atom: [n, 4, M]."""
@@ -167,10 +196,7 @@ class DescrptSeA(Descriptor):
         normed = (rows - self.davg.index_select(0, ti)) / self.dstd.index_select(0, ti)
         key = tj if self.type_one_side else ti * self.ntypes + tj
         emb, order = self._embed(normed[:, 0:1], key)
-        positions, maxnn = padded_positions(center, natoms)
-        rows_pad = scatter_padded(normed, positions, natoms, maxnn)
-        emb_pad = scatter_padded(emb, positions.index_select(0, order), natoms, maxnn)
-        env = torch.bmm(rows_pad.transpose(1, 2), emb_pad)  # [n, 4, M]
+        env = self._contract(normed, emb, center, order, natoms)  # [n, 4, M]
         counts = torch.bincount(center * self.ntypes + tj, minlength=natoms * self.ntypes).view(natoms, self.ntypes)
         env = (env + self._padding_term(atype, counts)) / self.nnei
         descriptor = torch.bmm(env.transpose(1, 2), env[:, :, : self.axis_neuron]).reshape(natoms, -1)

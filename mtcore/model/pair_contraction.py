@@ -1,0 +1,243 @@
+"""se_e2_a's per-atom contraction A_i = Σ_j R̃_jᵀ G_j over the real pairs, without a padded layout.
+
+Why: the plain way places the pair rows R̃ [P, 4] and embeddings G [P, M] into zero-filled
+[atoms × max neighbours] tensors and contracts them with one batched matrix product. Force
+training differentiates that twice, and each pass drags full-size padded tensors through autograd:
+zero fills, gathers back to pairs, the sum of two [atoms × max neighbours × M] gradients, a copy
+where a gradient comes out transposed (water se_e2_a: 15 MB each, a dozen passes a step). Here
+three small C loops over the pairs, sorted by centre, do the work in place:
+
+    contract      A[i]    = Σ_{p of i} R[p]ᵀ G[map p]          [atoms, K, M]
+    expand_left   L[map p] = R[p] A[i]                          [P, M]
+    expand_right  Q[p]    = A[i] G[map p]ᵀ                      [P, K]
+
+The three are bilinear and each one's derivatives are the other two, so every derivative order
+autograd asks for (forces, then the force loss's parameter gradient) runs through the same
+loops; the result equals the padded product's to rounding (tests/test_pair_contraction.py).
+``map`` lets G stay in the embedding nets' group order: no permutation is written out.
+
+Taken on the CPU in float64 and float32 outside TorchScript (a frozen model runs the padded
+product, which plain ``torch.jit.load`` needs); ``MTCORE_PLAIN_CONTRACTION=1`` turns it off and
+without a C compiler it is off (``status()`` says why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import torch
+
+from mtcore import native
+
+# Pairs of centre i are off[i] .. off[i+1]-1; G's row of pair p is map[p]. Each kernel runs the
+# centres [lo, hi). expand_right keeps 8 partial sums per output so the compiler can vectorise
+# the dot products without reordering a single sum (no -ffast-math).
+SOURCE = r"""
+#define LANES 8
+#define KERNELS(SUF, T)                                                                          \
+void contract_##SUF(long lo, long hi, long K, long M, const long *off, const T *R, const T *G,   \
+                    const long *map, T *A) {                                                     \
+  for (long i = lo; i < hi; ++i) {                                                               \
+    T *a = A + i * K * M;                                                                        \
+    for (long k = 0; k < K * M; ++k) a[k] = 0;                                                   \
+    for (long p = off[i]; p < off[i + 1]; ++p) {                                                 \
+      const T *g = G + map[p] * M, *r = R + p * K;                                               \
+      for (long c = 0; c < K; ++c) {                                                             \
+        T rc = r[c]; T *ac = a + c * M;                                                          \
+        for (long m = 0; m < M; ++m) ac[m] += rc * g[m];                                         \
+      }                                                                                          \
+    }                                                                                            \
+  }                                                                                              \
+}                                                                                                \
+void expand_left_##SUF(long lo, long hi, long K, long M, const long *off, const T *R,            \
+                       const T *A, const long *map, T *L) {                                      \
+  for (long i = lo; i < hi; ++i) {                                                               \
+    const T *a = A + i * K * M;                                                                  \
+    for (long p = off[i]; p < off[i + 1]; ++p) {                                                 \
+      T *l = L + map[p] * M; const T *r = R + p * K;                                             \
+      T r0 = r[0];                                                                               \
+      for (long m = 0; m < M; ++m) l[m] = r0 * a[m];                                             \
+      for (long c = 1; c < K; ++c) {                                                             \
+        T rc = r[c]; const T *ac = a + c * M;                                                    \
+        for (long m = 0; m < M; ++m) l[m] += rc * ac[m];                                         \
+      }                                                                                          \
+    }                                                                                            \
+  }                                                                                              \
+}                                                                                                \
+void expand_right_##SUF(long lo, long hi, long K, long M, const long *off, const T *A,           \
+                        const T *G, const long *map, T *Q) {                                     \
+  long body = M - M % LANES;                                                                     \
+  for (long i = lo; i < hi; ++i) {                                                               \
+    const T *a = A + i * K * M;                                                                  \
+    for (long p = off[i]; p < off[i + 1]; ++p) {                                                 \
+      const T *g = G + map[p] * M;                                                               \
+      for (long c = 0; c < K; ++c) {                                                             \
+        const T *ac = a + c * M;                                                                 \
+        T part[LANES] = {0};                                                                     \
+        for (long m = 0; m < body; m += LANES)                                                   \
+          for (long j = 0; j < LANES; ++j) part[j] += ac[m + j] * g[m + j];                      \
+        T s = 0;                                                                                 \
+        for (long m = body; m < M; ++m) s += ac[m] * g[m];                                       \
+        for (long j = 0; j < LANES; ++j) s += part[j];                                           \
+        Q[p * K + c] = s;                                                                        \
+      }                                                                                          \
+    }                                                                                            \
+  }                                                                                              \
+}
+KERNELS(f64, double)
+KERNELS(f32, float)
+"""
+FLAGS = ("-O3",)
+#: pairs per thread below which the kernels run on the calling thread only
+MIN_PAIRS_PER_THREAD = 4096
+
+_library: Optional[ctypes.CDLL] = None
+_status = "not tried"
+_pool: Optional[ThreadPoolExecutor] = None
+
+
+def status() -> str:
+    """Whether the pair contraction is available, and if not, why (loads it on first call)."""
+    _load()
+    return _status
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _library, _status
+    if _status != "not tried":
+        return _library
+    if os.environ.get("MTCORE_PLAIN_CONTRACTION") == "1":
+        _status = "off (MTCORE_PLAIN_CONTRACTION=1)"
+        return None
+    path, why = native.cached_library("pair_contraction", SOURCE, FLAGS)
+    if path is None:
+        _status = f"off ({why})"
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        _status = f"off (could not load {path}: {exc})"
+        return None
+    for name in ("contract", "expand_left", "expand_right"):
+        for suffix in ("f64", "f32"):
+            fn = getattr(lib, f"{name}_{suffix}")
+            fn.argtypes = [ctypes.c_long] * 4 + [ctypes.c_void_p] * 5
+            fn.restype = None
+    _library, _status = lib, "on"
+    return lib
+
+
+class PairLayout:
+    """Where each atom's pairs are (``off``, centre-sorted) and where each pair's G row is (``map``)."""
+
+    def __init__(self, off: torch.Tensor, map_: torch.Tensor):
+        self.off = off
+        self.map = map_
+        self.natoms = off.numel() - 1
+        self.npairs = map_.numel()
+
+
+def _run(name: str, layout: PairLayout, K: int, M: int, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """Kernel ``name`` over all centres, split over torch's thread count when that pays (ctypes
+    releases the GIL, so the chunks run in parallel; each chunk writes only its centres' rows)."""
+    assert _library is not None
+    fn = getattr(_library, f"{name}_{'f64' if out.dtype == torch.float64 else 'f32'}")
+    args = (layout.off.data_ptr(), a.data_ptr(), b.data_ptr(), layout.map.data_ptr(), out.data_ptr())
+    threads = min(torch.get_num_threads(), layout.npairs // MIN_PAIRS_PER_THREAD)
+    if threads <= 1:
+        fn(0, layout.natoms, K, M, *args)
+        return
+    global _pool
+    if _pool is None or _pool._max_workers < threads:  # noqa: SLF001 (size of the executor)
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mtcore-contraction")
+    # centre boundaries that give each chunk about the same number of pairs
+    targets = torch.arange(1, threads, dtype=layout.off.dtype) * layout.npairs // threads
+    cuts = [0] + torch.searchsorted(layout.off, targets).tolist() + [layout.natoms]
+    futures = [_pool.submit(fn, lo, hi, K, M, *args) for lo, hi in zip(cuts[1:-1], cuts[2:])]
+    fn(cuts[0], cuts[1], K, M, *args)
+    for f in futures:
+        f.result()
+
+
+class _Contract(torch.autograd.Function):
+    """A [atoms, K, M] from R [P, K] and G [P, M]."""
+
+    @staticmethod
+    def forward(ctx, R: torch.Tensor, G: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+        R, G = R.contiguous(), G.contiguous()
+        A = R.new_empty(layout.natoms, R.shape[1], G.shape[1])
+        _run("contract", layout, R.shape[1], G.shape[1], R, G, A)
+        ctx.layout = layout
+        ctx.save_for_backward(R, G)
+        return A
+
+    @staticmethod
+    def backward(ctx, gA: torch.Tensor):
+        R, G = ctx.saved_tensors
+        gR = _ExpandRight.apply(gA, G, ctx.layout) if ctx.needs_input_grad[0] else None
+        gG = _ExpandLeft.apply(gA, R, ctx.layout) if ctx.needs_input_grad[1] else None
+        return gR, gG, None
+
+
+class _ExpandLeft(torch.autograd.Function):
+    """L [P, M] (rows in G's order) from A [atoms, K, M] and R [P, K]."""
+
+    @staticmethod
+    def forward(ctx, A: torch.Tensor, R: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+        A, R = A.contiguous(), R.contiguous()
+        K, M = A.shape[1], A.shape[2]
+        L = A.new_empty(layout.npairs, M)
+        _run("expand_left", layout, K, M, R, A, L)
+        ctx.layout = layout
+        ctx.save_for_backward(A, R)
+        return L
+
+    @staticmethod
+    def backward(ctx, gL: torch.Tensor):
+        A, R = ctx.saved_tensors
+        gA = _Contract.apply(R, gL, ctx.layout) if ctx.needs_input_grad[0] else None
+        gR = _ExpandRight.apply(A, gL, ctx.layout) if ctx.needs_input_grad[1] else None
+        return gA, gR, None
+
+
+class _ExpandRight(torch.autograd.Function):
+    """Q [P, K] from A [atoms, K, M] and G [P, M]."""
+
+    @staticmethod
+    def forward(ctx, A: torch.Tensor, G: torch.Tensor, layout: PairLayout) -> torch.Tensor:
+        A, G = A.contiguous(), G.contiguous()
+        K, M = A.shape[1], A.shape[2]
+        Q = A.new_empty(layout.npairs, K)
+        _run("expand_right", layout, K, M, A, G, Q)
+        ctx.layout = layout
+        ctx.save_for_backward(A, G)
+        return Q
+
+    @staticmethod
+    def backward(ctx, gQ: torch.Tensor):
+        A, G = ctx.saved_tensors
+        gA = _Contract.apply(gQ, G, ctx.layout) if ctx.needs_input_grad[0] else None
+        gG = _ExpandLeft.apply(A, gQ, ctx.layout) if ctx.needs_input_grad[1] else None
+        return gA, gG, None
+
+
+def contract(rows: torch.Tensor, emb: torch.Tensor, center: torch.Tensor, order: torch.Tensor,
+             natoms: int) -> Optional[torch.Tensor]:
+    """Σ over each atom's pairs of rows[p]ᵀ emb[row of p] as [natoms, K, M], or None where this
+    path does not apply (the caller then runs the padded product).
+
+    ``rows`` [P, K] are sorted by ``center``; ``emb`` [P, M] is in ``order`` (emb's row k belongs
+    to pair order[k]), the order the embedding nets ran in.
+    """
+    if rows.device.type != "cpu" or rows.dtype not in (torch.float64, torch.float32) or emb.dtype != rows.dtype:
+        return None
+    if rows.shape[0] == 0 or _load() is None:
+        return None
+    counts = torch.bincount(center, minlength=natoms)
+    off = torch.zeros(natoms + 1, dtype=torch.long, device=rows.device)
+    torch.cumsum(counts, 0, out=off[1:])
+    map_ = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+    return _Contract.apply(rows, emb, PairLayout(off, map_.contiguous()))
