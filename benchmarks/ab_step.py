@@ -12,8 +12,10 @@ Variants, each a training step of the same trainer (the weights move on; the tim
   (mtcore/model/tangent_embedding.py), the contraction still the padded batched product;
 - ``loops``: that, and se_e2_a's per-atom contraction as C loops over the real pairs
   (mtcore/model/pair_contraction.py);
-- ``after``: that, and the per-type nets' rows joined by a concatenation whose second derivative
-  is one pass (mtcore/model/row_blocks.py): what mtcore does now.
+- ``sse2``: that, and the per-type nets' rows joined by a concatenation whose second derivative
+  is one pass (mtcore/model/row_blocks.py), the C loops built for plain x86-64 only;
+- ``after``: the same with the C loops built for AVX-512 / AVX2 too, picked at load time
+  (mtcore.native.CLONES): what mtcore does now.
 
 Before timing, the parameter gradients of one batch are computed under each variant and compared
 (largest difference relative to the largest gradient entry, per parameter), so a speed-up that
@@ -36,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = ("before", "inputs", "nets", "loops", "after")
+VARIANTS = ("before", "inputs", "nets", "loops", "sse2", "after")
 
 
 def main() -> None:
@@ -58,6 +60,15 @@ def main() -> None:
     print(f"fused embedding path: {tangent_embedding.status()}; pair contraction: {pair_contraction.status()}")
     backward, embed, contract = torch.Tensor.backward, tangent_embedding.embed, pair_contraction.contract
     join = row_blocks.join_rows
+    from mtcore import native
+
+    def without_clones(module, stem: str):
+        path, why = native.cached_library(stem, module.SOURCE, [*module.FLAGS, *native.NO_CLONES])
+        return native.load_library(path, module.SIGNATURES)[0] if path else None
+
+    libraries = {"clones": (tangent_embedding._load(), pair_contraction._load()),
+                 "sse2": (without_clones(tangent_embedding, "embedding_tangent"),
+                          without_clones(pair_contraction, "pair_contraction"))}
 
     def whole_graph_backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
         return backward(self, gradient, retain_graph, create_graph)
@@ -66,7 +77,8 @@ def main() -> None:
         torch.Tensor.backward = whole_graph_backward if variant == "before" else backward
         tangent_embedding.embed = embed if variant in ("nets", "loops", "after") else (lambda net, x: None)
         pair_contraction.contract = contract if variant in ("loops", "after") else (lambda *args: None)
-        row_blocks.join_rows = join if variant == "after" else (lambda parts: torch.cat(parts, dim=0))
+        row_blocks.join_rows = join if variant in ("sse2", "after") else (lambda parts: torch.cat(parts, dim=0))
+        tangent_embedding._library, pair_contraction._library = libraries["clones" if variant == "after" else "sse2"]
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = example_trainer(args.case, args.precision, Path(tmp))

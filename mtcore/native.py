@@ -10,6 +10,7 @@ without one mtcore runs the same arithmetic in plain PyTorch. This module must n
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -17,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 
 def cache_dir() -> Path:
@@ -57,11 +58,59 @@ def build_library(source: str, target: Path, flags: Sequence[str] = ("-O2",)) ->
     return None
 
 
-def cached_library(stem: str, source: str, flags: Sequence[str] = ("-O2",)) -> tuple[Optional[Path], str]:
-    """The cached library for ``source``, built first if missing: (path, "") or (None, why not)."""
+#: Put ``MTCORE_CLONES`` before a hot loop's function (with this text at the top of the source):
+#: the compiler then builds it for AVX-512, AVX2 + FMA and plain x86-64, and the loader picks the
+#: best the processor has (function multiversioning). Why: the system compiler's default target
+#: is plain x86-64 (SSE2, two doubles per instruction); compiling for the build machine instead
+#: (-march=native) would crash a cached library on an older node of a cluster sharing the cache.
+CLONES = r"""
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(MTCORE_NO_CLONES)
+#define MTCORE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MTCORE_CLONES
+#endif
+"""
+#: flags to build the same source again without clones, where the compiler or C library lacks them
+NO_CLONES = ("-DMTCORE_NO_CLONES",)
+
+
+def cached_library(stem: str, source: str, flags: Sequence[str] = ("-O2",),
+                   fallback: Optional[Sequence[str]] = None) -> tuple[Optional[Path], str]:
+    """The cached library for ``source``, built first if missing: (path, "") or (None, why not).
+    Where building with ``flags`` fails, ``flags + fallback`` are tried (and used from then on)."""
     target = library_path(stem, source, flags)
-    if not target.exists():
-        why = build_library(source, target, flags)
-        if why is not None:
-            return None, why
-    return target, ""
+    if target.exists():
+        return target, ""
+    spare = library_path(stem, source, [*flags, *fallback]) if fallback is not None else None
+    if spare is not None and spare.exists():
+        return spare, ""
+    why = build_library(source, target, flags)
+    if why is None:
+        return target, ""
+    if spare is None or build_library(source, spare, [*flags, *fallback]) is not None:
+        return None, why
+    return spare, ""
+
+
+def load_library(path: Path, signatures: Mapping[str, Sequence[type]]) -> tuple[Optional[ctypes.CDLL], str]:
+    """Load ``path`` and declare each function's argument types (all return void):
+    (library, "on") or (None, "off (why)")."""
+    try:
+        lib = ctypes.CDLL(str(path))
+        for name, argtypes in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes = list(argtypes)
+            fn.restype = None
+    except (OSError, AttributeError) as exc:
+        return None, f"off (could not load {path}: {exc})"
+    return lib, "on"
+
+
+def open_library(stem: str, source: str, flags: Sequence[str],
+                 signatures: Mapping[str, Sequence[type]]) -> tuple[Optional[ctypes.CDLL], str]:
+    """A kernel library built with function clones where the compiler has them (``CLONES``),
+    else without: (library, "on") or (None, "off (why)")."""
+    path, why = cached_library(stem, source, flags, NO_CLONES)
+    if path is None:
+        return None, f"off ({why})"
+    return load_library(path, signatures)

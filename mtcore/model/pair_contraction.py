@@ -35,10 +35,10 @@ from mtcore import native
 # Pairs of centre i are off[i] .. off[i+1]-1; G's row of pair p is map[p]. Each kernel runs the
 # centres [lo, hi). expand_right keeps 8 partial sums per output so the compiler can vectorise
 # the dot products without reordering a single sum (no -ffast-math).
-SOURCE = r"""
+SOURCE = native.CLONES + r"""
 #define LANES 8
 #define KERNELS(SUF, T)                                                                          \
-void contract_##SUF(long lo, long hi, long K, long M, const long *off, const T *R, const T *G,   \
+MTCORE_CLONES void contract_##SUF(long lo, long hi, long K, long M, const long *off, const T *R, const T *G,   \
                     const long *map, T *A) {                                                     \
   for (long i = lo; i < hi; ++i) {                                                               \
     T *a = A + i * K * M;                                                                        \
@@ -52,7 +52,7 @@ void contract_##SUF(long lo, long hi, long K, long M, const long *off, const T *
     }                                                                                            \
   }                                                                                              \
 }                                                                                                \
-void expand_left_##SUF(long lo, long hi, long K, long M, const long *off, const T *R,            \
+MTCORE_CLONES void expand_left_##SUF(long lo, long hi, long K, long M, const long *off, const T *R,            \
                        const T *A, const long *map, T *L) {                                      \
   for (long i = lo; i < hi; ++i) {                                                               \
     const T *a = A + i * K * M;                                                                  \
@@ -67,7 +67,7 @@ void expand_left_##SUF(long lo, long hi, long K, long M, const long *off, const 
     }                                                                                            \
   }                                                                                              \
 }                                                                                                \
-void expand_right_##SUF(long lo, long hi, long K, long M, const long *off, const T *A,           \
+MTCORE_CLONES void expand_right_##SUF(long lo, long hi, long K, long M, const long *off, const T *A,           \
                         const T *G, const long *map, T *Q) {                                     \
   long body = M - M % LANES;                                                                     \
   for (long i = lo; i < hi; ++i) {                                                               \
@@ -91,6 +91,8 @@ KERNELS(f64, double)
 KERNELS(f32, float)
 """
 FLAGS = ("-O3",)
+SIGNATURES = {f"{name}_{suffix}": [ctypes.c_long] * 4 + [ctypes.c_void_p] * 5
+              for name in ("contract", "expand_left", "expand_right") for suffix in ("f64", "f32")}
 #: pairs per thread below which the kernels run on the calling thread only
 MIN_PAIRS_PER_THREAD = 4096
 
@@ -112,22 +114,8 @@ def _load() -> Optional[ctypes.CDLL]:
     if os.environ.get("MTCORE_PLAIN_CONTRACTION") == "1":
         _status = "off (MTCORE_PLAIN_CONTRACTION=1)"
         return None
-    path, why = native.cached_library("pair_contraction", SOURCE, FLAGS)
-    if path is None:
-        _status = f"off ({why})"
-        return None
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as exc:
-        _status = f"off (could not load {path}: {exc})"
-        return None
-    for name in ("contract", "expand_left", "expand_right"):
-        for suffix in ("f64", "f32"):
-            fn = getattr(lib, f"{name}_{suffix}")
-            fn.argtypes = [ctypes.c_long] * 4 + [ctypes.c_void_p] * 5
-            fn.restype = None
-    _library, _status = lib, "on"
-    return lib
+    _library, _status = native.open_library("pair_contraction", SOURCE, FLAGS, SIGNATURES)
+    return _library
 
 
 class PairLayout:

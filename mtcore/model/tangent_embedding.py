@@ -41,9 +41,9 @@ from mtcore import native
 # (n = 2m, x repeated). Forward is given σ(2z) (torch's sigmoid kernel) and writes y = tanh(z)
 # over it. Backward, given g_out and g_tout (NULL: zero), writes gz, gtz and the skip's share of
 # the input gradients gxs, gtxs (only for modes 1 and 2).
-SOURCE = r"""
+SOURCE = native.CLONES + r"""
 #define KERNELS(SUF, T)                                                                          \
-void fwd_##SUF(long P, long n, long m, int mode, T *sg, const T *x, const T *tz, const T *tx,   \
+MTCORE_CLONES void fwd_##SUF(long P, long n, long m, int mode, T *sg, const T *x, const T *tz, const T *tx,   \
                T *out, T *tout) {                                                                \
   for (long p = 0; p < P; ++p) {                                                                 \
     T *yp = sg + p * n, *op = out + p * n, *top = tout + p * n;                                  \
@@ -61,7 +61,7 @@ void fwd_##SUF(long P, long n, long m, int mode, T *sg, const T *x, const T *tz,
     }                                                                                            \
   }                                                                                              \
 }                                                                                                \
-void bwd_##SUF(long P, long n, long m, int mode, const T *g_out, const T *g_tout, const T *y,   \
+MTCORE_CLONES void bwd_##SUF(long P, long n, long m, int mode, const T *g_out, const T *g_tout, const T *y,   \
                const T *tz, T *gz, T *gtz, T *gxs, T *gtxs) {                                    \
   for (long p = 0; p < P; ++p) {                                                                 \
     const T *gop = g_out + p * n, *yp = y + p * n, *tzp = tz + p * n;                            \
@@ -92,6 +92,9 @@ KERNELS(f64, double)
 KERNELS(f32, float)
 """
 FLAGS = ("-O3",)
+_SIZES = [ctypes.c_long] * 3 + [ctypes.c_int]
+SIGNATURES = {**{f"fwd_{suffix}": _SIZES + [ctypes.c_void_p] * 6 for suffix in ("f64", "f32")},
+              **{f"bwd_{suffix}": _SIZES + [ctypes.c_void_p] * 8 for suffix in ("f64", "f32")}}
 #: rows per thread below which the kernels run on the calling thread only
 MIN_ROWS_PER_THREAD = 4096
 
@@ -114,23 +117,8 @@ def _load() -> Optional[ctypes.CDLL]:
     if os.environ.get("MTCORE_PLAIN_EMBEDDING") == "1":
         _status = "off (MTCORE_PLAIN_EMBEDDING=1)"
         return None
-    path, why = native.cached_library("embedding_tangent", SOURCE, FLAGS)
-    if path is None:
-        _status = f"off ({why})"
-        return None
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as exc:
-        _status = f"off (could not load {path}: {exc})"
-        return None
-    ptr, size = ctypes.c_void_p, ctypes.c_long
-    for suffix in ("f64", "f32"):
-        fwd, bwd = getattr(lib, "fwd_" + suffix), getattr(lib, "bwd_" + suffix)
-        fwd.argtypes = [size, size, size, ctypes.c_int] + [ptr] * 6
-        bwd.argtypes = [size, size, size, ctypes.c_int] + [ptr] * 8
-        fwd.restype = bwd.restype = None
-    _library, _status = lib, "on"
-    return lib
+    _library, _status = native.open_library("embedding_tangent", SOURCE, FLAGS, SIGNATURES)
+    return _library
 
 
 @contextlib.contextmanager
