@@ -2,20 +2,23 @@
 
     OMP_NUM_THREADS=1 python benchmarks/ab_step.py --case water/se_e2_a --rounds 40 [--precision float32]
 
-Variants, each a training step of the same trainer (the weights move on; the timing does not care):
+Variants, each a training step of the same trainer (the weights move on; the timing does not
+care). Each variant adds one change to the one before it:
 
 - ``before``: ``loss.backward()`` over the whole graph (also back to the coordinates, whose
   gradient nobody reads) and the embedding nets differentiated twice by autograd;
 - ``inputs``: the backward only toward the head's trainable parameters
-  (``loss.backward(inputs=...)``), nets as before;
-- ``nets``: that, and the nets' value and input derivative computed together
-  (mtcore/model/tangent_embedding.py), the contraction still the padded batched product;
-- ``loops``: that, and se_e2_a's per-atom contraction as C loops over the real pairs
-  (mtcore/model/pair_contraction.py);
-- ``sse2``: that, and the per-type nets' rows joined by a concatenation whose second derivative
-  is one pass (mtcore/model/row_blocks.py), the C loops built for plain x86-64 only;
-- ``after``: the same with the C loops built for AVX-512 / AVX2 too, picked at load time
-  (mtcore.native.CLONES): what mtcore does now.
+  (``loss.backward(inputs=...)``);
+- ``nets``: the nets' value and input derivative computed together
+  (mtcore/model/tangent_embedding.py);
+- ``loops``: se_e2_a's per-atom contraction as C loops over the real pairs instead of the padded
+  batched product (mtcore/model/pair_contraction.py);
+- ``join``: the per-type nets' rows joined by a concatenation whose second derivative is one pass
+  (mtcore/model/row_blocks.py);
+- ``clones``: the C loops built for AVX-512 and AVX2 + FMA too, picked at load time
+  (mtcore.native.CLONES), not for plain x86-64 only;
+- ``after`` (= all of them): the nets' derivative attached by a small Function instead of
+  ``G + T·(s − s.detach())``: what mtcore does now.
 
 Before timing, the parameter gradients of one batch are computed under each variant and compared
 (largest difference relative to the largest gradient entry, per parameter), so a speed-up that
@@ -38,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = ("before", "inputs", "nets", "loops", "sse2", "after")
+VARIANTS = ("before", "inputs", "nets", "loops", "join", "clones", "after")
 
 
 def main() -> None:
@@ -50,6 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
 
+    from mtcore import native
     from mtcore.model import pair_contraction, row_blocks, tangent_embedding
     from mtcore.runtime import tune_allocator
     from mtcore.train.trainer import labels_on
@@ -60,7 +64,6 @@ def main() -> None:
     print(f"fused embedding path: {tangent_embedding.status()}; pair contraction: {pair_contraction.status()}")
     backward, embed, contract = torch.Tensor.backward, tangent_embedding.embed, pair_contraction.contract
     join = row_blocks.join_rows
-    from mtcore import native
 
     def without_clones(module, stem: str):
         path, why = native.cached_library(stem, module.SOURCE, [*module.FLAGS, *native.NO_CLONES])
@@ -73,12 +76,21 @@ def main() -> None:
     def whole_graph_backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
         return backward(self, gradient, retain_graph, create_graph)
 
+    attach = tangent_embedding._WithTangent
+
+    class Addcmul:
+        @staticmethod
+        def apply(value, tangent, x):
+            return torch.addcmul(value, tangent, x - x.detach())
+
     def use(variant: str) -> None:
-        torch.Tensor.backward = whole_graph_backward if variant == "before" else backward
-        tangent_embedding.embed = embed if variant in ("nets", "loops", "after") else (lambda net, x: None)
-        pair_contraction.contract = contract if variant in ("loops", "after") else (lambda *args: None)
-        row_blocks.join_rows = join if variant in ("sse2", "after") else (lambda parts: torch.cat(parts, dim=0))
-        tangent_embedding._library, pair_contraction._library = libraries["clones" if variant == "after" else "sse2"]
+        on = set(VARIANTS[1: VARIANTS.index(variant) + 1])  # this variant's change and all before it
+        torch.Tensor.backward = backward if "inputs" in on else whole_graph_backward
+        tangent_embedding.embed = embed if "nets" in on else (lambda net, x: None)
+        pair_contraction.contract = contract if "loops" in on else (lambda *args: None)
+        row_blocks.join_rows = join if "join" in on else (lambda parts: torch.cat(parts, dim=0))
+        tangent_embedding._library, pair_contraction._library = libraries["clones" if "clones" in on else "sse2"]
+        tangent_embedding._WithTangent = attach if "after" in on else Addcmul
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = example_trainer(args.case, args.precision, Path(tmp))

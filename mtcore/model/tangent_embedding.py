@@ -10,8 +10,9 @@ is one number per pair, s(r), so its derivative T = dG/ds can be carried forward
 per layer one fused element-wise pass forward and one backward, in a few lines of C
 (:mod:`mtcore.native`). The matrix products stay torch's.
 
-How it joins autograd: ``G + T·(s − s.detach())`` equals G; its derivative in s is T, which
-carries its own graph back to the weights. So the forces, the virial and the force loss's
+How it joins autograd: the net's output is G, and its derivative in s is T (what
+``G + T·(s − s.detach())`` would be; a small Function saves the passes over T·0 that expression
+costs), and T carries its own graph back to the weights. So the forces, the virial and the force loss's
 parameter gradient come out as autograd's do, to rounding (tests/test_tangent_embedding.py).
 What it leaves out is T's own derivative in s, i.e. second derivatives of the energy in the
 coordinates. The trainer's losses never need those, so this path is taken only inside
@@ -90,11 +91,22 @@ MTCORE_CLONES void bwd_##SUF(long P, long n, long m, int mode, const T *g_out, c
 }
 KERNELS(f64, double)
 KERNELS(f32, float)
+#define ROWDOT(SUF, T)                                                                           \
+MTCORE_CLONES void rowdot_##SUF(long P, long n, const T *a, const T *b, T *out) {                \
+  for (long p = 0; p < P; ++p) {                                                                 \
+    const T *ap = a + p * n, *bp = b + p * n; T s = 0;                                           \
+    for (long k = 0; k < n; ++k) s += ap[k] * bp[k];                                             \
+    out[p] = s;                                                                                  \
+  }                                                                                              \
+}
+ROWDOT(f64, double)
+ROWDOT(f32, float)
 """
 FLAGS = ("-O3",)
 _SIZES = [ctypes.c_long] * 3 + [ctypes.c_int]
 SIGNATURES = {**{f"fwd_{suffix}": _SIZES + [ctypes.c_void_p] * 6 for suffix in ("f64", "f32")},
-              **{f"bwd_{suffix}": _SIZES + [ctypes.c_void_p] * 8 for suffix in ("f64", "f32")}}
+              **{f"bwd_{suffix}": _SIZES + [ctypes.c_void_p] * 8 for suffix in ("f64", "f32")},
+              **{f"rowdot_{suffix}": [ctypes.c_long] * 2 + [ctypes.c_void_p] * 3 for suffix in ("f64", "f32")}}
 #: rows per thread below which the kernels run on the calling thread only
 MIN_ROWS_PER_THREAD = 4096
 
@@ -215,6 +227,40 @@ class _EmbedWithTangent(torch.autograd.Function):
         return (None, None, *grads)
 
 
+class _WithTangent(torch.autograd.Function):
+    """G as value, with derivative T in s: what ``G + T·(s − s.detach())`` is, without the
+    element-wise passes autograd runs for that expression and its derivative (the T·0 terms)."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, tangent: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(tangent)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (tangent,) = ctx.saved_tensors
+        return grad, None, _RowDot.apply(grad, tangent)
+
+
+class _RowDot(torch.autograd.Function):
+    """Σ_k a[p, k] b[p, k] as [P, 1], one pass (a C loop); its own derivative in torch."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = a.contiguous(), b.contiguous()
+        out = a.new_empty(a.shape[0], 1)
+        assert _library is not None
+        getattr(_library, f"rowdot_{'f64' if a.dtype == torch.float64 else 'f32'}")(
+            a.shape[0], a.shape[1], a.data_ptr(), b.data_ptr(), out.data_ptr())
+        ctx.save_for_backward(a, b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a, b = ctx.saved_tensors
+        return grad * b, grad * a
+
+
 def _fused_layers(net: torch.nn.Module, x: torch.Tensor) -> Optional[Tuple[Tuple[int, ...], List[torch.Tensor]]]:
     """(skip modes, [W, b, ...]) when every layer is a plain tanh layer in x's dtype, else None."""
     if net.mixed:
@@ -247,4 +293,4 @@ def embed(net: torch.nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     modes, params = layers
     s = x.detach().contiguous()
     value, tangent = _EmbedWithTangent.apply(s, modes, *params)
-    return torch.addcmul(value, tangent, x - s)
+    return _WithTangent.apply(value, tangent, x)
