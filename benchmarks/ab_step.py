@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--case", default="water/se_e2_a")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--precision", default=None, help="set descriptor and fitting precision")
+    parser.add_argument("--head", default=None, help="time this head's steps only (multi-task inputs)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from " + ",".join(VARIANTS))
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
@@ -108,7 +109,7 @@ def main() -> None:
             trainer.model.zero_grad(set_to_none=True)
             return grads
 
-        head = trainer.draw_head()
+        head = args.head or trainer.draw_head()
         batch = trainer.heads[head].train.sample(trainer.rng)
         reference = gradients(variants[0], head, batch)
         for variant in variants[1:]:
@@ -116,9 +117,9 @@ def main() -> None:
                         for a, b in zip(reference, gradients(variant, head, batch)))
             print(f"{variant}: parameter gradients of one batch differ from {variants[0]}'s by at most {worst:.1e} (relative)")
 
-        times = alternate(trainer, variants, use, args.rounds)
+        times = alternate(trainer, variants, use, args.rounds, args.head)
         use("after")
-    print_table(f"{args.case} ({args.precision or 'as in the input'}, {torch.get_num_threads()} thread(s), {args.rounds} rounds)", times)
+    print_table(f"{args.case}{' head ' + args.head if args.head else ''} ({args.precision or 'as in the input'}, {torch.get_num_threads()} thread(s), {args.rounds} rounds)", times)
 
 
 if __name__ == "__main__":

@@ -15,24 +15,27 @@ from pathlib import Path
 from typing import Callable
 
 
-def timed_step(trainer) -> float:
-    """One training step of a drawn head, in ms."""
+def timed_step(trainer, head: str | None = None) -> float:
+    """One training step of ``head`` (default: a drawn head), in ms."""
+    head = head or trainer.draw_head()
     t0 = time.perf_counter()
-    trainer.train_step(trainer.draw_head())
+    trainer.train_step(head)
     trainer.step += 1
     return 1000 * (time.perf_counter() - t0)
 
 
-def alternate(trainer, variants: list[str], use: Callable[[str], None], rounds: int) -> dict[str, list[float]]:
-    """ms per step of each variant; two untimed warm-up steps per variant first (they allocate)."""
+def alternate(trainer, variants: list[str], use: Callable[[str], None], rounds: int,
+              head: str | None = None) -> dict[str, list[float]]:
+    """ms per step of each variant; two untimed warm-up steps per variant first (they allocate).
+    Every step trains ``head`` when given (a multi-task median otherwise mixes the heads' steps)."""
     for variant in variants:
         use(variant)
-        timed_step(trainer), timed_step(trainer)
+        timed_step(trainer, head), timed_step(trainer, head)
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(rounds):
         for variant in variants if r % 2 == 0 else variants[::-1]:
             use(variant)
-            times[variant].append(timed_step(trainer))
+            times[variant].append(timed_step(trainer, head))
     return times
 
 
