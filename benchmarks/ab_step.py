@@ -70,7 +70,7 @@ def main() -> None:
         path, why = native.cached_library(stem, module.SOURCE, [*module.FLAGS, *native.NO_CLONES])
         return native.load_library(path, module.SIGNATURES)[0] if path else None
 
-    libraries = {"clones": (tangent_embedding._load(), pair_contraction._load()),
+    libraries = {"clones": (tangent_embedding.KERNELS.load(), pair_contraction.KERNELS.load()),
                  "sse2": (without_clones(tangent_embedding, "embedding_tangent"),
                           without_clones(pair_contraction, "pair_contraction"))}
 
@@ -90,7 +90,7 @@ def main() -> None:
         tangent_embedding.embed = embed if "nets" in on else (lambda net, x: None)
         pair_contraction.contract = contract if "loops" in on else (lambda *args: None)
         row_blocks.join_rows = join if "join" in on else (lambda parts: torch.cat(parts, dim=0))
-        tangent_embedding._library, pair_contraction._library = libraries["clones" if "clones" in on else "sse2"]
+        tangent_embedding.KERNELS.library, pair_contraction.KERNELS.library = libraries["clones" if "clones" in on else "sse2"]
         tangent_embedding._WithTangent = attach if "after" in on else Addcmul
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -106,6 +106,25 @@ def load_library(path: Path, signatures: Mapping[str, Sequence[type]]) -> tuple[
     return lib, "on"
 
 
+class KernelLibrary:
+    """A kernel library built and loaded on first use. ``switch`` (an environment variable set
+    to 1) keeps it off; so does a failed build. ``library`` is None while off, ``status`` says why."""
+
+    def __init__(self, stem: str, source: str, flags: Sequence[str], signatures: Mapping[str, Sequence[type]],
+                 switch: str):
+        self.stem, self.source, self.flags, self.signatures, self.switch = stem, source, flags, signatures, switch
+        self.library: Optional[ctypes.CDLL] = None
+        self.status = "not tried"
+
+    def load(self) -> Optional[ctypes.CDLL]:
+        if self.status == "not tried":
+            if os.environ.get(self.switch) == "1":
+                self.status = f"off ({self.switch}=1)"
+            else:
+                self.library, self.status = open_library(self.stem, self.source, self.flags, self.signatures)
+        return self.library
+
+
 def open_library(stem: str, source: str, flags: Sequence[str],
                  signatures: Mapping[str, Sequence[type]]) -> tuple[Optional[ctypes.CDLL], str]:
     """A kernel library built with function clones where the compiler has them (``CLONES``),

@@ -50,3 +50,15 @@ def test_a_missing_function_is_reported_not_raised(tmp_path, monkeypatch):
     monkeypatch.setenv("MTCORE_CACHE_DIR", str(tmp_path))
     lib, status = native.open_library("twice", SOURCE, ("-O3",), {"thrice": [ctypes.c_long]})
     assert lib is None and "thrice" in status
+
+
+def test_a_kernel_library_loads_once_and_its_switch_keeps_it_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTCORE_CACHE_DIR", str(tmp_path))
+    signatures = {"twice": [ctypes.c_long, ctypes.c_void_p]}
+    kernels = native.KernelLibrary("twice", SOURCE, ("-O3",), signatures, "MTCORE_TEST_SWITCH")
+    assert kernels.status == "not tried" and kernels.library is None
+    lib = kernels.load()
+    assert lib is not None and kernels.status == "on" and kernels.load() is lib
+    monkeypatch.setenv("MTCORE_TEST_SWITCH", "1")
+    switched = native.KernelLibrary("twice", SOURCE, ("-O3",), signatures, "MTCORE_TEST_SWITCH")
+    assert switched.load() is None and switched.status == "off (MTCORE_TEST_SWITCH=1)"

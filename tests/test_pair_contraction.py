@@ -101,8 +101,8 @@ def test_not_taken_where_it_does_not_apply(monkeypatch):
     assert pair_contraction.contract(rows, emb.float(), center, order, 5) is None  # mixed dtypes
     assert pair_contraction.contract(rows[:0], emb[:0], center[:0], order[:0], 5) is None  # no pairs
     assert pair_contraction.contract(rows.to(torch.float16), emb.to(torch.float16), center, order, 5) is None
-    monkeypatch.setattr(pair_contraction, "_library", None)
-    monkeypatch.setattr(pair_contraction, "_status", "off (no C compiler)")
+    monkeypatch.setattr(pair_contraction.KERNELS, "library", None)
+    monkeypatch.setattr(pair_contraction.KERNELS, "status", "off (no C compiler)")
     assert pair_contraction.contract(rows, emb, center, order, 5) is None  # no library: the padded product, quietly
 
 
@@ -131,8 +131,8 @@ def test_model_forces_virial_and_training_gradients_match_the_frozen_layout(tmp_
     monkeypatch.setattr(pair_contraction, "contract", counting)
     loops, loop_grads = run()
     assert taken == [True]
-    monkeypatch.setattr(pair_contraction, "_library", None)
-    monkeypatch.setattr(pair_contraction, "_status", "off (test)")
+    monkeypatch.setattr(pair_contraction.KERNELS, "library", None)
+    monkeypatch.setattr(pair_contraction.KERNELS, "status", "off (test)")
     plain, plain_grads = run()
     assert taken == [True, False]
     assert torch.allclose(loops["energy"], plain["energy"], rtol=1e-13, atol=0.0)

@@ -89,8 +89,8 @@ def test_taken_only_where_exact(monkeypatch):
         assert tangent_embedding.embed(tanh_net, s.float()) is None  # weights of another dtype
     with tangent_embedding.force_training(False):
         assert tangent_embedding.embed(tanh_net, s) is None
-    monkeypatch.setattr(tangent_embedding, "_library", None)
-    monkeypatch.setattr(tangent_embedding, "_status", "off (no C compiler)")
+    monkeypatch.setattr(tangent_embedding.KERNELS, "library", None)
+    monkeypatch.setattr(tangent_embedding.KERNELS, "status", "off (no C compiler)")
     with tangent_embedding.force_training():  # no library: the plain net, quietly
         assert tangent_embedding.embed(tanh_net, s) is None
 

@@ -24,7 +24,6 @@ without a C compiler it is off (``status()`` says why).
 from __future__ import annotations
 
 import ctypes
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
@@ -96,26 +95,14 @@ SIGNATURES = {f"{name}_{suffix}": [ctypes.c_long] * 4 + [ctypes.c_void_p] * 5
 #: pairs per thread below which the kernels run on the calling thread only
 MIN_PAIRS_PER_THREAD = 4096
 
-_library: Optional[ctypes.CDLL] = None
-_status = "not tried"
+KERNELS = native.KernelLibrary("pair_contraction", SOURCE, FLAGS, SIGNATURES, "MTCORE_PLAIN_CONTRACTION")
 _pool: Optional[ThreadPoolExecutor] = None
 
 
 def status() -> str:
-    """Whether the pair contraction is available, and if not, why (loads it on first call)."""
-    _load()
-    return _status
-
-
-def _load() -> Optional[ctypes.CDLL]:
-    global _library, _status
-    if _status != "not tried":
-        return _library
-    if os.environ.get("MTCORE_PLAIN_CONTRACTION") == "1":
-        _status = "off (MTCORE_PLAIN_CONTRACTION=1)"
-        return None
-    _library, _status = native.open_library("pair_contraction", SOURCE, FLAGS, SIGNATURES)
-    return _library
+    """Whether the pair contraction is available, and if not, why (loads the library on first call)."""
+    KERNELS.load()
+    return KERNELS.status
 
 
 class PairLayout:
@@ -131,8 +118,7 @@ class PairLayout:
 def _run(name: str, layout: PairLayout, K: int, M: int, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """Kernel ``name`` over all centres, split over torch's thread count when that pays (ctypes
     releases the GIL, so the chunks run in parallel; each chunk writes only its centres' rows)."""
-    assert _library is not None
-    fn = getattr(_library, f"{name}_{'f64' if out.dtype == torch.float64 else 'f32'}")
+    fn = getattr(KERNELS.library, f"{name}_{'f64' if out.dtype == torch.float64 else 'f32'}")
     args = (layout.off.data_ptr(), a.data_ptr(), b.data_ptr(), layout.map.data_ptr(), out.data_ptr())
     threads = min(torch.get_num_threads(), layout.npairs // MIN_PAIRS_PER_THREAD)
     if threads <= 1:
@@ -150,17 +136,25 @@ def _run(name: str, layout: PairLayout, K: int, M: int, a: torch.Tensor, b: torc
         f.result()
 
 
+def _kernel_forward(ctx, name: str, layout: PairLayout, a: torch.Tensor, b: torch.Tensor,
+                   shape: tuple[int, ...], K: int, M: int) -> torch.Tensor:
+    """Kernel ``name`` on (a, b) into a new tensor of ``shape``; (a, b) and the layout are kept
+    for the backward."""
+    a, b = a.contiguous(), b.contiguous()
+    out = a.new_empty(shape)
+    _run(name, layout, K, M, a, b, out)
+    ctx.layout = layout
+    ctx.save_for_backward(a, b)
+    return out
+
+
 class _Contract(torch.autograd.Function):
     """A [atoms, K, M] from R [P, K] and G [P, M]."""
 
     @staticmethod
     def forward(ctx, R: torch.Tensor, G: torch.Tensor, layout: PairLayout) -> torch.Tensor:
-        R, G = R.contiguous(), G.contiguous()
-        A = R.new_empty(layout.natoms, R.shape[1], G.shape[1])
-        _run("contract", layout, R.shape[1], G.shape[1], R, G, A)
-        ctx.layout = layout
-        ctx.save_for_backward(R, G)
-        return A
+        K, M = R.shape[1], G.shape[1]
+        return _kernel_forward(ctx, "contract", layout, R, G, (layout.natoms, K, M), K, M)
 
     @staticmethod
     def backward(ctx, gA: torch.Tensor):
@@ -175,17 +169,12 @@ class _ExpandLeft(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A: torch.Tensor, R: torch.Tensor, layout: PairLayout) -> torch.Tensor:
-        A, R = A.contiguous(), R.contiguous()
         K, M = A.shape[1], A.shape[2]
-        L = A.new_empty(layout.npairs, M)
-        _run("expand_left", layout, K, M, R, A, L)
-        ctx.layout = layout
-        ctx.save_for_backward(A, R)
-        return L
+        return _kernel_forward(ctx, "expand_left", layout, R, A, (layout.npairs, M), K, M)
 
     @staticmethod
     def backward(ctx, gL: torch.Tensor):
-        A, R = ctx.saved_tensors
+        R, A = ctx.saved_tensors
         gA = _Contract.apply(R, gL, ctx.layout) if ctx.needs_input_grad[0] else None
         gR = _ExpandRight.apply(A, gL, ctx.layout) if ctx.needs_input_grad[1] else None
         return gA, gR, None
@@ -196,13 +185,8 @@ class _ExpandRight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A: torch.Tensor, G: torch.Tensor, layout: PairLayout) -> torch.Tensor:
-        A, G = A.contiguous(), G.contiguous()
         K, M = A.shape[1], A.shape[2]
-        Q = A.new_empty(layout.npairs, K)
-        _run("expand_right", layout, K, M, A, G, Q)
-        ctx.layout = layout
-        ctx.save_for_backward(A, G)
-        return Q
+        return _kernel_forward(ctx, "expand_right", layout, A, G, (layout.npairs, K), K, M)
 
     @staticmethod
     def backward(ctx, gQ: torch.Tensor):
@@ -222,7 +206,7 @@ def contract(rows: torch.Tensor, emb: torch.Tensor, center: torch.Tensor, order:
     """
     if rows.device.type != "cpu" or rows.dtype not in (torch.float64, torch.float32) or emb.dtype != rows.dtype:
         return None
-    if rows.shape[0] == 0 or _load() is None:
+    if rows.shape[0] == 0 or KERNELS.load() is None:
         return None
     counts = torch.bincount(center, minlength=natoms)
     off = torch.zeros(natoms + 1, dtype=torch.long, device=rows.device)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -110,27 +109,15 @@ SIGNATURES = {**{f"fwd_{suffix}": _SIZES + [ctypes.c_void_p] * 6 for suffix in (
 #: rows per thread below which the kernels run on the calling thread only
 MIN_ROWS_PER_THREAD = 4096
 
-_library: Optional[ctypes.CDLL] = None
-_status = "not tried"
+KERNELS = native.KernelLibrary("embedding_tangent", SOURCE, FLAGS, SIGNATURES, "MTCORE_PLAIN_EMBEDDING")
 _active = False
 _pool: Optional[ThreadPoolExecutor] = None
 
 
 def status() -> str:
     """Whether the fused path is available, and if not, why (loads the library on first call)."""
-    _load()
-    return _status
-
-
-def _load() -> Optional[ctypes.CDLL]:
-    global _library, _status
-    if _status != "not tried":
-        return _library
-    if os.environ.get("MTCORE_PLAIN_EMBEDDING") == "1":
-        _status = "off (MTCORE_PLAIN_EMBEDDING=1)"
-        return None
-    _library, _status = native.open_library("embedding_tangent", SOURCE, FLAGS, SIGNATURES)
-    return _library
+    KERNELS.load()
+    return KERNELS.status
 
 
 @contextlib.contextmanager
@@ -139,7 +126,7 @@ def force_training(enabled: bool = True) -> Iterator[None]:
     step's prediction, whose loss needs only first derivatives in the coordinates)."""
     global _active
     before = _active
-    _active = bool(enabled) and _load() is not None
+    _active = bool(enabled) and KERNELS.load() is not None
     try:
         yield
     finally:
@@ -150,8 +137,7 @@ def _run(name: str, dtype: torch.dtype, P: int, n: int, m: int, mode: int,
          tensors: Sequence[Tuple[Optional[torch.Tensor], int]]) -> None:
     """Call kernel ``name`` on rows [0, P), split over torch's thread count when that pays
     (ctypes releases the GIL, so the chunks run in parallel)."""
-    assert _library is not None
-    fn = getattr(_library, f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+    fn = getattr(KERNELS.library, f"{name}_{'f64' if dtype == torch.float64 else 'f32'}")
     item = 8 if dtype == torch.float64 else 4
     bases = [(t.data_ptr() if t is not None else None, width) for t, width in tensors]
 
@@ -249,8 +235,7 @@ class _RowDot(torch.autograd.Function):
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a, b = a.contiguous(), b.contiguous()
         out = a.new_empty(a.shape[0], 1)
-        assert _library is not None
-        getattr(_library, f"rowdot_{'f64' if a.dtype == torch.float64 else 'f32'}")(
+        getattr(KERNELS.library, f"rowdot_{'f64' if a.dtype == torch.float64 else 'f32'}")(
             a.shape[0], a.shape[1], a.data_ptr(), b.data_ptr(), out.data_ptr())
         ctx.save_for_backward(a, b)
         return out
