@@ -17,8 +17,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 
 def cache_dir() -> Path:
@@ -123,6 +124,23 @@ class KernelLibrary:
             else:
                 self.library, self.status = open_library(self.stem, self.source, self.flags, self.signatures)
         return self.library
+
+
+_pool: Optional[ThreadPoolExecutor] = None
+
+
+def run_together(calls: Sequence[Callable[[], None]]) -> None:
+    """Run ``calls`` at the same time: the first on this thread, the others on a shared pool.
+    Meant for chunks of one ctypes kernel call: ctypes releases the GIL while C runs, so the
+    chunks use separate cores."""
+    global _pool
+    others = calls[1:]
+    if others and (_pool is None or _pool._max_workers < len(others)):  # noqa: SLF001 (size of the executor)
+        _pool = ThreadPoolExecutor(max_workers=len(others), thread_name_prefix="mtcore-kernels")
+    futures = [_pool.submit(call) for call in others] if others else []
+    calls[0]()
+    for future in futures:
+        future.result()
 
 
 def open_library(stem: str, source: str, flags: Sequence[str],

@@ -24,7 +24,7 @@ without a C compiler it is off (``status()`` says why).
 from __future__ import annotations
 
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
+import functools
 from typing import Optional
 
 import torch
@@ -96,7 +96,6 @@ SIGNATURES = {f"{name}_{suffix}": [ctypes.c_long] * 4 + [ctypes.c_void_p] * 5
 MIN_PAIRS_PER_THREAD = 4096
 
 KERNELS = native.KernelLibrary("pair_contraction", SOURCE, FLAGS, SIGNATURES, "MTCORE_PLAIN_CONTRACTION")
-_pool: Optional[ThreadPoolExecutor] = None
 
 
 def status() -> str:
@@ -124,16 +123,10 @@ def _run(name: str, layout: PairLayout, K: int, M: int, a: torch.Tensor, b: torc
     if threads <= 1:
         fn(0, layout.natoms, K, M, *args)
         return
-    global _pool
-    if _pool is None or _pool._max_workers < threads:  # noqa: SLF001 (size of the executor)
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mtcore-contraction")
     # centre boundaries that give each chunk about the same number of pairs
     targets = torch.arange(1, threads, dtype=layout.off.dtype) * layout.npairs // threads
     cuts = [0] + torch.searchsorted(layout.off, targets).tolist() + [layout.natoms]
-    futures = [_pool.submit(fn, lo, hi, K, M, *args) for lo, hi in zip(cuts[1:-1], cuts[2:])]
-    fn(cuts[0], cuts[1], K, M, *args)
-    for f in futures:
-        f.result()
+    native.run_together([functools.partial(fn, lo, hi, K, M, *args) for lo, hi in zip(cuts[:-1], cuts[1:])])
 
 
 def _kernel_forward(ctx, name: str, layout: PairLayout, a: torch.Tensor, b: torch.Tensor,
@@ -212,4 +205,4 @@ def contract(rows: torch.Tensor, emb: torch.Tensor, center: torch.Tensor, order:
     off = torch.zeros(natoms + 1, dtype=torch.long, device=rows.device)
     torch.cumsum(counts, 0, out=off[1:])
     map_ = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
-    return _Contract.apply(rows, emb, PairLayout(off, map_.contiguous()))
+    return _Contract.apply(rows, emb, PairLayout(off, map_))

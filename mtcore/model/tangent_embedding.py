@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
+import functools
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -111,7 +111,6 @@ MIN_ROWS_PER_THREAD = 4096
 
 KERNELS = native.KernelLibrary("embedding_tangent", SOURCE, FLAGS, SIGNATURES, "MTCORE_PLAIN_EMBEDDING")
 _active = False
-_pool: Optional[ThreadPoolExecutor] = None
 
 
 def status() -> str:
@@ -148,14 +147,8 @@ def _run(name: str, dtype: torch.dtype, P: int, n: int, m: int, mode: int,
     if threads <= 1:
         call(0, P)
         return
-    global _pool
-    if _pool is None or _pool._max_workers < threads:  # noqa: SLF001 (size of the executor)
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mtcore-embedding")
     step = -(-P // threads)
-    futures = [_pool.submit(call, lo, min(P, lo + step)) for lo in range(step, P, step)]
-    call(0, min(P, step))
-    for f in futures:
-        f.result()
+    native.run_together([functools.partial(call, lo, min(P, lo + step)) for lo in range(0, P, step)])
 
 
 class _EmbedWithTangent(torch.autograd.Function):
