@@ -17,8 +17,10 @@ care). Each variant adds one change to the one before it:
   (mtcore/model/row_blocks.py);
 - ``clones``: the C loops built for AVX-512 and AVX2 + FMA too, picked at load time
   (mtcore.native.CLONES), not for plain x86-64 only;
-- ``after`` (= all of them): the nets' derivative attached by a small Function instead of
-  ``G + T·(s − s.detach())``: what mtcore does now.
+- ``attach``: the nets' derivative attached by a small Function instead of
+  ``G + T·(s − s.detach())``;
+- ``groups`` (= all of them): the per-type nets of se_e2_a and se_e2_r run as one fused Function
+  writing one G, instead of one per net joined afterwards: what mtcore does now.
 
 Before timing, the parameter gradients of one batch are computed under each variant and compared
 (largest difference relative to the largest gradient entry, per parameter), so a speed-up that
@@ -41,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = ("before", "inputs", "nets", "loops", "join", "clones", "after")
+VARIANTS = ("before", "inputs", "nets", "loops", "join", "clones", "attach", "groups")
 
 
 def main() -> None:
@@ -64,6 +66,7 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v]
     print(f"fused embedding path: {tangent_embedding.status()}; pair contraction: {pair_contraction.status()}")
     backward, embed, contract = torch.Tensor.backward, tangent_embedding.embed, pair_contraction.contract
+    embed_groups = tangent_embedding.embed_groups
     join = row_blocks.join_rows
 
     def without_clones(module, stem: str):
@@ -88,10 +91,11 @@ def main() -> None:
         on = set(VARIANTS[1: VARIANTS.index(variant) + 1])  # this variant's change and all before it
         torch.Tensor.backward = backward if "inputs" in on else whole_graph_backward
         tangent_embedding.embed = embed if "nets" in on else (lambda net, x: None)
+        tangent_embedding.embed_groups = embed_groups if "groups" in on else (lambda nets, x, bounds: None)
         pair_contraction.contract = contract if "loops" in on else (lambda *args: None)
         row_blocks.join_rows = join if "join" in on else (lambda parts: torch.cat(parts, dim=0))
         tangent_embedding.KERNELS.library, pair_contraction.KERNELS.library = libraries["clones" if "clones" in on else "sse2"]
-        tangent_embedding._WithTangent = attach if "after" in on else Addcmul
+        tangent_embedding._WithTangent = attach if "attach" in on else Addcmul
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = example_trainer(args.case, args.precision, Path(tmp))
@@ -118,7 +122,7 @@ def main() -> None:
             print(f"{variant}: parameter gradients of one batch differ from {variants[0]}'s by at most {worst:.1e} (relative)")
 
         times = alternate(trainer, variants, use, args.rounds, args.head)
-        use("after")
+        use(VARIANTS[-1])
     print_table(f"{args.case}{' head ' + args.head if args.head else ''} ({args.precision or 'as in the input'}, {torch.get_num_threads()} thread(s), {args.rounds} rounds)", times)
 
 

@@ -95,13 +95,26 @@ def test_taken_only_where_exact(monkeypatch):
         assert tangent_embedding.embed(tanh_net, s) is None
 
 
-def test_model_forces_virial_and_training_gradients_match(tmp_path):
-    """The whole se_e2_a + ener model on a water frame: forces, virial and the parameter
-    gradient of an energy + force + virial loss, fused against plain."""
-    doc = small_input(tmp_path)
+SE_E2_R = {"type": "se_e2_r", "sel": [46, 92], "rcut": 4.0, "rcut_smth": 0.5, "neuron": [5, 10, 20], "seed": 1}
+
+
+@pytest.mark.parametrize("descriptor", [None, SE_E2_R], ids=["se_e2_a", "se_e2_r"])
+def test_model_forces_virial_and_training_gradients_match(tmp_path, monkeypatch, descriptor):
+    """The whole se_e2_a (or se_e2_r) + ener model on a water frame: forces, virial and the
+    parameter gradient of an energy + force + virial loss, fused (all type-pair nets in one
+    Function) against plain."""
+    doc = small_input(tmp_path, descriptor=descriptor)
     model, _ = model_with_stats(doc)
     coord, atype, box = water_frame(1)
     params = [p for p in model.parameters() if p.requires_grad]
+    embed_groups, taken = tangent_embedding.embed_groups, []
+
+    def counting(nets, x, bounds):
+        out = embed_groups(nets, x, bounds)
+        taken.append((len(nets), out is not None))
+        return out
+
+    monkeypatch.setattr(tangent_embedding, "embed_groups", counting)
 
     def run(fused: bool):
         model.zero_grad(set_to_none=True)
@@ -113,6 +126,7 @@ def test_model_forces_virial_and_training_gradients_match(tmp_path):
 
     plain, plain_grads = run(False)
     fused, fused_grads = run(True)
+    assert taken == [(4, False), (4, True)]  # the path was taken, for the four nets at once
     assert torch.allclose(fused["energy"], plain["energy"], rtol=1e-15, atol=0.0)
     for key in ("force", "virial"):
         assert torch.allclose(fused[key], plain[key], rtol=1e-12, atol=1e-12 * float(plain[key].detach().abs().max()))
@@ -141,17 +155,59 @@ def test_the_trainer_takes_it_for_its_step_only(tmp_path, monkeypatch):
     trainer = Trainer(load_config(write_input(tmp_path, small_input(tmp_path, numb_steps=2))), tmp_path,
                       Console(file=io.StringIO()))
     taken = []
-    embed = tangent_embedding.embed
+    embed, embed_groups = tangent_embedding.embed, tangent_embedding.embed_groups
 
     def counting(net, x):
         out = embed(net, x)
         if x.requires_grad:  # (the padded slots' constant rows need no derivative)
-            taken.append(out is not None)
+            taken.append(("one", out is not None))
+        return out
+
+    def counting_groups(nets, x, bounds):
+        out = embed_groups(nets, x, bounds)
+        taken.append((len(nets), out is not None))
         return out
 
     monkeypatch.setattr(tangent_embedding, "embed", counting)
+    monkeypatch.setattr(tangent_embedding, "embed_groups", counting_groups)
     assert trainer.train_step("default")
-    assert len(taken) == 4 and all(taken)  # the four type-pair nets of the force-trained step
+    assert taken == [(4, True)]  # the four type-pair nets of the force-trained step, as one Function
     taken.clear()
     trainer.display_values()  # validation: plain nets
-    assert taken and not any(taken)
+    assert taken and not any(ok for _, ok in taken)
+
+
+@pytest.mark.parametrize("neuron", [[25, 50, 100], [4, 4, 8, 8]])  # doubling, residual
+def test_nets_in_one_function_match_each_net_alone(neuron):
+    """embed_groups: three nets on blocks of rows of different sizes give, to the last bit, the
+    rows each net gives alone, and the same force-loss parameter gradients to rounding."""
+    nets = [EmbeddingNet(1, neuron, "tanh", False, torch.float64, new_generator(seed)) for seed in (1, 2, 3)]
+    bounds = [(0, 700), (700, 750), (750, 2000)]
+    s0 = torch.rand(2000, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 4 - 0.5
+    mix = torch.randn(neuron[-1], 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    params = [p for net in nets for p in net.parameters()]
+
+    def run(together: bool):
+        s = s0.clone().requires_grad_(True)
+        for net in nets:
+            net.zero_grad(set_to_none=True)
+        with tangent_embedding.force_training(True):
+            if together:
+                out = tangent_embedding.embed_groups(nets, s, bounds)
+                assert out is not None
+            else:
+                out = torch.cat([net(s[lo:hi]) for net, (lo, hi) in zip(nets, bounds)])
+        energy = ((out @ mix) ** 2).sum() / s.shape[0]
+        (force,) = torch.autograd.grad(energy, s, create_graph=True)
+        (energy + (force ** 2).sum()).backward(inputs=params)
+        return out.detach(), force.detach(), [p.grad.clone() for p in params]
+
+    alone, together = run(False), run(True)
+    assert torch.equal(together[0], alone[0])
+    assert torch.allclose(together[1], alone[1], rtol=1e-13, atol=0.0)
+    for a, b in zip(alone[2], together[2]):
+        assert float((a - b).abs().max()) <= 1e-12 * float(a.abs().max())
+    with tangent_embedding.force_training(True):  # blocks must tile the rows in order
+        s = s0.clone().requires_grad_(True)
+        assert tangent_embedding.embed_groups(nets, s, [(0, 700), (750, 800), (800, 2000)]) is None
+        assert tangent_embedding.embed_groups(nets, s, [(0, 700), (700, 750), (750, 1999)]) is None

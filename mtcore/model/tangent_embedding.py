@@ -19,6 +19,10 @@ coordinates. The trainer's losses never need those, so this path is taken only i
 :func:`force_training`, around the training step's prediction; everything else (validation,
 inference, frozen files, user code) runs the plain net.
 
+A descriptor's per-type-pair nets run as one Function (:func:`embed_groups`) over the pairs
+sorted by type group: each net's last layer writes its block of one joint G and T, so the
+blocks are never concatenated (nor, in the second derivative, split and concatenated again).
+
 Taken for nets whose layers are all tanh without a resnet timestep, on the CPU in float64 or
 float32, outside mixed precision; anything else runs the plain net. ``MTCORE_PLAIN_EMBEDDING=1``
 turns it off; without a C compiler it is off (``status()`` says why).
@@ -151,58 +155,91 @@ def _run(name: str, dtype: torch.dtype, P: int, n: int, m: int, mode: int,
     native.run_together([functools.partial(call, lo, min(P, lo + step)) for lo in range(0, P, step)])
 
 
+def _net_forward(s: torch.Tensor, modes: Tuple[int, ...], params: Sequence[torch.Tensor],
+                 value: torch.Tensor, tangent: torch.Tensor, saved: List[torch.Tensor]) -> None:
+    """One net on s [P, 1]: its last layer writes G into ``value`` and T into ``tangent`` (rows of
+    the caller's joint outputs); each layer's (x, tx, y, tz) is appended to ``saved``."""
+    x, tx = s, torch.ones_like(s)
+    for i, mode in enumerate(modes):
+        weight, bias = params[2 * i], params[2 * i + 1]
+        P, m = x.shape
+        n = weight.shape[1]
+        # σ(2z) with the doubling folded into W and b (exact), as fast_tanh computes it
+        y = torch.addmm(bias + bias, x, weight + weight).sigmoid_()
+        tz = torch.mm(tx, weight)
+        last = i + 1 == len(modes)
+        out = value if last else torch.empty_like(y)
+        tout = tangent if last else torch.empty_like(y)
+        _run("fwd", y.dtype, P, n, m, mode, [(y, n), (x, m), (tz, n), (tx, m), (out, n), (tout, n)])
+        saved += [x, tx, y, tz]
+        x, tx = out, tout
+
+
+def _net_backward(saved: Sequence[torch.Tensor], modes: Tuple[int, ...], params: Sequence[torch.Tensor],
+                  g_out: Optional[torch.Tensor], g_tout: Optional[torch.Tensor]) -> List[torch.Tensor]:
+    """One net's parameter gradients [gW, gb, ...] from the gradients of its G and T rows."""
+    depth = len(modes)
+    grads: List[torch.Tensor] = [torch.empty(0)] * (2 * depth)
+    if g_out is None:
+        g_out = torch.zeros_like(saved[4 * (depth - 1) + 2])
+    for i in reversed(range(depth)):
+        x, tx, y, tz = saved[4 * i: 4 * i + 4]
+        weight, mode = params[2 * i], modes[i]
+        P, n = y.shape
+        m = x.shape[1]
+        gz = torch.empty_like(y)
+        gtz = torch.empty_like(y) if g_tout is not None else None
+        gxs = y.new_empty(P, m) if mode else None
+        gtxs = y.new_empty(P, m) if mode and g_tout is not None else None
+        _run("bwd", y.dtype, P, n, m, mode,
+             [(g_out, n), (g_tout, n), (y, n), (tz, n), (gz, n), (gtz, n), (gxs, m), (gtxs, m)])
+        g_weight = torch.mm(x.t(), gz)
+        if gtz is not None:
+            g_weight.addmm_(tx.t(), gtz)
+        grads[2 * i], grads[2 * i + 1] = g_weight, gz.sum(0)
+        if i > 0:
+            g_out = gxs.addmm_(gz, weight.t()) if gxs is not None else torch.mm(gz, weight.t())
+            if gtz is not None:
+                g_tout = gtxs.addmm_(gtz, weight.t()) if gtxs is not None else torch.mm(gtz, weight.t())
+    return grads
+
+
 class _EmbedWithTangent(torch.autograd.Function):
-    """(G, T) of a tanh embedding net at s [P, 1]; ``params`` are (W, b) per layer."""
+    """(G, T) [P, M] of tanh embedding nets, each on its own block of rows of s [P, 1].
+
+    ``spec`` is per net (first row, end row, skip modes), the blocks tiling [0, P) in order;
+    ``params`` are the nets' (W, b) per layer, net after net. The nets' last layers write straight
+    into the joint G and T, so no concatenation (and no second derivative of one) is needed."""
 
     @staticmethod
-    def forward(ctx, s: torch.Tensor, modes: Tuple[int, ...], *params: torch.Tensor):
-        x, tx = s, torch.ones_like(s)
+    def forward(ctx, s: torch.Tensor, spec: Tuple[Tuple[int, int, Tuple[int, ...]], ...], *params: torch.Tensor):
+        width = params[-2].shape[1]
+        value, tangent = s.new_empty(s.shape[0], width), s.new_empty(s.shape[0], width)
         saved: List[torch.Tensor] = []
-        for i, mode in enumerate(modes):
-            weight, bias = params[2 * i], params[2 * i + 1]
-            P, m = x.shape
-            n = weight.shape[1]
-            # σ(2z) with the doubling folded into W and b (exact), as fast_tanh computes it
-            y = torch.addmm(bias + bias, x, weight + weight).sigmoid_()
-            tz = torch.mm(tx, weight)
-            out, tout = torch.empty_like(y), torch.empty_like(y)
-            _run("fwd", y.dtype, P, n, m, mode, [(y, n), (x, m), (tz, n), (tx, m), (out, n), (tout, n)])
-            saved += [x, tx, y, tz]
-            x, tx = out, tout
-        ctx.modes = modes
+        first = 0
+        for lo, hi, modes in spec:
+            _net_forward(s[lo:hi], modes, params[first: first + 2 * len(modes)], value[lo:hi], tangent[lo:hi], saved)
+            first += 2 * len(modes)
+        ctx.spec = spec
         ctx.save_for_backward(*saved, *params)
-        return x, tx
+        return value, tangent
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_value: Optional[torch.Tensor], g_tangent: Optional[torch.Tensor]):
-        modes = ctx.modes
-        depth = len(modes)
         saved = ctx.saved_tensors
-        params = saved[4 * depth:]
-        grads: List[Optional[torch.Tensor]] = [None] * (2 * depth)
-        last_y = saved[4 * (depth - 1) + 2]
-        g_out = g_value.contiguous() if g_value is not None else torch.zeros_like(last_y)
-        g_tout = g_tangent.contiguous() if g_tangent is not None else None
-        for i in reversed(range(depth)):
-            x, tx, y, tz = saved[4 * i: 4 * i + 4]
-            weight, mode = params[2 * i], modes[i]
-            P, n = y.shape
-            m = x.shape[1]
-            gz = torch.empty_like(y)
-            gtz = torch.empty_like(y) if g_tout is not None else None
-            gxs = y.new_empty(P, m) if mode else None
-            gtxs = y.new_empty(P, m) if mode and g_tout is not None else None
-            _run("bwd", y.dtype, P, n, m, mode,
-                 [(g_out, n), (g_tout, n), (y, n), (tz, n), (gz, n), (gtz, n), (gxs, m), (gtxs, m)])
-            g_weight = torch.mm(x.t(), gz)
-            if gtz is not None:
-                g_weight.addmm_(tx.t(), gtz)
-            grads[2 * i], grads[2 * i + 1] = g_weight, gz.sum(0)
-            if i > 0:
-                g_out = gxs.addmm_(gz, weight.t()) if gxs is not None else torch.mm(gz, weight.t())
-                if gtz is not None:
-                    g_tout = gtxs.addmm_(gtz, weight.t()) if gtxs is not None else torch.mm(gtz, weight.t())
+        nlayers = sum(len(modes) for _, _, modes in ctx.spec)
+        params = saved[4 * nlayers:]
+        g_value = g_value.contiguous() if g_value is not None else None
+        g_tangent = g_tangent.contiguous() if g_tangent is not None else None
+        grads: List[torch.Tensor] = []
+        layer = 0
+        for lo, hi, modes in ctx.spec:
+            depth = len(modes)
+            grads += _net_backward(saved[4 * layer: 4 * (layer + depth)], modes, params[2 * layer: 2 * (layer + depth)],
+                                   g_value[lo:hi] if g_value is not None else None,
+                                   g_tangent[lo:hi] if g_tangent is not None else None)
+            layer += depth
         return (None, None, *grads)
 
 
@@ -259,16 +296,41 @@ def _fused_layers(net: torch.nn.Module, x: torch.Tensor) -> Optional[Tuple[Tuple
 def embed(net: torch.nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """``net(x)`` through the fused path, or None where it does not apply (the caller then runs
     the plain net)."""
+    return _fused([net], x, [(0, x.shape[0])] if x.dim() > 0 else [])
+
+
+def embed_groups(nets: Sequence[torch.nn.Module], x: torch.Tensor,
+                 bounds: Sequence[Tuple[int, int]]) -> Optional[torch.Tensor]:
+    """``cat([nets[k](x[lo_k:hi_k]) for k])`` through the fused path in one Function, where the
+    non-empty blocks ``bounds`` tile x's rows in order (a descriptor's per-type-pair nets over its
+    pairs sorted by group); None where that does not apply (the caller then runs the nets)."""
+    return _fused(nets, x, bounds)
+
+
+def _fused(net_list: Sequence[torch.nn.Module], x: torch.Tensor,
+           bounds: Sequence[Tuple[int, int]]) -> Optional[torch.Tensor]:
+    """Both of the above (benchmarks/ab_step.py switches embed_groups off on its own)."""
     if not _active or not torch.is_grad_enabled() or not x.requires_grad:
         return None
     if x.dim() != 2 or x.shape[1] != 1 or x.shape[0] == 0 or x.device.type != "cpu":
         return None
-    if x.dtype not in (torch.float64, torch.float32):
+    if x.dtype not in (torch.float64, torch.float32) or len(net_list) != len(bounds) or len(net_list) == 0:
         return None
-    layers = _fused_layers(net, x)
-    if layers is None:
+    spec: List[Tuple[int, int, Tuple[int, ...]]] = []
+    params: List[torch.Tensor] = []
+    end = 0
+    for net, (lo, hi) in zip(net_list, bounds):
+        layers = _fused_layers(net, x)
+        if layers is None or lo != end or hi <= lo:
+            return None
+        modes, net_params = layers
+        if params and net_params[-2].shape[1] != params[-2].shape[1]:
+            return None  # nets of different output widths cannot share one G
+        spec.append((int(lo), int(hi), modes))
+        params += net_params
+        end = hi
+    if end != x.shape[0]:
         return None
-    modes, params = layers
     s = x.detach().contiguous()
-    value, tangent = _EmbedWithTangent.apply(s, modes, *params)
+    value, tangent = _EmbedWithTangent.apply(s, tuple(spec), *params)
     return _WithTangent.apply(value, tangent, x)

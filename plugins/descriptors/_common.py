@@ -5,12 +5,13 @@ Kept apart from the descriptor modules so that no plugin module imports another 
 
 from __future__ import annotations
 
-from typing import List, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import NeighborStat
+from mtcore.model import tangent_embedding
 from mtcore.model.descriptor import EmbeddingInput
 from mtcore.model.sel import resolve_sel
 from mtcore.model.tabulate import normalised_s_range
@@ -48,6 +49,19 @@ def update_sel_per_type(params: dict, stat: NeighborStat) -> dict:
     out = dict(params)
     out["sel"] = resolve_sel(params["sel"], params["rcut"], stat, stat.ntypes, False, "model/descriptor")
     return out
+
+
+def embed_type_groups(nets: Sequence[torch.nn.Module], net_groups: Sequence[int], s_sorted: torch.Tensor,
+                      offsets: Sequence[int]) -> Optional[torch.Tensor]:
+    """G of every pair, net k on the rows ``offsets[g_k]:offsets[g_k + 1]`` of its type group, as
+    one fused Function in force training (mtcore.model.tangent_embedding.embed_groups); None where
+    that path does not apply (the caller then runs the nets one by one and joins their rows)."""
+    used, bounds = [], []
+    for net, g in zip(nets, net_groups):
+        if offsets[g + 1] > offsets[g]:
+            used.append(net)
+            bounds.append((offsets[g], offsets[g + 1]))
+    return tangent_embedding.embed_groups(used, s_sorted, bounds)
 
 
 def type_group_embeddings(descriptor, min_distance: float) -> List[EmbeddingInput]:

@@ -25,7 +25,8 @@ from mtcore.model.descriptor import Descriptor, EmbeddingInput, StatSample
 from mtcore.model.env import env_statistics, group_slices, kept_rows, padded_positions, padding_rows, scatter_padded
 from mtcore.model import pair_contraction, row_blocks
 from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
-from mtcore_builtins.descriptors._common import check_rcut, exclusion_matrix, update_sel_per_type, type_group_embeddings
+from mtcore_builtins.descriptors._common import (check_rcut, embed_type_groups, exclusion_matrix, type_group_embeddings,
+                                                 update_sel_per_type)
 
 #: the plugin API this module was written for (mtcore.hookspecs: versions)
 MTCORE_PLUGIN_API = 2
@@ -118,6 +119,10 @@ class DescrptSeA(Descriptor):
         """Embedding of every pair, grouped by net; returns (G in group order, that order)."""
         order, offsets = group_slices(key, self.ngroups)
         s_sorted = s.index_select(0, order)
+        if not torch.jit.is_scripting():
+            together = self._embed_together(s_sorted, offsets)
+            if together is not None:
+                return together, order
         parts: List[torch.Tensor] = []
         for k, net in enumerate(self.nets):
             g = self.net_groups[k]
@@ -129,6 +134,11 @@ class DescrptSeA(Descriptor):
         if not torch.jit.is_scripting():
             return self._join(parts), order
         return torch.cat(parts, dim=0), order
+
+    @torch.jit.unused
+    def _embed_together(self, s_sorted: torch.Tensor, offsets: List[int]) -> Optional[torch.Tensor]:
+        """In force training, all nets in one fused Function writing one G (tangent_embedding)."""
+        return embed_type_groups(self.nets, self.net_groups, s_sorted, offsets)
 
     @torch.jit.unused
     def _join(self, parts: List[torch.Tensor]) -> torch.Tensor:

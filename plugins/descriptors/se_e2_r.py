@@ -24,7 +24,8 @@ from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, SchemaCo
 from mtcore.model.descriptor import Descriptor, EmbeddingInput, StatSample
 from mtcore.model.env import env_statistics, group_slices, kept_rows, padding_rows
 from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
-from mtcore_builtins.descriptors._common import check_rcut, checked_sel, exclusion_matrix, update_sel_per_type, type_group_embeddings
+from mtcore_builtins.descriptors._common import (check_rcut, checked_sel, embed_type_groups, exclusion_matrix,
+                                                 type_group_embeddings, update_sel_per_type)
 
 #: the plugin API this module was written for (mtcore.hookspecs: versions)
 MTCORE_PLUGIN_API = 2
@@ -118,12 +119,21 @@ class DescrptSeR(Descriptor):
         s_sorted = s.index_select(0, order)
         c_sorted = center.index_select(0, order)
         out = torch.zeros(natoms, self.dim_emb, dtype=s.dtype, device=s.device)
+        if not torch.jit.is_scripting():
+            together = self._embed_together(s_sorted, offsets)
+            if together is not None:
+                return out.index_add(0, c_sorted, together)
         for k, net in enumerate(self.nets):
             g = self.net_groups[k]
             lo, hi = offsets[g], offsets[g + 1]
             if hi > lo:
                 out = out.index_add(0, c_sorted[lo:hi], net(s_sorted[lo:hi]))
         return out
+
+    @torch.jit.unused
+    def _embed_together(self, s_sorted: torch.Tensor, offsets: List[int]) -> Optional[torch.Tensor]:
+        """In force training, all nets in one fused Function writing one G (tangent_embedding)."""
+        return embed_type_groups(self.nets, self.net_groups, s_sorted, offsets)
 
     def _padding_term(self, atype: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Σ over each atom's empty slots of G(-davg/dstd): [n, M]."""
