@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 import vesin
 
+from mtcore.data.pair_order import pair_order
 from mtcore.errors import MtcoreError
 
 OVERLAP = 1e-3  # Å: closer atoms are a data error (a duplicated atom), not physics
@@ -37,7 +38,7 @@ def frame_neighbor_list(
         i, j, shifts, d = calc.compute(coord, box, True, "ijSd")
     keep = d < rcut
     i, j, shifts, d = i[keep], j[keep], shifts[keep], d[keep]
-    order = np.lexsort((j, d, atype[j], i))
+    order = pair_order(i, j, atype[j], d)  # np.lexsort((j, d, atype[j], i)), per centre in C
     if shifts.size and np.abs(shifts).max() > np.iinfo(np.int16).max:
         raise ValueError("periodic image index does not fit in int16")
     return (

@@ -1,0 +1,69 @@
+"""mtcore/data/pair_order.py: the C per-centre sort gives numpy.lexsort's order exactly, ties
+included, and the training data's neighbour lists are unchanged by it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import vesin
+
+from helpers import WATER
+from mtcore.data import pair_order as module
+from mtcore.data.neighbors import frame_neighbor_list
+
+pytestmark = pytest.mark.skipif(module.KERNELS.load() is None, reason=f"pair order kernel {module.KERNELS.status}")
+
+
+def lexsorted(i, j, t, d):
+    return np.lexsort((j, d, t, i))
+
+
+def pairs(coord, box, rcut):
+    i, j, _, d = vesin.NeighborList(cutoff=rcut, full_list=True).compute(coord, box, True, "ijSd")
+    return i, j, d
+
+
+def test_water_frame_matches_lexsort():
+    coord = np.load(WATER / "data_0" / "set.000" / "coord.npy")[0].reshape(-1, 3).astype(np.float64)
+    box = np.load(WATER / "data_0" / "set.000" / "box.npy")[0].reshape(3, 3).astype(np.float64)
+    atype = np.loadtxt(WATER / "data_0" / "type.raw", dtype=np.int64)
+    i, j, d = pairs(coord, box, 6.0)
+    assert not np.all(i[1:] >= i[:-1])  # vesin does not group by centre here: the counting sort must
+    assert np.array_equal(module.pair_order(i, j, atype[j], d), lexsorted(i, j, atype[j], d))
+
+
+def test_ties_and_repeated_images_keep_lexsorts_order():
+    """A simple cubic lattice in a box smaller than twice the cut-off: many neighbours at exactly
+    the same distance, and the same neighbour through several images (equal j, equal d)."""
+    grid = np.stack(np.meshgrid(*[np.arange(3.0)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    box = np.eye(3) * 3.0
+    i, j, d = pairs(grid, box, 2.5)
+    atype = np.arange(len(grid)) % 2
+    t = atype[j]
+    order = module.pair_order(i, j, t, d)
+    assert len(np.unique(d)) < 10 and len(set(zip(i.tolist(), j.tolist()))) < len(i)  # the ties are there
+    assert np.array_equal(order, lexsorted(i, j, t, d))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_shuffled_lists_of_every_size_match_lexsort(seed):
+    """Centres in any order, runs longer than the insertion-sort block (16) and odd lengths,
+    float32 distances with repeats."""
+    rng = np.random.default_rng(seed)
+    P = 5000
+    i = rng.integers(0, 37, P).astype(np.uint64)
+    j = rng.integers(0, 50, P).astype(np.uint64)
+    t = rng.integers(0, 3, P)
+    d = rng.choice(np.linspace(0.5, 6.0, 40), P).astype(np.float32)
+    assert np.array_equal(module.pair_order(i, j, t, d), lexsorted(i, j, t, d))
+
+
+def test_frame_lists_are_the_same_with_the_plain_sort(monkeypatch):
+    coord = np.load(WATER / "data_1" / "set.000" / "coord.npy")[3].reshape(-1, 3)
+    box = np.load(WATER / "data_1" / "set.000" / "box.npy")[3].reshape(3, 3)
+    atype = np.loadtxt(WATER / "data_1" / "type.raw", dtype=np.int64)
+    fast = frame_neighbor_list(coord, box, atype, 6.0)
+    monkeypatch.setattr(module.KERNELS, "library", None)
+    plain = frame_neighbor_list(coord, box, atype, 6.0)
+    for a, b in zip(fast, plain):
+        assert np.array_equal(a, b)
