@@ -19,8 +19,11 @@ care). Each variant adds one change to the one before it:
   (mtcore.native.CLONES), not for plain x86-64 only;
 - ``attach``: the nets' derivative attached by a small Function instead of
   ``G + T·(s − s.detach())``;
-- ``groups`` (= all of them): the per-type nets of se_e2_a and se_e2_r run as one fused Function
-  writing one G, instead of one per net joined afterwards: what mtcore does now.
+- ``groups``: the per-type nets of se_e2_a and se_e2_r run as one fused Function writing one G,
+  instead of one per net joined afterwards;
+- ``through`` (= all of them): se_e2_a's contraction takes the nets' derivative in s itself
+  (pair_contraction.contract_with_tangent), so the forces and their parameter gradient need no
+  [pairs × M] row-dot, product or sum: what mtcore does now.
 
 Before timing, the parameter gradients of one batch are computed under each variant and compared
 (largest difference relative to the largest gradient entry, per parameter), so a speed-up that
@@ -43,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = ("before", "inputs", "nets", "loops", "join", "clones", "attach", "groups")
+VARIANTS = ("before", "inputs", "nets", "loops", "join", "clones", "attach", "groups", "through")
 
 
 def main() -> None:
@@ -67,6 +70,7 @@ def main() -> None:
     print(f"fused embedding path: {tangent_embedding.status()}; pair contraction: {pair_contraction.status()}")
     backward, embed, contract = torch.Tensor.backward, tangent_embedding.embed, pair_contraction.contract
     embed_groups = tangent_embedding.embed_groups
+    takes_tangent = pair_contraction.takes_tangent
     join = row_blocks.join_rows
 
     def without_clones(module, stem: str):
@@ -93,6 +97,7 @@ def main() -> None:
         tangent_embedding.embed = embed if "nets" in on else (lambda net, x: None)
         tangent_embedding.embed_groups = embed_groups if "groups" in on else (lambda nets, x, bounds: None)
         pair_contraction.contract = contract if "loops" in on else (lambda *args: None)
+        pair_contraction.takes_tangent = takes_tangent if "through" in on else (lambda rows: False)
         row_blocks.join_rows = join if "join" in on else (lambda parts: torch.cat(parts, dim=0))
         tangent_embedding.KERNELS.library, pair_contraction.KERNELS.library = libraries["clones" if "clones" in on else "sse2"]
         tangent_embedding._WithTangent = attach if "attach" in on else Addcmul

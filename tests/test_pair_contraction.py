@@ -140,3 +140,43 @@ def test_model_forces_virial_and_training_gradients_match_the_frozen_layout(tmp_
         assert torch.allclose(loops[key], plain[key], rtol=1e-12, atol=1e-12 * float(plain[key].detach().abs().max()))
     for a, b in zip(plain_grads, loop_grads):
         assert float((a - b).abs().max()) <= 1e-11 * float(a.abs().max())
+
+
+def test_contraction_taking_the_tangent_matches_the_attached_embedding(monkeypatch):
+    """contract_with_tangent(rows, G, T, x) against the contraction of G attached to x through T
+    (G + T·(x − x̂)): values, the forces' first derivatives, and the force loss's parameter
+    gradient; and the force pass runs no [P, M] expansion (the nets' node is not on its way)."""
+    natoms = 13
+    rows0, _, center, order = random_pairs(natoms, 3, max_pairs=9)
+    P, M = rows0.shape[0], 6
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(M, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(M, generator=g, dtype=torch.float64, requires_grad=True)
+    calls = []
+    run = pair_contraction._run
+    monkeypatch.setattr(pair_contraction, "_run", lambda name, *args: (calls.append(name), run(name, *args))[1])
+
+    def forces_and_gradient(taking: bool):
+        u = rows0.clone().requires_grad_(True)  # the "coordinates": rows and s come from them
+        rows = u * 1.5
+        x = (u[:, 0:1] * 0.7).index_select(0, order)  # s in G's row order
+        value = torch.tanh(x.detach() * w + b)  # G with its graph to the parameters only
+        tangent = (1 - value * value) * w  # dG/dx
+        if taking:
+            A = pair_contraction.contract_with_tangent(rows, value, tangent, x, center, order, natoms)
+        else:
+            A = padded(rows, value + tangent * (x - x.detach()), center, order, natoms)
+        energy = (A[:, :, :3] * A[:, :, 1:4]).sum() + A.sum(-1).pow(3).sum()
+        calls.clear()
+        (force,) = torch.autograd.grad(energy, u, create_graph=True)
+        force_pass = list(calls)
+        loss = energy + (force ** 2).sum()
+        loss.backward(inputs=[w, b])
+        return A.detach(), force.detach(), w.grad.clone(), b.grad.clone(), force_pass
+
+    *want, _ = forces_and_gradient(False)
+    w.grad = b.grad = None
+    *got, force_pass = forces_and_gradient(True)
+    for a, c in zip(got, want):
+        assert float((a - c).abs().max()) <= 1e-12 * float(c.abs().max())
+    assert sorted(force_pass) == ["expand_right", "expand_right"]  # G's and T's: no expand_left

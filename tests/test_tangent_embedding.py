@@ -107,14 +107,18 @@ def test_model_forces_virial_and_training_gradients_match(tmp_path, monkeypatch,
     model, _ = model_with_stats(doc)
     coord, atype, box = water_frame(1)
     params = [p for p in model.parameters() if p.requires_grad]
-    embed_groups, taken = tangent_embedding.embed_groups, []
+    taken = []
 
-    def counting(nets, x, bounds):
-        out = embed_groups(nets, x, bounds)
-        taken.append((len(nets), out is not None))
-        return out
+    def counting(function):
+        def counted(nets, x, bounds):
+            out = function(nets, x, bounds)
+            taken.append((len(nets), out is not None))
+            return out
+        return counted
 
-    monkeypatch.setattr(tangent_embedding, "embed_groups", counting)
+    # se_e2_r joins the nets' G and T in the nets' Function, se_e2_a in its contraction
+    for name in ("embed_groups", "embed_group_parts"):
+        monkeypatch.setattr(tangent_embedding, name, counting(getattr(tangent_embedding, name)))
 
     def run(fused: bool):
         model.zero_grad(set_to_none=True)
@@ -155,7 +159,7 @@ def test_the_trainer_takes_it_for_its_step_only(tmp_path, monkeypatch):
     trainer = Trainer(load_config(write_input(tmp_path, small_input(tmp_path, numb_steps=2))), tmp_path,
                       Console(file=io.StringIO()))
     taken = []
-    embed, embed_groups = tangent_embedding.embed, tangent_embedding.embed_groups
+    embed = tangent_embedding.embed
 
     def counting(net, x):
         out = embed(net, x)
@@ -163,13 +167,16 @@ def test_the_trainer_takes_it_for_its_step_only(tmp_path, monkeypatch):
             taken.append(("one", out is not None))
         return out
 
-    def counting_groups(nets, x, bounds):
-        out = embed_groups(nets, x, bounds)
-        taken.append((len(nets), out is not None))
-        return out
+    def counting_groups(function):
+        def counted(nets, x, bounds):
+            out = function(nets, x, bounds)
+            taken.append((len(nets), out is not None))
+            return out
+        return counted
 
     monkeypatch.setattr(tangent_embedding, "embed", counting)
-    monkeypatch.setattr(tangent_embedding, "embed_groups", counting_groups)
+    for name in ("embed_groups", "embed_group_parts"):  # se_e2_a takes the parts into its contraction
+        monkeypatch.setattr(tangent_embedding, name, counting_groups(getattr(tangent_embedding, name)))
     assert trainer.train_step("default")
     assert taken == [(4, True)]  # the four type-pair nets of the force-trained step, as one Function
     taken.clear()

@@ -16,6 +16,11 @@ autograd asks for (forces, then the force loss's parameter gradient) runs throug
 loops; the result equals the padded product's to rounding (tests/test_pair_contraction.py).
 ``map`` lets G stay in the embedding nets' group order: no permutation is written out.
 
+In force training se_e2_a calls :func:`contract_with_tangent` instead: the nets give G and its
+derivative T in s apart (mtcore.model.tangent_embedding.embed_group_parts), and the contraction
+takes dE/ds = R̃·(dE/dA Tᵀ) through a [P, 4] product, so neither the forces nor their parameter
+gradient write a [P, M] row-dot, product or sum (0.915 of the step in benchmarks/ab_step.py).
+
 Taken on the CPU in float64 and float32 outside TorchScript (a frozen model runs the padded
 product, which plain ``torch.jit.load`` needs); ``MTCORE_PLAIN_CONTRACTION=1`` turns it off and
 without a C compiler it is off (``status()`` says why).
@@ -105,11 +110,13 @@ def status() -> str:
 
 
 class PairLayout:
-    """Where each atom's pairs are (``off``, centre-sorted) and where each pair's G row is (``map``)."""
+    """Where each atom's pairs are (``off``, centre-sorted) and where each pair's G row is (``map``;
+    ``order`` is its inverse, the pair of each G row, where the caller gave it)."""
 
-    def __init__(self, off: torch.Tensor, map_: torch.Tensor):
+    def __init__(self, off: torch.Tensor, map_: torch.Tensor, order: Optional[torch.Tensor] = None):
         self.off = off
         self.map = map_
+        self.order = order
         self.natoms = off.numel() - 1
         self.npairs = map_.numel()
 
@@ -189,6 +196,83 @@ class _ExpandRight(torch.autograd.Function):
         return gA, gG, None
 
 
+def _will_run(node) -> bool:
+    """Whether the backward pass under way will run autograd node ``node`` (the grad_fn of an
+    input): the force pass (gradient toward the coordinates only) does not run the nets' node,
+    and the parameter pass does not run the coordinates' one, so neither needs that input's
+    gradient. True where it cannot be told (a leaf, or a torch without the query)."""
+    if node is None:
+        return True
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):
+        return True
+
+
+class _ContractTangent(torch.autograd.Function):
+    """A [atoms, K, M] = Σ_p R[p]ᵀ G[map p], where G's rows depend on x [P, 1] (G's order) with
+    derivative T = dG/dx, and G and T carry their own graphs to the nets' parameters
+    (mtcore.model.tangent_embedding.embed_group_parts).
+
+    The plain way attaches T to G first (G + T·(x − x̂)) and contracts that: the forces then
+    need dE/dG [P, M] to take its row-dot with T, and the force loss's parameter gradient
+    differentiates that row-dot back into two [P, M] products and a [P, M] sum. Here
+    dE/dx_p = R[p] · (dE/dA_i T[map p]ᵀ) goes through Q = expand_right(dE/dA, T) [P, K]
+    instead, and its derivative is that small product's (a contraction and an expansion):
+    no [P, M] tensor except T's own gradient. What it leaves out, as the attachment does, is
+    T's own derivative in x."""
+
+    @staticmethod
+    def forward(ctx, R: torch.Tensor, G: torch.Tensor, T: torch.Tensor, x: torch.Tensor, layout: PairLayout,
+                nodes: tuple) -> torch.Tensor:
+        K, M = R.shape[1], G.shape[1]
+        R, G, T = R.contiguous(), G.contiguous(), T.contiguous()
+        out = R.new_empty(layout.natoms, K, M)
+        _run("contract", layout, K, M, R, G, out)
+        ctx.layout, ctx.nodes = layout, nodes
+        ctx.save_for_backward(R, G, T)
+        return out
+
+    @staticmethod
+    def backward(ctx, gA: torch.Tensor):
+        R, G, T = ctx.saved_tensors
+        layout, (node_R, node_G, node_x) = ctx.layout, ctx.nodes
+        gR = gG = gx = None
+        if ctx.needs_input_grad[0] and _will_run(node_R):
+            gR = _ExpandRight.apply(gA, G, layout)
+        if ctx.needs_input_grad[1] and _will_run(node_G):
+            gG = _ExpandLeft.apply(gA, R, layout)
+        if ctx.needs_input_grad[3] and _will_run(node_x):
+            q = _ExpandRight.apply(gA, T, layout)  # [P, K], centre order
+            gx = (R * q).sum(1, keepdim=True).index_select(0, layout.order)  # to G's row order
+        return gR, gG, None, gx, None, None
+
+
+def takes_tangent(rows: torch.Tensor) -> bool:
+    """Whether :func:`contract_with_tangent` runs for pair rows like ``rows`` (asked before the
+    nets run, so a caller can choose the embedding path that goes with it)."""
+    return rows.device.type == "cpu" and rows.dtype in (torch.float64, torch.float32) and rows.shape[0] > 0 \
+        and KERNELS.load() is not None
+
+
+def contract_with_tangent(rows: torch.Tensor, value: torch.Tensor, tangent: torch.Tensor, x: torch.Tensor,
+                          center: torch.Tensor, order: torch.Tensor, natoms: int) -> torch.Tensor:
+    """As :func:`contract` with emb = G attached to x through T (``value``, ``tangent`` and ``x``
+    in ``order``, as tangent_embedding.embed_group_parts gives them): see _ContractTangent.
+    Call only where :func:`takes_tangent` said yes."""
+    layout = _layout(center, order, natoms)
+    nodes = (rows.grad_fn, value.grad_fn, x.grad_fn)
+    return _ContractTangent.apply(rows, value, tangent, x, layout, nodes)
+
+
+def _layout(center: torch.Tensor, order: torch.Tensor, natoms: int) -> PairLayout:
+    counts = torch.bincount(center, minlength=natoms)
+    off = torch.zeros(natoms + 1, dtype=torch.long, device=center.device)
+    torch.cumsum(counts, 0, out=off[1:])
+    map_ = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+    return PairLayout(off, map_, order)
+
+
 def contract(rows: torch.Tensor, emb: torch.Tensor, center: torch.Tensor, order: torch.Tensor,
              natoms: int) -> Optional[torch.Tensor]:
     """Σ over each atom's pairs of rows[p]ᵀ emb[row of p] as [natoms, K, M], or None where this
@@ -201,8 +285,4 @@ def contract(rows: torch.Tensor, emb: torch.Tensor, center: torch.Tensor, order:
         return None
     if rows.shape[0] == 0 or KERNELS.load() is None:
         return None
-    counts = torch.bincount(center, minlength=natoms)
-    off = torch.zeros(natoms + 1, dtype=torch.long, device=rows.device)
-    torch.cumsum(counts, 0, out=off[1:])
-    map_ = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
-    return _Contract.apply(rows, emb, PairLayout(off, map_))
+    return _Contract.apply(rows, emb, _layout(center, order, natoms))

@@ -307,14 +307,43 @@ def embed_groups(nets: Sequence[torch.nn.Module], x: torch.Tensor,
     return _fused(nets, x, bounds)
 
 
+def would_fuse(x: torch.Tensor) -> bool:
+    """Whether nets on input ``x`` [P, 1] can take the fused path here (force training on the CPU
+    in float64 or float32), before their layers are looked at: a cheap test for callers that
+    would otherwise prepare inputs for nothing."""
+    if not _active or not torch.is_grad_enabled() or not x.requires_grad:
+        return False
+    return x.dim() == 2 and x.shape[1] == 1 and x.shape[0] > 0 and x.device.type == "cpu" and \
+        x.dtype in (torch.float64, torch.float32)
+
+
+def embed_group_parts(nets: Sequence[torch.nn.Module], x: torch.Tensor,
+                      bounds: Sequence[Tuple[int, int]]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """As :func:`embed_groups`, but (G, T) apart: G with the graph to the nets' parameters only (x
+    enters as a constant) and T = dG/dx. For a caller that attaches T to x itself, inside a
+    Function of its own (se_e2_a's contraction, mtcore.model.pair_contraction), and so never
+    needs the [P, M] gradient of G that :func:`embed_groups`' attachment costs in the forces."""
+    if not would_fuse(x):
+        return None
+    return _fused_parts(nets, x, bounds)
+
+
 def _fused(net_list: Sequence[torch.nn.Module], x: torch.Tensor,
            bounds: Sequence[Tuple[int, int]]) -> Optional[torch.Tensor]:
     """Both of the above (benchmarks/ab_step.py switches embed_groups off on its own)."""
-    if not _active or not torch.is_grad_enabled() or not x.requires_grad:
+    if not would_fuse(x):
         return None
-    if x.dim() != 2 or x.shape[1] != 1 or x.shape[0] == 0 or x.device.type != "cpu":
+    parts = _fused_parts(net_list, x, bounds)
+    if parts is None:
         return None
-    if x.dtype not in (torch.float64, torch.float32) or len(net_list) != len(bounds) or len(net_list) == 0:
+    return _WithTangent.apply(parts[0], parts[1], x)
+
+
+def _fused_parts(net_list: Sequence[torch.nn.Module], x: torch.Tensor,
+                 bounds: Sequence[Tuple[int, int]]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(G, T) of the nets on their blocks of x's rows in one Function, or None where the nets'
+    layers or the blocks do not allow it."""
+    if len(net_list) != len(bounds) or len(net_list) == 0:
         return None
     spec: List[Tuple[int, int, Tuple[int, ...]]] = []
     params: List[torch.Tensor] = []
@@ -333,4 +362,4 @@ def _fused(net_list: Sequence[torch.nn.Module], x: torch.Tensor,
         return None
     s = x.detach().contiguous()
     value, tangent = _EmbedWithTangent.apply(s, tuple(spec), *params)
-    return _WithTangent.apply(value, tangent, x)
+    return value, tangent

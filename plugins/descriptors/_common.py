@@ -5,7 +5,7 @@ Kept apart from the descriptor modules so that no plugin module imports another 
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -62,6 +62,18 @@ def embed_type_groups(nets: Sequence[torch.nn.Module], net_groups: Sequence[int]
             used.append(net)
             bounds.append((offsets[g], offsets[g + 1]))
     return tangent_embedding.embed_groups(used, s_sorted, bounds)
+
+
+def embed_type_group_parts(nets: Sequence[torch.nn.Module], net_groups: Sequence[int], s_sorted: torch.Tensor,
+                           offsets: Sequence[int]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """As :func:`embed_type_groups`, but G and its derivative T in s apart
+    (tangent_embedding.embed_group_parts), for a contraction that attaches T itself."""
+    used, bounds = [], []
+    for net, g in zip(nets, net_groups):
+        if offsets[g + 1] > offsets[g]:
+            used.append(net)
+            bounds.append((offsets[g], offsets[g + 1]))
+    return tangent_embedding.embed_group_parts(used, s_sorted, bounds)
 
 
 def type_group_embeddings(descriptor, min_distance: float) -> List[EmbeddingInput]:

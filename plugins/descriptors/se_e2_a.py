@@ -23,10 +23,10 @@ from mtcore.errors import MtcoreError
 from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, SchemaContext, hookimpl
 from mtcore.model.descriptor import Descriptor, EmbeddingInput, StatSample
 from mtcore.model.env import env_statistics, group_slices, kept_rows, padded_positions, padding_rows, scatter_padded
-from mtcore.model import pair_contraction, row_blocks
+from mtcore.model import pair_contraction, row_blocks, tangent_embedding
 from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
-from mtcore_builtins.descriptors._common import (check_rcut, embed_type_groups, exclusion_matrix, type_group_embeddings,
-                                                 update_sel_per_type)
+from mtcore_builtins.descriptors._common import (check_rcut, embed_type_group_parts, embed_type_groups, exclusion_matrix,
+                                                 type_group_embeddings, update_sel_per_type)
 
 #: the plugin API this module was written for (mtcore.hookspecs: versions)
 MTCORE_PLUGIN_API = 2
@@ -165,6 +165,24 @@ class DescrptSeA(Descriptor):
     ) -> Optional[torch.Tensor]:
         return pair_contraction.contract(rows, emb, center, order, natoms)
 
+    @torch.jit.unused
+    def _embed_and_contract(
+        self, normed: torch.Tensor, key: torch.Tensor, center: torch.Tensor, natoms: int
+    ) -> Optional[torch.Tensor]:
+        """In force training, the nets' G and dG/ds from one fused Function and the contraction
+        taking the derivative in s itself (pair_contraction.contract_with_tangent): the forces
+        and their parameter gradient then need no [pairs × M] product beyond T's own gradient.
+        None where that path does not apply (the caller runs the general one)."""
+        s = normed[:, 0:1]
+        if not (tangent_embedding.would_fuse(s) and pair_contraction.takes_tangent(normed)):
+            return None
+        order, offsets = group_slices(key, self.ngroups)
+        s_sorted = s.index_select(0, order)
+        parts = embed_type_group_parts(self.nets, self.net_groups, s_sorted, offsets)
+        if parts is None:
+            return None
+        return pair_contraction.contract_with_tangent(normed, parts[0], parts[1], s_sorted, center, order, natoms)
+
     def _padding_term(self, atype: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Σ over empty slots of R̃_padᵀ G(R̃_pad), per atom: [n, 4, M]."""
         pad = padding_rows(self.davg, self.dstd)  # [nt, 4]
@@ -205,8 +223,14 @@ class DescrptSeA(Descriptor):
         tj = atype.index_select(0, neighbor.index_select(0, keep))
         normed = (rows - self.davg.index_select(0, ti)) / self.dstd.index_select(0, ti)
         key = tj if self.type_one_side else ti * self.ntypes + tj
-        emb, order = self._embed(normed[:, 0:1], key)
-        env = self._contract(normed, emb, center, order, natoms)  # [n, 4, M]
+        fused: Optional[torch.Tensor] = None
+        if not torch.jit.is_scripting():
+            fused = self._embed_and_contract(normed, key, center, natoms)
+        if fused is None:
+            emb, order = self._embed(normed[:, 0:1], key)
+            env = self._contract(normed, emb, center, order, natoms)  # [n, 4, M]
+        else:
+            env = fused
         counts = torch.bincount(center * self.ntypes + tj, minlength=natoms * self.ntypes).view(natoms, self.ntypes)
         env = (env + self._padding_term(atype, counts)) / self.nnei
         descriptor = torch.bmm(env.transpose(1, 2), env[:, :, : self.axis_neuron]).reshape(natoms, -1)
