@@ -21,9 +21,12 @@ care). Each variant adds one change to the one before it:
   ``G + T·(s − s.detach())``;
 - ``groups``: the per-type nets of se_e2_a and se_e2_r run as one fused Function writing one G,
   instead of one per net joined afterwards;
-- ``through`` (= all of them): se_e2_a's contraction takes the nets' derivative in s itself
+- ``through``: se_e2_a's contraction takes the nets' derivative in s itself
   (pair_contraction.contract_with_tangent), so the forces and their parameter gradient need no
-  [pairs × M] row-dot, product or sum: what mtcore does now.
+  [pairs × M] row-dot, product or sum;
+- ``tanh`` (= all of them): the nets' forward loop adds the bias and takes tanh itself
+  (tangent_embedding.TANH_IN_LOOP) instead of torch's addmm (a bias copy per row) and sigmoid
+  pass: what mtcore does now.
 
 Before timing, the parameter gradients of one batch are computed under each variant and compared
 (largest difference relative to the largest gradient entry, per parameter), so a speed-up that
@@ -46,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = ("before", "inputs", "nets", "loops", "join", "clones", "attach", "groups", "through")
+VARIANTS = ("before", "inputs", "nets", "loops", "join", "clones", "attach", "groups", "through", "tanh")
 
 
 def main() -> None:
@@ -98,6 +101,7 @@ def main() -> None:
         tangent_embedding.embed_groups = embed_groups if "groups" in on else (lambda nets, x, bounds: None)
         pair_contraction.contract = contract if "loops" in on else (lambda *args: None)
         pair_contraction.takes_tangent = takes_tangent if "through" in on else (lambda rows: False)
+        tangent_embedding.TANH_IN_LOOP = "tanh" in on
         row_blocks.join_rows = join if "join" in on else (lambda parts: torch.cat(parts, dim=0))
         tangent_embedding.KERNELS.library, pair_contraction.KERNELS.library = libraries["clones" if "clones" in on else "sse2"]
         tangent_embedding._WithTangent = attach if "attach" in on else Addcmul
