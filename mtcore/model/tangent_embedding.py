@@ -42,8 +42,9 @@ from mtcore import native
 
 # Layer l maps x [P, m] to out [P, n] = tanh(z) + skip(x), z = x W + b; its tangent tx [P, m] to
 # tout = (1 − y²)·tz + skip(tx), tz = tx W. skip: mode 0 none, 1 residual (n = m), 2 width doubling
-# (n = 2m, x repeated). Forward is given σ(2z) (torch's sigmoid kernel) and writes y = tanh(z)
-# over it. Backward, given g_out and g_tout (NULL: zero), writes gz, gtz and the skip's share of
+# (n = 2m, x repeated). Forward (fwdz) is given x·2W, adds 2b and writes y = tanh(z) = 2σ(2z) − 1
+# over it, with its own vectorisable e^x; fwd, the former forward, is given σ(2z) from torch's
+# addmm and sigmoid (TANH_IN_LOOP = False). Backward, given g_out and g_tout (NULL: zero), writes gz, gtz and the skip's share of
 # the input gradients gxs, gtxs (only for modes 1 and 2).
 SOURCE = native.CLONES + r"""
 #define KERNELS(SUF, T)                                                                          \
