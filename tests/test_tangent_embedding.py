@@ -96,6 +96,23 @@ def test_taken_only_where_exact(monkeypatch):
         assert tangent_embedding.embed(tanh_net, s) is None
 
 
+def count_grouped_nets(monkeypatch, taken=None) -> list:
+    """Record (number of nets, fused path taken) for every call of the grouped fused nets: both
+    entries, since se_e2_a takes G and T apart into its contraction and se_e2_r joins them."""
+    taken = [] if taken is None else taken
+
+    def counting(function):
+        def counted(nets, x, bounds):
+            out = function(nets, x, bounds)
+            taken.append((len(nets), out is not None))
+            return out
+        return counted
+
+    for name in ("embed_groups", "embed_group_parts"):
+        monkeypatch.setattr(tangent_embedding, name, counting(getattr(tangent_embedding, name)))
+    return taken
+
+
 SE_E2_R = {"type": "se_e2_r", "sel": [46, 92], "rcut": 4.0, "rcut_smth": 0.5, "neuron": [5, 10, 20], "seed": 1}
 
 
@@ -108,18 +125,7 @@ def test_model_forces_virial_and_training_gradients_match(tmp_path, monkeypatch,
     model, _ = model_with_stats(doc)
     coord, atype, box = water_frame(1)
     params = [p for p in model.parameters() if p.requires_grad]
-    taken = []
-
-    def counting(function):
-        def counted(nets, x, bounds):
-            out = function(nets, x, bounds)
-            taken.append((len(nets), out is not None))
-            return out
-        return counted
-
-    # se_e2_r joins the nets' G and T in the nets' Function, se_e2_a in its contraction
-    for name in ("embed_groups", "embed_group_parts"):
-        monkeypatch.setattr(tangent_embedding, name, counting(getattr(tangent_embedding, name)))
+    taken = count_grouped_nets(monkeypatch)
 
     def run(fused: bool):
         model.zero_grad(set_to_none=True)
@@ -168,16 +174,8 @@ def test_the_trainer_takes_it_for_its_step_only(tmp_path, monkeypatch):
             taken.append(("one", out is not None))
         return out
 
-    def counting_groups(function):
-        def counted(nets, x, bounds):
-            out = function(nets, x, bounds)
-            taken.append((len(nets), out is not None))
-            return out
-        return counted
-
     monkeypatch.setattr(tangent_embedding, "embed", counting)
-    for name in ("embed_groups", "embed_group_parts"):  # se_e2_a takes the parts into its contraction
-        monkeypatch.setattr(tangent_embedding, name, counting_groups(getattr(tangent_embedding, name)))
+    count_grouped_nets(monkeypatch, taken)
     assert trainer.train_step("default")
     assert taken == [(4, True)]  # the four type-pair nets of the force-trained step, as one Function
     taken.clear()

@@ -11,8 +11,9 @@ import torch
 
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import NeighborStat
-from mtcore.model import tangent_embedding
+from mtcore.model import pair_contraction, tangent_embedding
 from mtcore.model.descriptor import EmbeddingInput
+from mtcore.model.env import group_slices
 from mtcore.model.sel import resolve_sel
 from mtcore.model.tabulate import normalised_s_range
 
@@ -51,29 +52,43 @@ def update_sel_per_type(params: dict, stat: NeighborStat) -> dict:
     return out
 
 
+def _used_blocks(nets: Sequence[torch.nn.Module], net_groups: Sequence[int],
+                 offsets: Sequence[int]) -> Tuple[List[torch.nn.Module], List[Tuple[int, int]]]:
+    """The nets whose type group has pairs, and each one's rows ``offsets[g]:offsets[g + 1]``."""
+    used, bounds = [], []
+    for net, g in zip(nets, net_groups):
+        if offsets[g + 1] > offsets[g]:
+            used.append(net)
+            bounds.append((offsets[g], offsets[g + 1]))
+    return used, bounds
+
+
 def embed_type_groups(nets: Sequence[torch.nn.Module], net_groups: Sequence[int], s_sorted: torch.Tensor,
                       offsets: Sequence[int]) -> Optional[torch.Tensor]:
     """G of every pair, net k on the rows ``offsets[g_k]:offsets[g_k + 1]`` of its type group, as
     one fused Function in force training (mtcore.model.tangent_embedding.embed_groups); None where
     that path does not apply (the caller then runs the nets one by one and joins their rows)."""
-    used, bounds = [], []
-    for net, g in zip(nets, net_groups):
-        if offsets[g + 1] > offsets[g]:
-            used.append(net)
-            bounds.append((offsets[g], offsets[g + 1]))
+    used, bounds = _used_blocks(nets, net_groups, offsets)
     return tangent_embedding.embed_groups(used, s_sorted, bounds)
 
 
-def embed_type_group_parts(nets: Sequence[torch.nn.Module], net_groups: Sequence[int], s_sorted: torch.Tensor,
-                           offsets: Sequence[int]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """As :func:`embed_type_groups`, but G and its derivative T in s apart
-    (tangent_embedding.embed_group_parts), for a contraction that attaches T itself."""
-    used, bounds = [], []
-    for net, g in zip(nets, net_groups):
-        if offsets[g + 1] > offsets[g]:
-            used.append(net)
-            bounds.append((offsets[g], offsets[g + 1]))
-    return tangent_embedding.embed_group_parts(used, s_sorted, bounds)
+def contract_taking_tangent(descriptor, rows: torch.Tensor, s: torch.Tensor, key: torch.Tensor,
+                            center: torch.Tensor, natoms: int) -> Optional[torch.Tensor]:
+    """In force training, Σ over each atom's pairs of rows[p]ᵀ G(s_p), [natoms, K, M], with the
+    descriptor's type-pair nets (``nets``, ``net_groups``, ``ngroups``) giving G and dG/ds from one
+    fused Function (tangent_embedding.embed_group_parts) and the contraction taking the derivative
+    in s itself (pair_contraction.contract_with_tangent): the forces and their parameter gradient
+    then need no [pairs × M] product beyond dG/ds's own gradient. None where that path does not
+    apply (the caller runs the general one)."""
+    if not (tangent_embedding.would_fuse(s) and pair_contraction.takes_tangent(rows)):
+        return None
+    order, offsets = group_slices(key, descriptor.ngroups)
+    s_sorted = s.index_select(0, order)
+    used, bounds = _used_blocks(descriptor.nets, descriptor.net_groups, offsets)
+    parts = tangent_embedding.embed_group_parts(used, s_sorted, bounds)
+    if parts is None:
+        return None
+    return pair_contraction.contract_with_tangent(rows, parts[0], parts[1], s_sorted, center, order, natoms)
 
 
 def type_group_embeddings(descriptor, min_distance: float) -> List[EmbeddingInput]:

@@ -23,9 +23,9 @@ from mtcore.errors import MtcoreError
 from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, SchemaContext, hookimpl
 from mtcore.model.descriptor import Descriptor, EmbeddingInput, StatSample
 from mtcore.model.env import env_statistics, group_slices, kept_rows, padded_positions, padding_rows, scatter_padded
-from mtcore.model import pair_contraction, row_blocks, tangent_embedding
+from mtcore.model import pair_contraction, row_blocks
 from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
-from mtcore_builtins.descriptors._common import (check_rcut, embed_type_group_parts, embed_type_groups, exclusion_matrix,
+from mtcore_builtins.descriptors._common import (check_rcut, contract_taking_tangent, embed_type_groups, exclusion_matrix,
                                                  type_group_embeddings, update_sel_per_type)
 
 #: the plugin API this module was written for (mtcore.hookspecs: versions)
@@ -169,19 +169,9 @@ class DescrptSeA(Descriptor):
     def _embed_and_contract(
         self, normed: torch.Tensor, key: torch.Tensor, center: torch.Tensor, natoms: int
     ) -> Optional[torch.Tensor]:
-        """In force training, the nets' G and dG/ds from one fused Function and the contraction
-        taking the derivative in s itself (pair_contraction.contract_with_tangent): the forces
-        and their parameter gradient then need no [pairs × M] product beyond T's own gradient.
-        None where that path does not apply (the caller runs the general one)."""
-        s = normed[:, 0:1]
-        if not (tangent_embedding.would_fuse(s) and pair_contraction.takes_tangent(normed)):
-            return None
-        order, offsets = group_slices(key, self.ngroups)
-        s_sorted = s.index_select(0, order)
-        parts = embed_type_group_parts(self.nets, self.net_groups, s_sorted, offsets)
-        if parts is None:
-            return None
-        return pair_contraction.contract_with_tangent(normed, parts[0], parts[1], s_sorted, center, order, natoms)
+        """In force training, the nets and the contraction as one path that takes the nets'
+        derivative in s inside the contraction (_common.contract_taking_tangent); None elsewhere."""
+        return contract_taking_tangent(self, normed, normed[:, 0:1], key, center, natoms)
 
     def _padding_term(self, atype: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Σ over empty slots of R̃_padᵀ G(R̃_pad), per atom: [n, 4, M]."""

@@ -22,12 +22,10 @@ from torch import nn
 
 from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, SchemaContext, hookimpl
 from mtcore.model.descriptor import Descriptor, EmbeddingInput, StatSample
-from mtcore.model import pair_contraction, tangent_embedding
 from mtcore.model.env import env_statistics, group_slices, kept_rows, padding_rows
 from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
-from mtcore_builtins.descriptors._common import (check_rcut, checked_sel, embed_type_group_parts, embed_type_groups,
-                                                 exclusion_matrix,
-                                                 type_group_embeddings, update_sel_per_type)
+from mtcore_builtins.descriptors._common import (check_rcut, checked_sel, contract_taking_tangent, embed_type_groups,
+                                                 exclusion_matrix, type_group_embeddings, update_sel_per_type)
 
 #: the plugin API this module was written for (mtcore.hookspecs: versions)
 MTCORE_PLUGIN_API = 2
@@ -140,18 +138,11 @@ class DescrptSeR(Descriptor):
     def _sum_taking_tangent(self, s: torch.Tensor, key: torch.Tensor, center: torch.Tensor,
                             natoms: int) -> Optional[torch.Tensor]:
         """In force training, the sum as se_e2_a's contraction with unit rows
-        (pair_contraction.contract_with_tangent): dE/ds comes as one dot product per pair, not
-        from a gather of dE/dG to [pairs × M] and its row-dot with dG/ds. None where that path
-        does not apply."""
-        if not (tangent_embedding.would_fuse(s) and pair_contraction.takes_tangent(s)):
-            return None
-        order, offsets = group_slices(key, self.ngroups)
-        s_sorted = s.index_select(0, order)
-        parts = embed_type_group_parts(self.nets, self.net_groups, s_sorted, offsets)
-        if parts is None:
-            return None
-        ones = torch.ones_like(s)
-        return pair_contraction.contract_with_tangent(ones, parts[0], parts[1], s_sorted, center, order, natoms)[:, 0]
+        (_common.contract_taking_tangent): dE/ds comes as one dot product per pair, not from a
+        gather of dE/dG to [pairs × M] and its row-dot with dG/ds. None where that path does not
+        apply."""
+        total = contract_taking_tangent(self, torch.ones_like(s), s, key, center, natoms)
+        return None if total is None else total[:, 0]
 
     @torch.jit.unused
     def _embed_together(self, s_sorted: torch.Tensor, offsets: List[int]) -> Optional[torch.Tensor]:
