@@ -44,8 +44,8 @@ from mtcore import native
 # tout = (1 − y²)·tz + skip(tx), tz = tx W. skip: mode 0 none, 1 residual (n = m), 2 width doubling
 # (n = 2m, x repeated). Forward (fwdz) is given x·2W, adds 2b and writes y = tanh(z) = 2σ(2z) − 1
 # over it, with its own vectorisable e^x; fwd, the former forward, is given σ(2z) from torch's
-# addmm and sigmoid (TANH_IN_LOOP = False). Backward, given g_out and g_tout (NULL: zero), writes gz, gtz and the skip's share of
-# the input gradients gxs, gtxs (only for modes 1 and 2).
+# addmm and sigmoid (TANH_IN_LOOP = False). Backward, given g_out and g_tout (NULL: zero), writes
+# gz, gtz and the skip's share of the input gradients gxs, gtxs (only for modes 1 and 2).
 SOURCE = native.CLONES + r"""
 #define KERNELS(SUF, T)                                                                          \
 MTCORE_CLONES void fwd_##SUF(long P, long n, long m, int mode, T *sg, const T *x, const T *tz, const T *tx,   \
@@ -235,19 +235,16 @@ def _net_forward(s: torch.Tensor, modes: Tuple[int, ...], params: Sequence[torch
         n = weight.shape[1]
         last = i + 1 == len(modes)
         tz = torch.mm(tx, weight)
-        if TANH_IN_LOOP:
-            # z = x (2W); the loop adds 2b and takes tanh as 2σ(2z) − 1 (the doubling is exact)
+        # the doubling of W and b (tanh(z) = 2σ(2z) − 1) is exact
+        if TANH_IN_LOOP:  # z = x (2W); the loop adds 2b and takes tanh itself
             y = torch.mm(x, weight + weight)
-            out = value if last else torch.empty_like(y)
-            tout = tangent if last else torch.empty_like(y)
-            _run("fwdz", y.dtype, P, n, m, mode,
-                 [(y, n), (bias + bias, 0), (x, m), (tz, n), (tx, m), (out, n), (tout, n)])
-        else:
-            # σ(2z) with the doubling folded into W and b (exact), as fast_tanh computes it
+            kernel, bias_arg = "fwdz", [(bias + bias, 0)]
+        else:  # σ(2z) from torch, as fast_tanh computes it
             y = torch.addmm(bias + bias, x, weight + weight).sigmoid_()
-            out = value if last else torch.empty_like(y)
-            tout = tangent if last else torch.empty_like(y)
-            _run("fwd", y.dtype, P, n, m, mode, [(y, n), (x, m), (tz, n), (tx, m), (out, n), (tout, n)])
+            kernel, bias_arg = "fwd", []
+        out = value if last else torch.empty_like(y)
+        tout = tangent if last else torch.empty_like(y)
+        _run(kernel, y.dtype, P, n, m, mode, [(y, n), *bias_arg, (x, m), (tz, n), (tx, m), (out, n), (tout, n)])
         saved += [x, tx, y, tz]
         x, tx = out, tout
 
@@ -407,7 +404,8 @@ def embed_group_parts(nets: Sequence[torch.nn.Module], x: torch.Tensor,
 
 def _fused(net_list: Sequence[torch.nn.Module], x: torch.Tensor,
            bounds: Sequence[Tuple[int, int]]) -> Optional[torch.Tensor]:
-    """Both of the above (benchmarks/ab_step.py switches embed_groups off on its own)."""
+    """:func:`embed` and :func:`embed_groups`: the nets' G with T attached to x
+    (benchmarks/ab_step.py switches embed_groups off on its own)."""
     if not would_fuse(x):
         return None
     parts = _fused_parts(net_list, x, bounds)

@@ -72,16 +72,19 @@ def embed_type_groups(nets: Sequence[torch.nn.Module], net_groups: Sequence[int]
     return tangent_embedding.embed_groups(used, s_sorted, bounds)
 
 
-def contract_taking_tangent(descriptor, rows: torch.Tensor, s: torch.Tensor, key: torch.Tensor,
+def contract_taking_tangent(descriptor, rows: Optional[torch.Tensor], s: torch.Tensor, key: torch.Tensor,
                             center: torch.Tensor, natoms: int) -> Optional[torch.Tensor]:
-    """In force training, Σ over each atom's pairs of rows[p]ᵀ G(s_p), [natoms, K, M], with the
+    """In force training, Σ over each atom's pairs of rows[p]ᵀ G(s_p) (``rows`` None: unit rows,
+    the plain sum of G), [natoms, K, M], with the
     descriptor's type-pair nets (``nets``, ``net_groups``, ``ngroups``) giving G and dG/ds from one
     fused Function (tangent_embedding.embed_group_parts) and the contraction taking the derivative
     in s itself (pair_contraction.contract_with_tangent): the forces and their parameter gradient
     then need no [pairs × M] product beyond dG/ds's own gradient. None where that path does not
     apply (the caller runs the general one)."""
-    if not (tangent_embedding.would_fuse(s) and pair_contraction.takes_tangent(rows)):
+    if not (tangent_embedding.would_fuse(s) and pair_contraction.takes_tangent(s if rows is None else rows)):
         return None
+    if rows is None:
+        rows = torch.ones_like(s)
     order, offsets = group_slices(key, descriptor.ngroups)
     s_sorted = s.index_select(0, order)
     used, bounds = _used_blocks(descriptor.nets, descriptor.net_groups, offsets)

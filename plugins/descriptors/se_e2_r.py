@@ -141,7 +141,7 @@ class DescrptSeR(Descriptor):
         (_common.contract_taking_tangent): dE/ds comes as one dot product per pair, not from a
         gather of dE/dG to [pairs × M] and its row-dot with dG/ds. None where that path does not
         apply."""
-        total = contract_taking_tangent(self, torch.ones_like(s), s, key, center, natoms)
+        total = contract_taking_tangent(self, None, s, key, center, natoms)
         return None if total is None else total[:, 0]
 
     @torch.jit.unused
