@@ -20,7 +20,9 @@ Per case (examples/<case>/input.json, data paths made absolute, nothing else cha
   (mtcore; DeePMD-kit too with --deepmd-batch, it is slow);
 - inference: frames/s of the frozen model (`mtcore freeze`) and of the compressed one (`mtcore
   compress`; "—" where the descriptor has no tables), one frame of the case's validation data,
-  energy, forces and virial, neighbour list included.
+  energy, forces and virial, neighbour list included, each as `mtcore.infer` runs it (on the CPU
+  the file's eager twin on mtcore's C kernels), and the frozen file's TorchScript module for
+  comparison (what plain torch runs).
 
 How: every measurement is a child process of its own (benchmarks/bench_children.py for mtcore,
 `dp --pt train` through benchmarks/deepmd_train_child.py for DeePMD-kit); peak RSS is that
@@ -515,9 +517,12 @@ def tables(args, cases: list[str], results: dict, dp: Optional[Path]) -> list[st
                 plain_cpu = figure(results, key, "frozen_cpu_frames_per_s")
                 packed_cpu = figure(results, key, "compressed_cpu_frames_per_s")
                 atoms = figure(results, key, "atoms")
+                script_cpu = figure(results, key, "frozen_scripted_cpu_frames_per_s")
                 cells = [case, label, fmt(atoms), f"{fmt(plain, '{:.1f}')} / {fmt(plain_cpu, '{:.1f}')}",
                          f"{fmt(packed, '{:.1f}')} / {fmt(packed_cpu, '{:.1f}')}",
-                         f"{fmt(ratio(packed, plain), '{:.2f}×')} / {fmt(ratio(packed_cpu, plain_cpu), '{:.2f}×')}"]
+                         f"{fmt(ratio(packed, plain), '{:.2f}×')} / {fmt(ratio(packed_cpu, plain_cpu), '{:.2f}×')}",
+                         f"{fmt(script_cpu, '{:.1f}')}", f"{fmt(ratio(plain_cpu, script_cpu), '{:.2f}×')} / "
+                         f"{fmt(ratio(packed_cpu, script_cpu), '{:.2f}×')}"]
                 if with_dp:
                     dkey = (case, "deepmd-infer", label)
                     d_plain = figure(results, dkey, "frozen_frames_per_s")
@@ -526,9 +531,10 @@ def tables(args, cases: list[str], results: dict, dp: Optional[Path]) -> list[st
                               f"{fmt(ratio(plain, d_plain), '{:.2f}×')} / {fmt(ratio(packed, d_packed), '{:.2f}×')}"]
                 rows.append(cells)
         out += table(["case", "precision", "atoms", "frozen frames/s: wall / CPU", "compressed frames/s: wall / CPU",
-                      "compressed / frozen: wall / CPU"]
+                      "compressed / frozen: wall / CPU", "frozen, TorchScript: CPU frames/s",
+                      "frozen / compressed against TorchScript (CPU)"]
                      + (["DeePMD-kit frames/s: frozen / compressed", "mtcore / DeePMD-kit: frozen / compressed (wall)"]
-                        if with_dp else []), "llrrrr" + ("rr" if with_dp else ""), rows)
+                        if with_dp else []), "llrrrrrr" + ("rr" if with_dp else ""), rows)
     reasons: dict = {}  # one line per reason, naming the runs it stopped
     for key, row in results.items():
         if "error" in row:

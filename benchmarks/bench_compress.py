@@ -3,13 +3,16 @@
     python benchmarks/bench_compress.py                              # se_e2_a, 192 and 12,288 atoms
     python benchmarks/bench_compress.py --cases se_e2_a se_e2_r se_e3 se_atten --sizes 192 --markdown
     python benchmarks/bench_compress.py --profile                    # where a 192-atom call spends its time
+    python benchmarks/bench_compress.py --small                      # 3-192 atoms: twin against TorchScript
 
 Each case is the model of examples/water/<case>/input.json (float64; random weights, statistics
 from its training data, so the table covers the same input range a trained model's would),
 frozen as ``mtcore freeze`` writes it and compressed as ``mtcore compress`` does. Frames are the
 first frame of examples/water/data/data_0 (192 atoms) replicated n×n×n. One call = energy,
-forces and virial, neighbour list included, through the TorchScript modules (loaded back from
-their files). The two models alternate in one process, round after round, and each cell is the
+forces and virial, neighbour list included, through ``mtcore.infer`` as users call it: on the
+CPU each file's eager twin with mtcore's C kernels (mtcore.eager_twin), and, for comparison, the
+TorchScript module the file holds (what plain torch runs). The models alternate in one process,
+round after round, and each cell is the
 best of all its timed calls: on a shared machine the load changes from minute to minute, so
 alternating exposes both to the same conditions and best-of is the least disturbed figure. Both
 wall time and the process's CPU time are reported: when other processes compete for the cores,
@@ -106,42 +109,85 @@ def timed(module, frame) -> tuple[float, float, dict]:
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
+def potentials(plain: Path, packed: Path, floor: Path = None) -> dict:
+    """The files as ``mtcore.infer`` runs them (on the CPU the eager twin with mtcore's C
+    kernels, mtcore.eager_twin) and as their TorchScript modules (MTCORE_INFER_SCRIPTED=1: what
+    plain torch, LAMMPS's loader and mtcore before the twin run)."""
+    from mtcore.infer import DeepPotential
+
+    os.environ["MTCORE_INFER_SCRIPTED"] = "1"
+    try:
+        scripted = {"plain_scripted": DeepPotential(plain), "compressed_scripted": DeepPotential(packed)}
+        if floor is not None:
+            scripted["floor"] = DeepPotential(floor)
+    finally:
+        del os.environ["MTCORE_INFER_SCRIPTED"]
+    twins = {"plain": DeepPotential(plain), "compressed": DeepPotential(packed)}
+    for name, pot in twins.items():
+        if not pot.eager:
+            print(f"warning: no eager twin for the {name} model; its rows time the scripted module", file=sys.stderr)
+    return {**twins, **scripted}
+
+
 def compare(plain: Path, packed: Path, atoms: int, rounds: int, floor: Path = None) -> dict:
     """Alternate the models ``rounds`` times on one frame; best and median wall ms, best CPU ms
     of the process (less disturbed by other processes), and the largest differences of the two
     models' results (a check that the timed calls compute the same thing)."""
     import statistics
 
-    from mtcore.freeze import frozen_execution
-
-    modules = {"plain": load(plain), "compressed": load(packed)}
-    if floor is not None:
-        modules["floor"] = load(floor)
-    frame = replicated_water(REPS[atoms])
+    pots = potentials(plain, packed, floor)
+    coord, atype, box = (t.numpy() for t in replicated_water(REPS[atoms]))
     outs = {}
-    with frozen_execution("cpu"):  # as mtcore.infer calls frozen files
-        for name, module in modules.items():  # warm-up
-            for _ in range(2 if atoms <= 1536 else 1):
-                outs[name] = module(*frame)
-        times: dict = {name: [] for name in modules}
-        cpu: dict = {name: [] for name in modules}
-        for _ in range(rounds):
-            for name, module in modules.items():
-                elapsed, used, outs[name] = timed(module, frame)
-                times[name].append(elapsed)
-                cpu[name].append(used)
-    diff_e = float((outs["plain"]["energy"] - outs["compressed"]["energy"]).abs().max()) / atoms
-    diff_f = float((outs["plain"]["force"] - outs["compressed"]["force"]).abs().max())
-    row = {"atoms": atoms, "rounds": rounds, "energy_diff_per_atom": diff_e, "force_diff": diff_f}
-    for name in modules:
+    for name, pot in pots.items():  # warm-up
+        for _ in range(2 if atoms <= 1536 else 1):
+            outs[name] = pot.evaluate(coord, box, atype)
+    times: dict = {name: [] for name in pots}
+    cpu: dict = {name: [] for name in pots}
+    for _ in range(rounds):
+        for name, pot in pots.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            outs[name] = pot.evaluate(coord, box, atype)
+            times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    diff_e = float(abs(outs["plain"]["energy"] - outs["compressed"]["energy"]).max()) / atoms
+    diff_f = float(abs(outs["plain"]["force"] - outs["compressed"]["force"]).max())
+    twin_f = float(abs(outs["plain"]["force"] - outs["plain_scripted"]["force"]).max())
+    row = {"atoms": atoms, "rounds": rounds, "energy_diff_per_atom": diff_e, "force_diff": diff_f,
+           "twin_vs_scripted_force_diff": twin_f, "eager": {n: bool(p.eager) for n, p in pots.items()}}
+    for name in pots:
         row[f"{name}_ms"] = 1000 * min(times[name])
         row[f"{name}_median_ms"] = 1000 * statistics.median(times[name])
         row[f"{name}_cpu_ms"] = 1000 * min(cpu[name])
     row["speedup"] = row["plain_ms"] / row["compressed_ms"]
     row["speedup_cpu"] = row["plain_cpu_ms"] / row["compressed_cpu_ms"]
+    row["speedup_scripted_cpu"] = row["plain_scripted_cpu_ms"] / row["compressed_scripted_cpu_ms"]
+    row["speedup_over_scripted_cpu"] = row["plain_scripted_cpu_ms"] / row["compressed_cpu_ms"]
     if floor is not None:
-        row["floor_speedup"] = row["plain_ms"] / row["floor_ms"]
+        row["floor_speedup"] = row["plain_scripted_ms"] / row["floor_ms"]
     return row
+
+
+def small_frames(plain: Path, packed: Path, sizes=(3, 12, 48, 96, 192), repeats: int = 15) -> list:
+    """Best wall ms per call of each model on the first ``n`` atoms of the water frame (open
+    boundaries), the twins forced on whatever the size (EAGER_MIN_ATOMS set to 1)."""
+    import mtcore.infer
+
+    mtcore.infer.EAGER_MIN_ATOMS = 1
+    pots = potentials(plain, packed)
+    coord, atype, _ = (t.numpy() for t in replicated_water(1))
+    rows = []
+    for n in sizes:
+        row = {"atoms": n}
+        for name, pot in pots.items():
+            pot.evaluate(coord[:n], None, atype[:n])
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                pot.evaluate(coord[:n], None, atype[:n])
+                best = min(best, time.perf_counter() - t0)
+            row[f"{name}_ms"] = round(1000 * best, 2)
+        rows.append(row)
+    return rows
 
 
 def profile(path: Path, atoms: int, label: str, top: int) -> str:
@@ -262,6 +308,9 @@ def main() -> None:
     parser.add_argument("--stages", action="store_true", help="CPU ms per stage at 192 atoms (eager) instead of timings")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--floor", action="store_true", help="also time the model with free embeddings (x·w): the ceiling of any table")
+    parser.add_argument("--small", action="store_true",
+                        help="ms per call on the first 3-192 atoms of the water frame (no cell), twin against TorchScript: "
+                             "where mtcore.infer's EAGER_MIN_ATOMS lies")
     args = parser.parse_args()
     import torch
 
@@ -278,6 +327,10 @@ def main() -> None:
                 for label, row in stage_times(plain, info).items():
                     print(json.dumps({"case": case, "model": label, **{k: round(v, 1) for k, v in row.items()}}), flush=True)
                 continue
+            if args.small:
+                for row in small_frames(plain, packed):
+                    print(json.dumps({"case": case, **row}), flush=True)
+                continue
             if args.profile:
                 print(profile(plain, 192, f"{case} frozen", args.top))
                 print(profile(packed, 192, f"{case} compressed", args.top))
@@ -288,19 +341,23 @@ def main() -> None:
                 row.update(case=case, tables=len(info["tables"]), intervals=info["tables"][0]["intervals"])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    if args.profile or args.stages:
+    if args.profile or args.stages or args.small:
         return
     print(f"\nmachine: {machine()}", flush=True)
     if args.markdown:
         floor = any("floor_ms" in r for r in rows)
-        print("\n| descriptor | atoms | frozen CPU ms | compressed CPU ms | speed-up (CPU) | frozen / compressed wall ms | speed-up (wall) |"
-              + (" free embedding: CPU ms (speed-up) |" if floor else "") + " max |ΔE|/atom (eV) | max |ΔF| (eV/Å) |")
-        print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if floor else "") + "---:|---:|")
+        print("\nCPU ms per call (best of the rounds); frozen and compressed as mtcore.infer runs them (eager, C kernels), "
+              "and as TorchScript (plain torch)\n")
+        print("| descriptor | atoms | frozen | compressed | speed-up | frozen, TorchScript | compressed, TorchScript | speed-up (TorchScript) "
+              "| compressed against frozen TorchScript |" + (" free embedding, TorchScript (speed-up) |" if floor else "")
+              + " max \\|ΔE\\|/atom (eV) | max \\|ΔF\\| (eV/Å) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if floor else "") + "---:|---:|")
         for r in rows:
-            extra = f" {r['floor_cpu_ms']:.0f} ({r['plain_cpu_ms'] / r['floor_cpu_ms']:.2f}×) |" if floor else ""
+            extra = f" {r['floor_cpu_ms']:.0f} ({r['plain_scripted_cpu_ms'] / r['floor_cpu_ms']:.2f}×) |" if floor else ""
             print(f"| {r['case']} | {r['atoms']:,} | {r['plain_cpu_ms']:.0f} | {r['compressed_cpu_ms']:.0f} | {r['speedup_cpu']:.2f}× "
-                  f"| {r['plain_ms']:.0f} / {r['compressed_ms']:.0f} | {r['speedup']:.2f}× |{extra} "
-                  f"{r['energy_diff_per_atom']:.1e} | {r['force_diff']:.1e} |")
+                  f"| {r['plain_scripted_cpu_ms']:.0f} | {r['compressed_scripted_cpu_ms']:.0f} | {r['speedup_scripted_cpu']:.2f}× "
+                  f"| {r['speedup_over_scripted_cpu']:.2f}× |{extra} {r['energy_diff_per_atom']:.1e} | {r['force_diff']:.1e} |")
+
 
 if __name__ == "__main__":
     sys.exit(main())

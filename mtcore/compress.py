@@ -18,7 +18,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -55,6 +55,9 @@ def _part(state: dict, prefix: str) -> dict:
 
 
 def _load(module: torch.nn.Module, state: dict, what: str, path: Path) -> None:
+    # a scripted module's state dict also holds the buffers eager modules keep out of theirs
+    transient = {name for name, _ in module.named_buffers()} - set(module.state_dict())
+    state = {k: v for k, v in state.items() if k not in transient}
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -63,12 +66,16 @@ def _load(module: torch.nn.Module, state: dict, what: str, path: Path) -> None:
         raise MtcoreError(f"-i {path}: the {what} weights do not fit the model its recorded input builds ({detail})") from None
 
 
-def rebuild(module: torch.jit.ScriptModule, meta: dict, path: Path, registry: Registry) -> MultiHeadModel:
-    """The eager model of a frozen file: built from its recorded input, its weights loaded."""
+def rebuild(module: torch.jit.ScriptModule, meta: dict, path: Path, registry: Registry,
+            before_load: Optional[Callable[[MultiHeadModel], None]] = None) -> MultiHeadModel:
+    """The eager model of a frozen file: built from its recorded input, its weights loaded
+    (``before_load`` changes the built model first, e.g. puts a compressed file's tables in)."""
     config = config_from_document(meta["config"], registry)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the build's warnings were shown when it was trained
         model = build_model(config, registry)
+    if before_load is not None:
+        before_load(model)
     state = module.state_dict()
     _load(model.descriptor, _part(state, "descriptor."), "descriptor", path)
     if meta.get("kind") == "united":

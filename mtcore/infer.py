@@ -7,6 +7,7 @@ too (a multi-task one with ``head=``), evaluated exactly as its frozen head woul
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -14,6 +15,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from mtcore.eager_twin import eager_twin, first_derivatives
 from mtcore.errors import MtcoreError
 from mtcore.freeze import frozen_execution, load_frozen
 
@@ -90,8 +92,18 @@ def _renumber_frames(message: str, members: list[int]) -> str:
     return re.sub(r"frame (\d+)", lambda m: f"frame {members[int(m.group(1))]}" if int(m.group(1)) < len(members) else m.group(0), message)
 
 
+#: calls with fewer atoms (all frames together) run the scripted module even where an eager twin
+#: exists: below this the twin's Python overhead (about 1 ms a call) outweighs its kernels
+#: (se_e2_a water, one thread, ms per call scripted / twin: 3 atoms 2.2 / 3.0, 48 atoms 4.4 / 5.2,
+#: 96 atoms 9.4 / 9.1, 192 atoms 25.5 / 19.6; benchmarks/bench_compress.py --small)
+EAGER_MIN_ATOMS = 64
+
+
 class DeepPotential:
-    """A frozen model (one head, or a united model with ``head`` chosen)."""
+    """A frozen model (one head, or a united model with ``head`` chosen). ``module`` is what the
+    file holds; ``runner`` what evaluates calls of at least ``EAGER_MIN_ATOMS`` atoms: on the CPU
+    the file's model run eagerly on mtcore's C kernels (``eager`` True; mtcore.eager_twin), else
+    ``module`` itself."""
 
     def __init__(self, path: Union[str, Path], head: Optional[str] = None, device: str = "cpu"):
         path = Path(path)
@@ -103,6 +115,12 @@ class DeepPotential:
             if not _is_checkpoint(path):
                 raise MtcoreError(f"{path}: neither a frozen mtcore model nor a checkpoint ({type(exc).__name__})") from None
             self.module, self.metadata = _from_checkpoint(path, head, device)
+            self.runner, self.eager = self.module, True
+        else:
+            # the file's model, run eagerly on mtcore's C kernels (mtcore.eager_twin); ``module``
+            # stays the scripted module the file holds (change_bias rewrites its buffers)
+            twin = eager_twin(self.module, self.metadata, path, device)
+            self.runner, self.eager = (self.module, False) if twin is None else (twin, True)
         self.united = self.metadata.get("kind") == "united"
         if self.united:
             heads = list(self.metadata["heads"])
@@ -213,11 +231,13 @@ class DeepPotential:
         fp = self._parameters("fparam", fparam, self.numb_fparam, nframes, natoms)
         ap = self._parameters("aparam", aparam, self.numb_aparam, nframes, natoms)
         try:
-            with frozen_execution(self.device):
+            runner = self.runner if nframes * natoms >= EAGER_MIN_ATOMS else self.module
+            eager = not isinstance(runner, torch.jit.ScriptModule)
+            with frozen_execution(self.device), (first_derivatives() if eager else contextlib.nullcontext()):
                 if self.united:
-                    out = self.module(torch.as_tensor(coord), types, cell, self.head, virial, fp, ap)
+                    out = runner(torch.as_tensor(coord), types, cell, self.head, virial, fp, ap)
                 else:
-                    out = self.module(torch.as_tensor(coord), types, cell, virial, fp, ap)
+                    out = runner(torch.as_tensor(coord), types, cell, virial, fp, ap)
         except (torch.jit.Error, RuntimeError) as exc:
             message = _module_message(exc)
             if message is None:

@@ -279,20 +279,24 @@ def test_united_model_takes_external_neighbours_per_head(frozen, water_model):
     assert "unknown head 'c'" in _message(lambda: united.forward_extended(ext, ext_type, 192, mapping, pairs=pairs, head="c"))
 
 
-def test_evaluate_runs_the_plain_scripted_code_on_the_cpu_with_the_same_numbers(frozen):
+def test_evaluate_runs_the_plain_scripted_code_on_the_cpu_with_the_same_numbers(frozen, monkeypatch):
     """On the CPU ``evaluate`` turns TorchScript's optimising executor off for its call (seconds
     saved on the first calls, 5-40 % on later ones: benchmarks/bench_executor.py); what it
-    computes must not change, and the caller's own setting must come back afterwards."""
+    computes must not change, and the caller's own setting must come back afterwards. (Here the
+    scripted module itself runs, as where no eager twin is made: tests/test_eager_twin.py.)"""
     _, path = frozen
+    monkeypatch.setenv("MTCORE_INFER_SCRIPTED", "1")
     pot = infer.load(path)
+    monkeypatch.delenv("MTCORE_INFER_SCRIPTED")
     seen = []
     module = pot.module
+    assert pot.runner is module
 
     def spy(*args):
         seen.append(torch._C._get_graph_executor_optimize())
         return module(*args)
 
-    pot.module = spy
+    pot.runner = spy
     coord, atype, box = water_frame(1)
     coord = coord.numpy() + np.random.default_rng(3).normal(0, 0.05, coord.shape)
     plain = pot.evaluate(coord, box.numpy(), atype.numpy())

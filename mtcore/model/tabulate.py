@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -188,9 +188,9 @@ class TabulatedEmbedding(nn.Module):
                            + " beyond the table, linearly continued); results there are extrapolated")
                 warnings.warn(message)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.check_frequency > 0:
-            self._check(x)
+    def _bags(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Value and slope (in t) at x clamped to the table, [n, 2, M]; the clamped x̂ and the
+        interval's 1/width, [n, 1] each."""
         xd = x.detach()
         xc = xd.clamp(self.lo, self.hi)
         below = xc < self.lower
@@ -221,9 +221,55 @@ class TabulatedEmbedding(nn.Module):
         table = self.coef.view(-1, self.n_out)
         both = torch.nn.functional.embedding_bag(rows.view(-1), table, offsets.view(-1), mode="sum",
                                                  per_sample_weights=weights.view(-1)).view(n, 2, self.n_out)
+        return both, xc, inv_width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            fast = self._forward_in_c(x)
+            if fast is not None:
+                return fast
+        if self.check_frequency > 0:
+            self._check(x)
+        both, xc, inv_width = self._bags(x)
         # value at the clamped input plus slope × (x - x̂): exact first derivative inside the
         # table, linear continuation outside it
         return torch.addcmul(both[:, 0], both[:, 1], ((x - xc) * inv_width).to(self.coef.dtype))
+
+    @torch.jit.unused
+    def _forward_in_c(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Eager calls: G and dG/dx from one C loop (mtcore.model.table_kernel), x's gradient
+        through dG/dx; None where that loop is not available."""
+        from mtcore.model import table_kernel
+
+        parts = table_kernel.value_and_slope([self], x, [(0, x.shape[0])], c_only=True) if x.dim() == 2 and x.shape[1] == 1 else None
+        if parts is None:
+            return None
+        return _Tabulated.apply(parts[0], parts[1], x) if x.requires_grad else parts[0]
+
+    @torch.jit.unused
+    def value_and_slope(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """G(x) and dG/dx [n, M] as constants (no graph): what forward gives and its derivative."""
+        if self.check_frequency > 0:
+            self._check(x)
+        with torch.no_grad():
+            both, xc, inv_width = self._bags(x)
+            slope = both[:, 1] * inv_width.to(self.coef.dtype)
+            return torch.addcmul(both[:, 0], slope, (x.detach() - xc).to(self.coef.dtype)), slope
+
+
+class _Tabulated(torch.autograd.Function):
+    """G(x) of a table with its derivative: dE/dx = Σ_m dE/dG_m · dG_m/dx (no second derivative
+    in x: a table's is zero by construction, as the torch forward's)."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, slope: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(slope)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (slope,) = ctx.saved_tensors
+        return None, None, (grad * slope).sum(1, keepdim=True)
 
 
 def _as_float64(net: nn.Module) -> nn.Module:

@@ -11,7 +11,7 @@ import torch
 
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import NeighborStat
-from mtcore.model import pair_contraction, tangent_embedding
+from mtcore.model import pair_contraction, table_kernel, tangent_embedding
 from mtcore.model.descriptor import EmbeddingInput
 from mtcore.model.env import group_slices
 from mtcore.model.sel import resolve_sel
@@ -88,7 +88,9 @@ def contract_taking_tangent(descriptor, rows: Optional[torch.Tensor], s: torch.T
     order, offsets = group_slices(key, descriptor.ngroups)
     s_sorted = s.index_select(0, order)
     used, bounds = _used_blocks(descriptor.nets, descriptor.net_groups, offsets)
-    parts = tangent_embedding.embed_group_parts(used, s_sorted, bounds)
+    # a compressed model's tables give G and dG/ds from one C loop; nets from their fused Function
+    parts = table_kernel.value_and_slope(used, s_sorted, bounds) or \
+        tangent_embedding.embed_group_parts(used, s_sorted, bounds)
     if parts is None:
         return None
     return pair_contraction.contract_with_tangent(rows, parts[0], parts[1], s_sorted, center, order, natoms)

@@ -1,0 +1,97 @@
+"""A frozen file run as the eager model it records, so CPU inference takes mtcore's C kernels.
+
+Why: a frozen file must load in plain ``torch.jit.load``, so its scripted code cannot call the
+C loops training uses (the nets' fused forward with dE/ds, the contraction over real pairs,
+tables evaluated in C); it runs the plain padded path instead. The file records its input and
+holds its weights, which rebuild the eager model exactly (``mtcore compress`` does the same), and
+that model, called inside :func:`first_derivatives`, runs those kernels: on a 192-atom water
+frame se_e2_a takes about 0.6 of the scripted call's time, a compressed file about 0.4
+(benchmarks/bench_compress.py, docs/performance.md "Compressed inference").
+
+:mod:`mtcore.infer` uses the twin on the CPU. The scripted module is kept where the twin cannot
+be made (a plugin not installed, an older file, weights that do not fit), on other devices, and
+with ``MTCORE_INFER_SCRIPTED=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+
+def wanted(device: str) -> bool:
+    """Whether to try the twin: on the CPU, unless MTCORE_INFER_SCRIPTED=1 asks for TorchScript."""
+    return torch.device(device).type == "cpu" and os.environ.get("MTCORE_INFER_SCRIPTED", "") in ("", "0")
+
+
+def _scripted_part(module: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Submodule ``a.b.0.c`` of a scripted module (whose ModuleLists take attribute names)."""
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module
+
+
+def _tables(module: torch.jit.ScriptModule, meta: dict, descriptor: torch.nn.Module) -> None:
+    """Put the compressed file's tables where its descriptor had nets, with the table settings
+    the file holds (the coefficients come with the state dict)."""
+    from mtcore.model.tabulate import TabulatedEmbedding
+
+    for entry in meta["compressed"]["tables"]:
+        scripted = _scripted_part(module, "descriptor." + entry["path"])
+        table = TabulatedEmbedding(scripted.coef.detach().clone(), float(scripted.lower), float(scripted.upper),
+                                   float(scripted.step), int(scripted.n_coarse), int(scripted.check_frequency))
+        parent_name, _, attr = entry["path"].rpartition(".")
+        parent = descriptor.get_submodule(parent_name) if parent_name else descriptor
+        if isinstance(parent, torch.nn.ModuleList):
+            parent[int(attr)] = table
+        else:
+            setattr(parent, attr, table)
+
+
+def eager_twin(module: torch.jit.ScriptModule, meta: dict, path: Path, device: str) -> Optional[torch.nn.Module]:
+    """The eager FrozenModel / UnitedModel with the file's weights, or None where it cannot be
+    built exactly (the caller keeps the scripted module)."""
+    if meta.get("format") != "mtcore-frozen" or "config" not in meta or not wanted(device):
+        return None
+    try:
+        from mtcore.compress import rebuild
+        from mtcore.model.frozen import FrozenModel, UnitedModel
+        from mtcore.plugins import get_registry
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = rebuild(module, meta, path, get_registry(), before_load=_with_tables(module, meta))
+        text = json.dumps(meta)
+        if meta.get("kind") == "united":
+            twin = UnitedModel(model.descriptor, dict(model.heads.items()), model.type_map, text)
+        else:
+            head = meta.get("head", "default")
+            fitting = model.heads[head] if head in model.heads else next(iter(model.heads.values()))
+            twin = FrozenModel(model.descriptor, fitting, model.type_map, head, text)
+        twin.chunk_atoms = int(getattr(module, "chunk_atoms", twin.chunk_atoms))
+        return twin.to(device).eval()
+    except Exception:  # noqa: BLE001  any failure: the scripted module stays, which is always right
+        return None
+
+
+def _with_tables(module: torch.jit.ScriptModule, meta: dict):
+    """For rebuild: a compressed file's model needs its tables in place before the weights load."""
+    if not meta.get("compressed"):
+        return None
+    return lambda model: _tables(module, meta, model.descriptor)
+
+
+@contextmanager
+def first_derivatives() -> Iterator[None]:
+    """The twin's calls: forces and virials need first derivatives in the coordinates only, the
+    case the fused C paths are built for (the same switch the trainer's step uses)."""
+    from mtcore.model import tangent_embedding
+
+    with tangent_embedding.force_training():
+        yield

@@ -1,0 +1,211 @@
+"""mtcore.infer runs a frozen file as the eager model it records (mtcore.eager_twin): the same
+numbers as the scripted module for every kind of file (one head, a tensor head, a united file, a
+compressed file), the C paths really taken, the scripted module kept wherever the twin cannot
+be made; and the tables' C loop (mtcore.model.table_kernel) gives the module's G and dG/dx."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import ROOT, SE_E2_A, WATER, model_with_stats, water_frame
+from mtcore import infer
+from mtcore.compress import compress
+from mtcore.freeze import _save_script, head_metadata
+from mtcore.model import pair_contraction, table_kernel, tangent_embedding
+from mtcore.model.frozen import FrozenModel, UnitedModel
+from mtcore.model.mlp import EmbeddingNet, new_generator
+from mtcore.model.tabulate import TabulatedEmbedding
+
+TENSOR = ROOT / "examples" / "water_tensor"
+KERNELS_ON = tangent_embedding.status() == "on" and pair_contraction.status() == "on" and table_kernel.status() == "on"
+needs_kernels = pytest.mark.skipif(not KERNELS_ON, reason="mtcore's C kernels are not built here (no C compiler?)")
+
+
+def two_heads() -> dict:
+    """An energy head on water and a dipole head on the water_tensor example, one descriptor."""
+    dipole = [str(TENSOR / "dipole" / "training_data" / n) for n in ("atomic_system", "global_system")]
+    return {
+        "model": {
+            "type_map": ["O", "H"],
+            "descriptor": dict(SE_E2_A, neuron=[8, 16]),
+            "fitting_net_dict": {
+                "water": {"type": "ener", "neuron": [16, 16], "seed": 1, "precision": "float64"},
+                "dipole": {"type": "dipole", "sel_type": [0], "neuron": [16, 16], "seed": 3, "precision": "float64"},
+            },
+        },
+        "learning_rate": {"type": "exp", "start_lr": 5e-3, "stop_lr": 1e-3, "decay_steps": 10},
+        "loss_dict": {
+            "water": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1},
+            "dipole": {"type": "tensor", "pref": 1.0, "pref_atomic": 1.0},
+        },
+        "training": {
+            "data_dict": {
+                "water": {"training_data": {"systems": [str(WATER / "data_0")], "batch_size": 1}},
+                "dipole": {"training_data": {"systems": dipole, "batch_size": 1}},
+            },
+            "numb_steps": 10, "seed": 1,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict:
+    """One file per head, a united file and the compressed water head (random weights with the
+    data's statistics: no training needed for equal-numbers checks)."""
+    workdir = tmp_path_factory.mktemp("twin")
+    model, config = model_with_stats(two_heads())
+    model.eval()
+    out = {}
+    for head in model.heads:
+        text = json.dumps(head_metadata(model, config.document, head, True))
+        out[head] = workdir / f"{head}.pth"
+        _save_script(FrozenModel(model.descriptor, model.heads[head], model.type_map, head, text), out[head], text)
+    meta = {"format": "mtcore-frozen", "kind": "united", "type_map": model.type_map, "rcut": model.rcut,
+            "config": config.document, "heads": {h: head_metadata(model, config.document, h, True) for h in model.heads}}
+    text = json.dumps(meta)
+    out["united"] = workdir / "united.pth"
+    _save_script(UnitedModel(model.descriptor, dict(model.heads.items()), model.type_map, text), out["united"], text)
+    out["compressed"] = workdir / "water_compressed.pth"
+    compress(out["water"], out["compressed"])
+    return out
+
+
+def _frames():
+    coord, atype, box = water_frame(0, "data_3")
+    small, small_types, _ = water_frame(2, "data_1")
+    return [(coord, atype, box), (small[:60], small_types[:60], None)]  # periodic; an open cluster
+
+
+def _scripted(path: Path, head, monkeypatch) -> infer.DeepPotential:
+    with monkeypatch.context() as m:
+        m.setenv("MTCORE_INFER_SCRIPTED", "1")
+        return infer.load(path, head=head)
+
+
+CASES = [("water", None), ("dipole", None), ("united", "water"), ("united", "dipole"), ("compressed", None)]
+
+
+@pytest.mark.parametrize("name,head", CASES)
+def test_twin_gives_the_scripted_numbers(files, name, head, monkeypatch):
+    monkeypatch.setattr(infer, "EAGER_MIN_ATOMS", 1)  # the twin for the 60-atom cluster too
+    twin, scripted = infer.load(files[name], head=head), _scripted(files[name], head, monkeypatch)
+    assert twin.eager and not scripted.eager
+    assert not isinstance(twin.runner, torch.jit.ScriptModule) and isinstance(twin.module, torch.jit.ScriptModule)
+    for coord, atype, box in _frames():
+        args = (coord.numpy(), None if box is None else box.numpy(), atype.numpy())
+        a, b = twin.evaluate(*args), scripted.evaluate(*args)
+        assert sorted(a) == sorted(b)
+        for key in a:
+            scale = max(1.0, float(np.abs(b[key]).max()))
+            assert np.abs(a[key] - b[key]).max() <= 1e-11 * scale, (name, head, key)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name,runs", [("water", "contract_with_tangent"), ("compressed", "table")])
+def test_twin_takes_the_c_paths(files, name, runs, monkeypatch):
+    """Fails if the twin quietly ran the plain path: the fused contraction (and, compressed, the
+    tables' C loop) must be called; the scripted module calls neither."""
+    calls = {"contract_with_tangent": 0, "table": 0}
+    contract, table_run = pair_contraction.contract_with_tangent, table_kernel._run
+
+    def counted_contract(*args, **kwargs):
+        calls["contract_with_tangent"] += 1
+        return contract(*args, **kwargs)
+
+    def counted_table(*args, **kwargs):
+        calls["table"] += 1
+        return table_run(*args, **kwargs)
+
+    monkeypatch.setattr(pair_contraction, "contract_with_tangent", counted_contract)
+    monkeypatch.setattr(table_kernel, "_run", counted_table)
+    coord, atype, box = water_frame(0, "data_3")
+    _scripted(files[name], None, monkeypatch).evaluate(coord.numpy(), box.numpy(), atype.numpy())
+    assert calls == {"contract_with_tangent": 0, "table": 0}
+    infer.load(files[name]).evaluate(coord.numpy(), box.numpy(), atype.numpy())
+    assert calls["contract_with_tangent"] >= 1 and (runs != "table" or calls["table"] >= 1)
+
+
+def test_small_calls_run_the_scripted_module(files, monkeypatch):
+    """Below EAGER_MIN_ATOMS the scripted module is faster (Python overhead): it runs there."""
+    pot = infer.load(files["water"])
+    seen = []
+    twin = pot.runner
+
+    def spy(*args):
+        seen.append(len(args[1]) if args[1].dim() == 1 else args[1].numel())
+        return twin(*args)
+
+    pot.runner = spy
+    coord, atype, _ = water_frame(0, "data_3")
+    small = pot.evaluate(coord[:6].numpy(), None, atype[:6].numpy())
+    assert seen == []
+    pot.evaluate(coord[:infer.EAGER_MIN_ATOMS].numpy(), None, atype[:infer.EAGER_MIN_ATOMS].numpy())
+    assert seen == [infer.EAGER_MIN_ATOMS]
+    monkeypatch.setattr(infer, "EAGER_MIN_ATOMS", 1)
+    assert np.abs(pot.evaluate(coord[:6].numpy(), None, atype[:6].numpy())["force"] - small["force"]).max() <= 1e-12
+
+
+def test_scripted_module_kept_where_no_twin_can_be_made(files, monkeypatch):
+    import mtcore.compress
+
+    coord, atype, box = water_frame(0, "data_3")
+    args = (coord.numpy(), box.numpy(), atype.numpy())
+    reference = infer.load(files["water"]).evaluate(*args)
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("a plugin this file needs is not installed")
+
+    monkeypatch.setattr(mtcore.compress, "rebuild", broken)
+    kept = infer.load(files["water"])
+    assert not kept.eager and kept.runner is kept.module and isinstance(kept.module, torch.jit.ScriptModule)
+    result = kept.evaluate(*args)
+    assert np.abs(result["force"] - reference["force"]).max() <= 1e-11
+
+
+def test_twin_wanted_on_the_cpu_only(monkeypatch):
+    from mtcore.eager_twin import wanted
+
+    assert wanted("cpu") and not wanted("cuda") and not wanted("cuda:0")
+    monkeypatch.setenv("MTCORE_INFER_SCRIPTED", "1")
+    assert not wanted("cpu")
+
+
+def _table(dtype=torch.float64) -> TabulatedEmbedding:
+    net = EmbeddingNet(1, [6, 12, 24], "tanh", True, torch.float64, new_generator(5))
+    table = TabulatedEmbedding.from_net(net, -1.3, 4.2, step=0.01, extrapolate=3.0)
+    return TabulatedEmbedding(table.coef.to(dtype), table.lower, table.upper, table.step, table.n_coarse)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 2e-5)])
+def test_table_loop_gives_the_module_value_and_slope(dtype, tol):
+    table = _table(dtype)
+    start, lower, upper, end = table.table_range()
+    knots = torch.cat([lower + 0.01 * torch.arange(0, 50, dtype=torch.float64), torch.tensor([start, end, upper])])
+    x = torch.cat([torch.linspace(start - 5, end + 5, 4001, dtype=torch.float64), knots]).to(dtype).unsqueeze(1)
+    g_c, t_c = table_kernel.value_and_slope([table], x, [(0, x.shape[0])], c_only=True)
+    g_t, t_t = table.value_and_slope(x)  # the module's torch code
+    assert (g_c - g_t).abs().max() <= tol * g_t.abs().max() and (t_c - t_t).abs().max() <= tol * t_t.abs().max()
+    # two tables on blocks of one input, rows outside every block zero
+    other = _table(dtype)
+    g2, t2 = table_kernel.value_and_slope([table, other], x, [(0, 100), (150, 300)], c_only=True)
+    assert torch.equal(g2[:100], g_c[:100]) and torch.equal(g2[150:300], g_c[150:300])
+    assert not g2[100:150].any() and not t2[100:150].any() and not g2[300:].any()
+
+
+@needs_kernels
+def test_table_loop_keeps_nan_and_its_gradient_is_the_slope():
+    table = _table()
+    x = torch.tensor([[0.3], [float("nan")], [7.0]], dtype=torch.float64)
+    g, _ = table_kernel.value_and_slope([table], x, [(0, 3)], c_only=True)
+    assert torch.isnan(g[1]).all() and torch.isfinite(g[[0, 2]]).all()
+    x = torch.linspace(-3, 9, 301, dtype=torch.float64).unsqueeze(1).requires_grad_(True)
+    weights = torch.randn(301, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    (eager,) = torch.autograd.grad((table(x) * weights).sum(), x)  # the C loop's Function
+    (scripted,) = torch.autograd.grad((torch.jit.script(table)(x) * weights).sum(), x)  # torch code
+    assert (eager - scripted).abs().max() <= 1e-12 * scripted.abs().max()
