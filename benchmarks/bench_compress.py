@@ -89,7 +89,8 @@ def floor_model(plain: Path, info: dict, workdir: Path) -> Path:
     model = rebuild(module, meta, plain, get_registry())
     swap_for_free(model.descriptor, info)
     path = workdir / (plain.stem + "_floor.pth")
-    _save_script(FrozenModel(model.descriptor, model.heads["default"], model.type_map, "default", "{}"), path, "{}")
+    text = json.dumps({k: v for k, v in meta.items() if k != "config"})  # no recorded input: no eager twin
+    _save_script(FrozenModel(model.descriptor, model.heads["default"], model.type_map, "default", text), path, text)
     return path
 
 

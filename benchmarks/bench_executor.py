@@ -13,9 +13,9 @@ of 0.05 Å, so the number of neighbour pairs changes from call to call as it doe
 Models: the se_e2_a model of examples/water/se_e2_a/input.json (random weights, statistics from
 its data) frozen in float64, the same compressed (``mtcore compress``), and frozen in float32.
 ``--ase-md STEPS`` instead runs velocity-Verlet MD through the ASE calculator on the 192-atom
-water frame (the float64 frozen model), in blocks of 10 steps alternating between two calculators
-on the same file, one whose DeepPotential keeps the optimising executor and one as mtcore ships
-it; ms per MD step (wall) per mode.
+water frame (the float64 frozen model), in blocks of 10 steps alternating between calculators:
+the file's TorchScript module with the optimising executor and without it, the file's eager twin
+as mtcore ships it (mtcore.eager_twin), and the compressed file's twin; ms per MD step (wall).
 
 Reported per model and size: the first call and the sum of the first three (a fresh process's
 start-up), then the median and best of the remaining calls; CPU time of the process
@@ -85,8 +85,16 @@ def compare(path: Path, atoms: int, calls: int, dtype) -> dict:
     return row
 
 
-def ase_md(path: Path, steps: int) -> dict:
-    """ms per velocity-Verlet step through MtcoreCalculator, optimised executor against plain."""
+MD_MODES = ("optimised", "plain", "twin", "compressed twin")
+
+
+def ase_md(path: Path, packed: Path, steps: int) -> dict:
+    """ms per velocity-Verlet step through MtcoreCalculator: the frozen file's TorchScript module
+    with the optimising executor ("optimised") and without it ("plain", what mtcore ran before
+    the eager twin), the file's eager twin as mtcore ships it ("twin", mtcore.eager_twin), and the
+    compressed file's twin."""
+    import os
+
     import numpy as np
     import torch
     from ase import units
@@ -97,29 +105,37 @@ def ase_md(path: Path, steps: int) -> dict:
     from mtcore.calculator import MtcoreCalculator
 
     runs = {}
-    for mode in MODES:
+    for mode in MD_MODES:
         atoms = water(0)
-        atoms.calc = MtcoreCalculator(str(path), device="cpu")
+        if mode in ("optimised", "plain"):
+            os.environ["MTCORE_INFER_SCRIPTED"] = "1"
+        try:
+            atoms.calc = MtcoreCalculator(str(packed if mode == "compressed twin" else path), device="cpu")
+        finally:
+            os.environ.pop("MTCORE_INFER_SCRIPTED", None)
+        assert atoms.calc.potential.eager == mode.endswith("twin"), mode
         if mode == "optimised":  # the call inside evaluate, with the executor turned back on
-            plain_call = atoms.calc.potential.module
+            plain_call = atoms.calc.potential.runner
 
             def optimised_call(*args, _call=plain_call):
                 with torch.jit.optimized_execution(True):
                     return _call(*args)
 
-            atoms.calc.potential.module = optimised_call
+            atoms.calc.potential.runner = optimised_call
         rng = np.random.default_rng(3)
         atoms.set_momenta(rng.normal(size=(len(atoms), 3)) * np.sqrt(atoms.get_masses()[:, None] * units.kB * 300.0))
         runs[mode] = (atoms, VelocityVerlet(atoms, timestep=0.5 * units.fs))
-    spent = {mode: 0.0 for mode in MODES}
+    spent = {mode: 0.0 for mode in MD_MODES}
     for block in range(max(1, steps // 10)):
-        for mode in MODES if block % 2 == 0 else MODES[::-1]:
+        for mode in MD_MODES if block % 2 == 0 else MD_MODES[::-1]:
             t0 = time.perf_counter()
             runs[mode][1].run(10)
             spent[mode] += time.perf_counter() - t0
     done = 10 * max(1, steps // 10)
-    row = {"steps": done, **{f"{mode}_ms_per_step": 1000 * spent[mode] / done for mode in MODES}}
+    row = {"steps": done, **{f"{mode.replace(' ', '_')}_ms_per_step": 1000 * spent[mode] / done for mode in MD_MODES}}
     row["speedup"] = row["optimised_ms_per_step"] / row["plain_ms_per_step"]
+    row["twin_speedup"] = row["plain_ms_per_step"] / row["twin_ms_per_step"]
+    row["compressed_twin_speedup"] = row["plain_ms_per_step"] / row["compressed_twin_ms_per_step"]
     return row
 
 
@@ -142,7 +158,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mtcore-bench-executor-") as tmp:
         plain, packed, _ = frozen_pair("se_e2_a", Path(tmp), 0.01)
         if args.ase_md:
-            print(json.dumps({"ase_md": ase_md(plain, args.ase_md)}), flush=True)
+            print(json.dumps({"ase_md": ase_md(plain, packed, args.ase_md)}), flush=True)
             print(f"machine: {machine()}", flush=True)
             return
         files = {"frozen": (plain, torch.float64), "compressed": (packed, torch.float64)}

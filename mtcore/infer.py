@@ -18,6 +18,7 @@ import torch
 from mtcore.eager_twin import eager_twin, first_derivatives
 from mtcore.errors import MtcoreError
 from mtcore.freeze import frozen_execution, load_frozen
+from mtcore.runtime import tune_allocator
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -109,6 +110,7 @@ class DeepPotential:
         path = Path(path)
         if not path.is_file():
             raise MtcoreError(f"{path}: model file not found")
+        tune_allocator()  # as the CLI does: reuse freed tensor memory instead of page-faulting fresh pages each call
         try:
             self.module, self.metadata = load_frozen(path, device)
         except Exception as exc:  # noqa: BLE001

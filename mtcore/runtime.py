@@ -8,8 +8,9 @@ Raising the mmap threshold and the trim threshold keeps freed blocks in the heap
 (the same effect as ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` in the environment).
 The cost is that the process keeps its peak heap instead of returning it to the system.
 
-The CLI and the benchmark call :func:`tune_allocator`; a program that uses mtcore as a library
-may call it too. It does nothing off glibc, or when ``MTCORE_KEEP_MALLOC=1``.
+The CLI, the benchmark and ``mtcore.infer.load`` (so the ASE calculator and every Python
+caller of a frozen model) call :func:`tune_allocator`; a program that uses mtcore otherwise as a
+library may call it too. It does nothing off glibc, or when ``MTCORE_KEEP_MALLOC=1``.
 """
 
 from __future__ import annotations

@@ -68,3 +68,36 @@ def test_frame_lists_are_the_same_with_the_plain_sort(monkeypatch):
     for a, b in zip(fast[:3], plain[:3]):  # centre, neighbour, image: integers
         assert np.array_equal(a, b)
     assert np.allclose(fast[3], plain[3], rtol=1e-15, atol=0.0)  # distances, in the same order
+
+
+def test_frozen_models_list_is_the_same_eager_and_scripted():
+    """mtcore.model.neighbor_list sorts in C when called eagerly (a frozen file's eager twin) and
+    with three stable torch sorts when scripted: the same pairs in the same order, ties included
+    (a lattice in a box smaller than twice the cut-off: equal distances, repeated images)."""
+    import torch
+
+    from mtcore.model import neighbor_list
+
+    scripted = torch.jit.script(neighbor_list.neighbor_pairs)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(3.0, dtype=torch.float64)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    water = torch.from_numpy(np.load(WATER / "data_0" / "set.000" / "coord.npy")[0].reshape(-1, 3).astype(np.float64))
+    water_box = torch.from_numpy(np.load(WATER / "data_0" / "set.000" / "box.npy")[0].reshape(3, 3).astype(np.float64))
+    water_types = torch.from_numpy(np.loadtxt(WATER / "data_0" / "type.raw", dtype=np.int64))
+    for coord, atype, box, rcut in [(grid, torch.arange(27) % 2, torch.eye(3, dtype=torch.float64) * 3.0, 2.5),
+                                    (water, water_types, water_box, 6.0), (water[:50], water_types[:50], None, 6.0)]:
+        calls = []
+        original = neighbor_list._pair_order_in_c
+
+        def counted(*args):
+            calls.append(1)
+            return original(*args)
+
+        neighbor_list._pair_order_in_c = counted
+        try:
+            eager = neighbor_list.neighbor_pairs(coord, atype, box, rcut, 2)
+        finally:
+            neighbor_list._pair_order_in_c = original
+        plain = scripted(coord, atype, box, rcut, 2)
+        assert calls == [1]
+        for a, b in zip(eager, plain):
+            assert torch.equal(a, b)

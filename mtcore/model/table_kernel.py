@@ -22,31 +22,22 @@ from mtcore import native
 
 # Rows [lo, hi) of x. Interval and offset t as TabulatedEmbedding.forward computes them; the
 # value and slope by Horner's rule, then G = value + slope·(x - x̂)/width (x̂ the input clamped
-# to the table) and T = slope/width. A NaN input reads interval 0 and gives NaN.
+# to the table) and T = slope/width. A NaN input reads interval 0 and gives NaN. The rows are
+# visited in interval order (a counting sort of their intervals): a table of ~1,000 intervals
+# × 6 × M coefficients does not fit in the core's cache, and rows of one interval then read its
+# coefficients once from memory instead of once each (11 → 4 ms for se_e2_a water's 17,000 pairs).
 SOURCE = native.CLONES + r"""
 #include <math.h>
+#include <stdlib.h>
 #define TABLE(SUF, T)                                                                            \
-MTCORE_CLONES void table_##SUF(long lo, long hi, long M, long nint, long n_coarse, long n_fine,  \
-                               double start, double lower, double upper, double end,             \
-                               double step, double coarse, const T *x, const T *coef,            \
-                               T *G, T *D) {                                                     \
-  const T inv_step = (T)(1.0 / step), inv_coarse = (T)(1.0 / coarse);                           \
-  for (long p = lo; p < hi; ++p) {                                                               \
-    T xv = x[p];                                                                                 \
-    T xc = xv < (T)start ? (T)start : (xv > (T)end ? (T)end : xv);                               \
-    T pos;                                                                                       \
-    if (xc < (T)lower) pos = (xc - (T)start) * inv_coarse;                                        \
-    else if (xc > (T)upper) pos = (xc - (T)upper) * inv_coarse + (T)(n_coarse + n_fine);          \
-    else pos = (xc - (T)lower) * inv_step + (T)n_coarse;                                          \
-    T fl = floor(pos);                                                                           \
-    if (!(fl >= 0)) fl = 0;                                                                      \
-    if (fl > (T)(nint - 1)) fl = (T)(nint - 1);                                                  \
-    long idx = (long)fl;                                                                         \
-    T t = pos - fl;                                                                              \
-    T inv_w = (idx < n_coarse || idx >= n_coarse + n_fine) ? inv_coarse : inv_step;              \
-    T d = (xv - xc) * inv_w;                                                                     \
-    const T *c = coef + idx * 6 * M;                                                             \
-    T *g = G + p * M, *s = D + p * M;                                                            \
+MTCORE_CLONES static void rows_##SUF(long n, const long *perm, const long *idx, const T *tt,     \
+                                     const T *dd, const T *ww, long M,                           \
+                                     const T *restrict coef, T *restrict G, T *restrict D) {     \
+  for (long q = 0; q < n; ++q) {                                                                 \
+    long p = perm ? perm[q] : q;                                                                 \
+    T t = tt[p], d = dd[p], inv_w = ww[p];                                                       \
+    const T *restrict c = coef + idx[p] * 6 * M;                                                 \
+    T *restrict g = G + p * M, *restrict s = D + p * M;                                          \
     for (long m = 0; m < M; ++m) {                                                               \
       T a0 = c[m], a1 = c[M + m], a2 = c[2 * M + m], a3 = c[3 * M + m], a4 = c[4 * M + m],        \
         a5 = c[5 * M + m];                                                                       \
@@ -56,6 +47,39 @@ MTCORE_CLONES void table_##SUF(long lo, long hi, long M, long nint, long n_coars
       s[m] = slope * inv_w;                                                                      \
     }                                                                                            \
   }                                                                                              \
+}                                                                                                \
+int table_##SUF(long lo, long hi, long M, long nint, long n_coarse, long n_fine,                 \
+                double start, double lower, double upper, double end, double step,               \
+                double coarse, const T *x, const T *coef, T *G, T *D) {                          \
+  const T inv_step = (T)(1.0 / step), inv_coarse = (T)(1.0 / coarse);                           \
+  long n = hi - lo;                                                                              \
+  if (n <= 0) return 0;                                                                          \
+  long *idx = malloc(sizeof(long) * (2 * n + nint + 1));                                         \
+  T *tt = malloc(sizeof(T) * 3 * n);                                                             \
+  if (!idx || !tt) { free(idx); free(tt); return 1; }                                            \
+  long *perm = idx + n, *count = idx + 2 * n;                                                    \
+  T *dd = tt + n, *ww = tt + 2 * n;                                                              \
+  for (long k = 0; k <= nint; ++k) count[k] = 0;                                                 \
+  for (long k = 0; k < n; ++k) {                                                                 \
+    T xv = x[lo + k];                                                                            \
+    T xc = xv < (T)start ? (T)start : (xv > (T)end ? (T)end : xv);                               \
+    T pos;                                                                                       \
+    if (xc < (T)lower) pos = (xc - (T)start) * inv_coarse;                                        \
+    else if (xc > (T)upper) pos = (xc - (T)upper) * inv_coarse + (T)(n_coarse + n_fine);          \
+    else pos = (xc - (T)lower) * inv_step + (T)n_coarse;                                          \
+    T fl = floor(pos);                                                                           \
+    if (!(fl >= 0)) fl = 0;                                                                      \
+    if (fl > (T)(nint - 1)) fl = (T)(nint - 1);                                                  \
+    long i = (long)fl;                                                                           \
+    T inv_w = (i < n_coarse || i >= n_coarse + n_fine) ? inv_coarse : inv_step;                  \
+    idx[k] = i; tt[k] = pos - fl; dd[k] = (xv - xc) * inv_w; ww[k] = inv_w;                      \
+    count[i + 1]++;                                                                              \
+  }                                                                                              \
+  for (long k = 0; k < nint; ++k) count[k + 1] += count[k];                                      \
+  for (long k = 0; k < n; ++k) perm[count[idx[k]]++] = k;                                        \
+  rows_##SUF(n, perm, idx, tt, dd, ww, M, coef, G + lo * M, D + lo * M);                         \
+  free(idx); free(tt);                                                                           \
+  return 0;                                                                                      \
 }
 TABLE(f64, double)
 TABLE(f32, float)
@@ -111,14 +135,20 @@ def value_and_slope(tables: Sequence[torch.nn.Module], x: torch.Tensor, bounds: 
 
 def _run(library, table, x: torch.Tensor, G: torch.Tensor, T: torch.Tensor, lo: int, hi: int) -> None:
     fn = getattr(library, f"table_{'f64' if x.dtype == torch.float64 else 'f32'}")
+    fn.restype = ctypes.c_int  # 1: its work arrays could not be allocated
     coef = table.coef.contiguous()
     start, lower, upper, end = table.table_range()
     settings = (int(coef.shape[2]), int(coef.shape[0]), table.n_coarse, table.n_fine,
                 start, lower, upper, end, table.step, table.coarse,
                 x.data_ptr(), coef.data_ptr(), G.data_ptr(), T.data_ptr())
+
+    def rows(a: int, b: int) -> None:
+        if fn(a, b, *settings) != 0:
+            raise MemoryError(f"compressed embedding: no memory for the work arrays of {b - a} inputs")
+
     threads = min(torch.get_num_threads(), (hi - lo) // MIN_ROWS_PER_THREAD)
     if threads <= 1:
-        fn(lo, hi, *settings)
+        rows(lo, hi)
         return
     cuts = [lo + (hi - lo) * k // threads for k in range(threads + 1)]
-    native.run_together([functools.partial(fn, a, b, *settings) for a, b in zip(cuts[:-1], cuts[1:])])
+    native.run_together([functools.partial(rows, a, b) for a, b in zip(cuts[:-1], cuts[1:])])
