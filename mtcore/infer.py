@@ -95,9 +95,10 @@ def _renumber_frames(message: str, members: list[int]) -> str:
 
 #: calls with fewer atoms (all frames together) run the scripted module even where an eager twin
 #: exists: below this the twin's Python overhead (about 1 ms a call) outweighs its kernels
-#: (se_e2_a water, one thread, ms per call scripted / twin: 3 atoms 2.2 / 3.0, 48 atoms 4.4 / 5.2,
-#: 96 atoms 9.4 / 9.1, 192 atoms 25.5 / 19.6; benchmarks/bench_compress.py --small)
-EAGER_MIN_ATOMS = 64
+#: (se_e2_a water without a cell, one thread, ms per call scripted / twin in two runs: 3 atoms
+#: 2.2-2.5 / 3.0-3.8, 48 atoms 4.4-4.9 / 5.2-6.9, 96 atoms 9.4-11.2 / 9.1-12.1, 192 atoms
+#: 22-29 / 19-23; benchmarks/bench_compress.py --small)
+EAGER_MIN_ATOMS = 96
 
 
 class DeepPotential:
