@@ -209,3 +209,36 @@ def test_table_loop_keeps_nan_and_its_gradient_is_the_slope():
     (eager,) = torch.autograd.grad((table(x) * weights).sum(), x)  # the C loop's Function
     (scripted,) = torch.autograd.grad((torch.jit.script(table)(x) * weights).sum(), x)  # torch code
     assert (eager - scripted).abs().max() <= 1e-12 * scripted.abs().max()
+
+
+SMALL_FIT = {"type": "ener", "neuron": [16, 16], "seed": 2, "precision": "float64"}
+SE_A = {"type": "se_e2_a", "sel": [46, 92], "rcut": 6.0, "rcut_smth": 0.5, "neuron": [8, 16], "axis_neuron": 4, "seed": 1}
+DESCRIPTORS = {
+    "se_e2_a one side, excluded pair": dict(SE_A, type_one_side=True, exclude_types=[[0, 0]]),
+    "se_e2_a float32": dict(SE_A, precision="float32"),
+    "se_e2_r": {"type": "se_e2_r", "sel": [46, 92], "rcut": 6.0, "rcut_smth": 0.5, "neuron": [8, 16], "seed": 1},
+    "se_e3": {"type": "se_e3", "sel": [20, 40], "rcut": 4.0, "rcut_smth": 0.5, "neuron": [4, 8], "seed": 1},
+    "se_atten": {"type": "se_atten", "sel": 120, "rcut": 6.0, "rcut_smth": 0.5, "neuron": [8, 16], "axis_neuron": 4,
+                 "attn": 8, "attn_layer": 1, "seed": 1},
+    "hybrid": {"type": "hybrid", "list": [dict(SE_A), {"type": "se_e2_r", "sel": [20, 40], "rcut": 4.0,
+                                                       "rcut_smth": 0.5, "neuron": [4, 8], "seed": 3}]},
+}
+
+
+@pytest.mark.parametrize("name", list(DESCRIPTORS))
+def test_every_descriptor_twin_gives_the_scripted_numbers(name, tmp_path, monkeypatch):
+    from helpers import small_input
+
+    model, config = model_with_stats(small_input(tmp_path, descriptor=DESCRIPTORS[name], fitting=SMALL_FIT))
+    model.eval()
+    text = json.dumps(head_metadata(model, config.document, "default", False))
+    path = tmp_path / "frozen.pth"
+    _save_script(FrozenModel(model.descriptor, model.heads["default"], model.type_map, "default", text), path, text)
+    twin, scripted = infer.load(path), _scripted(path, None, monkeypatch)
+    assert twin.eager and not scripted.eager
+    coord, atype, box = water_frame(0, "data_3")
+    a = twin.evaluate(coord.numpy(), box.numpy(), atype.numpy())
+    b = scripted.evaluate(coord.numpy(), box.numpy(), atype.numpy())
+    rel = 1e-5 if "float32" in name else 1e-11
+    for key in a:
+        assert np.abs(a[key] - b[key]).max() <= rel * max(1.0, float(np.abs(b[key]).max())), (name, key)
