@@ -242,3 +242,24 @@ def test_every_descriptor_twin_gives_the_scripted_numbers(name, tmp_path, monkey
     rel = 1e-5 if "float32" in name else 1e-11
     for key in a:
         assert np.abs(a[key] - b[key]).max() <= rel * max(1.0, float(np.abs(b[key]).max())), (name, key)
+
+
+def test_a_twin_that_disagrees_with_the_file_is_not_used(files, monkeypatch):
+    """The twin is checked against the scripted module on a probe frame at load: a rebuild that
+    does not reproduce the file (here: one weight changed, as a file frozen by an mtcore whose
+    code has since changed would behave) keeps the scripted module."""
+    import mtcore.compress
+
+    rebuild = mtcore.compress.rebuild
+
+    def drifted(*args, **kwargs):
+        model = rebuild(*args, **kwargs)
+        with torch.no_grad():
+            next(model.heads["water"].parameters()).add_(1e-3)
+        return model
+
+    monkeypatch.setattr(mtcore.compress, "rebuild", drifted)
+    pot = infer.load(files["water"])
+    assert not pot.eager and pot.runner is pot.module
+    monkeypatch.setattr(mtcore.compress, "rebuild", rebuild)
+    assert infer.load(files["water"]).eager
