@@ -116,6 +116,8 @@ class KernelLibrary:
         self.stem, self.source, self.flags, self.signatures, self.switch = stem, source, flags, signatures, switch
         self.library: Optional[ctypes.CDLL] = None
         self.status = "not tried"
+        #: the kernels split their rows over OpenMP threads themselves (see PARALLEL)
+        self.parallel = False
 
     def load(self) -> Optional[ctypes.CDLL]:
         if self.status == "not tried":
@@ -123,6 +125,7 @@ class KernelLibrary:
                 self.status = f"off ({self.switch}=1)"
             else:
                 self.library, self.status = open_library(self.stem, self.source, self.flags, self.signatures)
+                self.parallel = parallel(self.library)
         return self.library
 
 
@@ -143,11 +146,59 @@ def run_together(calls: Sequence[Callable[[], None]]) -> None:
         future.result()
 
 
+#: Put ``MTCORE_PARALLEL_FOR`` before a kernel's outer loop over independent rows (with this text
+#: at the top of the source, after CLONES): built with OpenMP, the rows are split over torch's
+#: own OpenMP threads (the same runtime: see :func:`gomp_loaded`), so the kernels use the cores
+#: ``torch.set_num_threads`` gives without a second pool of threads competing with torch's
+#: (whose workers spin for a while after each of torch's parallel operations). Without OpenMP the
+#: pragma is ignored and the caller splits the rows over Python threads (:func:`run_together`).
+PARALLEL = r"""
+#ifdef _OPENMP
+#define MTCORE_PARALLEL_FOR _Pragma("omp parallel for schedule(static)")
+int mtcore_openmp(void) { return 1; }
+#else
+#define MTCORE_PARALLEL_FOR
+int mtcore_openmp(void) { return 0; }
+#endif
+"""
+OPENMP = ("-fopenmp",)
+
+
+def gomp_loaded() -> bool:
+    """Whether GNU OpenMP is already in this process (torch's Linux wheels bring it): a kernel
+    library built with -fopenmp then binds to that same runtime (one libgomp.so.1 per process),
+    so its threads are torch's. Elsewhere (another OpenMP runtime, or none) no OpenMP is built."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("libgomp" in line for line in maps)
+    except OSError:
+        return False
+
+
 def open_library(stem: str, source: str, flags: Sequence[str],
                  signatures: Mapping[str, Sequence[type]]) -> tuple[Optional[ctypes.CDLL], str]:
     """A kernel library built with function clones where the compiler has them (``CLONES``),
-    else without: (library, "on") or (None, "off (why)")."""
+    else without, and with OpenMP where torch's runtime is loaded and the source asks for it
+    (``PARALLEL``): (library, "on") or (None, "off (why)")."""
+    if "mtcore_openmp" in source and gomp_loaded():
+        path, _ = cached_library(stem, source, [*flags, *OPENMP], NO_CLONES)
+        if path is not None:
+            library, status = load_library(path, signatures)
+            if library is not None:
+                return library, status
     path, why = cached_library(stem, source, flags, NO_CLONES)
     if path is None:
         return None, f"off ({why})"
     return load_library(path, signatures)
+
+
+def parallel(library: Optional[ctypes.CDLL]) -> bool:
+    """Whether ``library`` splits its rows over OpenMP threads itself (built with ``PARALLEL`` and -fopenmp)."""
+    if library is None:
+        return False
+    try:
+        function = library.mtcore_openmp
+    except AttributeError:
+        return False
+    function.restype = ctypes.c_int
+    return bool(function())

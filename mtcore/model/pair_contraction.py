@@ -39,12 +39,12 @@ from mtcore import native
 # Pairs of centre i are off[i] .. off[i+1]-1; G's row of pair p is map[p]. Each kernel runs the
 # centres [lo, hi). expand_right keeps 8 partial sums per output so the compiler can vectorise
 # the dot products without reordering a single sum (no -ffast-math).
-SOURCE = native.CLONES + r"""
+SOURCE = native.CLONES + native.PARALLEL + r"""
 #define LANES 8
 #define KERNELS(SUF, T)                                                                          \
 MTCORE_CLONES void contract_##SUF(long lo, long hi, long K, long M, const long *off, const T *R, const T *G,   \
                     const long *map, T *A) {                                                     \
-  for (long i = lo; i < hi; ++i) {                                                               \
+  MTCORE_PARALLEL_FOR for (long i = lo; i < hi; ++i) {                                           \
     T *a = A + i * K * M;                                                                        \
     for (long k = 0; k < K * M; ++k) a[k] = 0;                                                   \
     for (long p = off[i]; p < off[i + 1]; ++p) {                                                 \
@@ -58,7 +58,7 @@ MTCORE_CLONES void contract_##SUF(long lo, long hi, long K, long M, const long *
 }                                                                                                \
 MTCORE_CLONES void expand_left_##SUF(long lo, long hi, long K, long M, const long *off, const T *R,            \
                        const T *A, const long *map, T *L) {                                      \
-  for (long i = lo; i < hi; ++i) {                                                               \
+  MTCORE_PARALLEL_FOR for (long i = lo; i < hi; ++i) {                                           \
     const T *a = A + i * K * M;                                                                  \
     for (long p = off[i]; p < off[i + 1]; ++p) {                                                 \
       T *l = L + map[p] * M; const T *r = R + p * K;                                             \
@@ -74,7 +74,7 @@ MTCORE_CLONES void expand_left_##SUF(long lo, long hi, long K, long M, const lon
 MTCORE_CLONES void expand_right_##SUF(long lo, long hi, long K, long M, const long *off, const T *A,           \
                         const T *G, const long *map, T *Q) {                                     \
   long body = M - M % LANES;                                                                     \
-  for (long i = lo; i < hi; ++i) {                                                               \
+  MTCORE_PARALLEL_FOR for (long i = lo; i < hi; ++i) {                                           \
     const T *a = A + i * K * M;                                                                  \
     for (long p = off[i]; p < off[i + 1]; ++p) {                                                 \
       const T *g = G + map[p] * M;                                                               \
@@ -126,8 +126,8 @@ def _run(name: str, layout: PairLayout, K: int, M: int, a: torch.Tensor, b: torc
     releases the GIL, so the chunks run in parallel; each chunk writes only its centres' rows)."""
     fn = getattr(KERNELS.library, f"{name}_{'f64' if out.dtype == torch.float64 else 'f32'}")
     args = (layout.off.data_ptr(), a.data_ptr(), b.data_ptr(), layout.map.data_ptr(), out.data_ptr())
-    threads = min(torch.get_num_threads(), layout.npairs // MIN_PAIRS_PER_THREAD)
-    if threads <= 1:
+    threads = 1 if KERNELS.parallel else min(torch.get_num_threads(), layout.npairs // MIN_PAIRS_PER_THREAD)
+    if threads <= 1:  # one call (with OpenMP, the kernel splits its centres over torch's threads)
         fn(0, layout.natoms, K, M, *args)
         return
     # centre boundaries that give each chunk about the same number of pairs

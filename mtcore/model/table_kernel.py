@@ -26,14 +26,14 @@ from mtcore import native
 # visited in interval order (a counting sort of their intervals): a table of ~1,000 intervals
 # × 6 × M coefficients does not fit in the core's cache, and rows of one interval then read its
 # coefficients once from memory instead of once each (11 → 4 ms for se_e2_a water's 17,000 pairs).
-SOURCE = native.CLONES + r"""
+SOURCE = native.CLONES + native.PARALLEL + r"""
 #include <math.h>
 #include <stdlib.h>
 #define TABLE(SUF, T)                                                                            \
 MTCORE_CLONES static void rows_##SUF(long n, const long *perm, const long *idx, const T *tt,     \
                                      const T *dd, const T *ww, long M,                           \
                                      const T *restrict coef, T *restrict G, T *restrict D) {     \
-  for (long q = 0; q < n; ++q) {                                                                 \
+  MTCORE_PARALLEL_FOR for (long q = 0; q < n; ++q) {                                             \
     long p = perm ? perm[q] : q;                                                                 \
     T t = tt[p], d = dd[p], inv_w = ww[p];                                                       \
     const T *restrict c = coef + idx[p] * 6 * M;                                                 \
@@ -146,8 +146,8 @@ def _run(library, table, x: torch.Tensor, G: torch.Tensor, T: torch.Tensor, lo: 
         if fn(a, b, *settings) != 0:
             raise MemoryError(f"compressed embedding: no memory for the work arrays of {b - a} inputs")
 
-    threads = min(torch.get_num_threads(), (hi - lo) // MIN_ROWS_PER_THREAD)
-    if threads <= 1:
+    threads = 1 if KERNELS.parallel else min(torch.get_num_threads(), (hi - lo) // MIN_ROWS_PER_THREAD)
+    if threads <= 1:  # one call (with OpenMP, the loop over rows is split over torch's threads)
         rows(lo, hi)
         return
     cuts = [lo + (hi - lo) * k // threads for k in range(threads + 1)]

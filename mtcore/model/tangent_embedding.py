@@ -46,11 +46,11 @@ from mtcore import native
 # over it, with its own vectorisable e^x; fwd, the former forward, is given σ(2z) from torch's
 # addmm and sigmoid (TANH_IN_LOOP = False). Backward, given g_out and g_tout (NULL: zero), writes
 # gz, gtz and the skip's share of the input gradients gxs, gtxs (only for modes 1 and 2).
-SOURCE = native.CLONES + r"""
+SOURCE = native.CLONES + native.PARALLEL + r"""
 #define KERNELS(SUF, T)                                                                          \
 MTCORE_CLONES void fwd_##SUF(long P, long n, long m, int mode, T *sg, const T *x, const T *tz, const T *tx,   \
                T *out, T *tout) {                                                                \
-  for (long p = 0; p < P; ++p) {                                                                 \
+  MTCORE_PARALLEL_FOR for (long p = 0; p < P; ++p) {                                                                 \
     T *yp = sg + p * n, *op = out + p * n, *top = tout + p * n;                                  \
     const T *tzp = tz + p * n, *xp = x + p * m, *txp = tx + p * m;                               \
     if (mode == 0) {                                                                             \
@@ -68,7 +68,7 @@ MTCORE_CLONES void fwd_##SUF(long P, long n, long m, int mode, T *sg, const T *x
 }                                                                                                \
 MTCORE_CLONES void bwd_##SUF(long P, long n, long m, int mode, const T *g_out, const T *g_tout, const T *y,   \
                const T *tz, T *gz, T *gtz, T *gxs, T *gtxs) {                                    \
-  for (long p = 0; p < P; ++p) {                                                                 \
+  MTCORE_PARALLEL_FOR for (long p = 0; p < P; ++p) {                                                                 \
     const T *gop = g_out + p * n, *yp = y + p * n, *tzp = tz + p * n;                            \
     T *gzp = gz + p * n, *gtzp = gtz + p * n;                                                    \
     if (g_tout) {                                                                                \
@@ -138,7 +138,7 @@ static inline float mt_exp_f32(float x) {
 #define ZKERNEL(SUF, T)                                                                          \
 MTCORE_CLONES void fwdz_##SUF(long P, long n, long m, int mode, T *zy, const T *b2, const T *x, const T *tz,  \
                const T *tx, T *out, T *tout) {                                                   \
-  for (long p = 0; p < P; ++p) {                                                                 \
+  MTCORE_PARALLEL_FOR for (long p = 0; p < P; ++p) {                                                                 \
     T *yp = zy + p * n, *op = out + p * n, *top = tout + p * n;                                  \
     const T *tzp = tz + p * n, *xp = x + p * m, *txp = tx + p * m;                               \
     for (long k = 0; k < n; ++k) {                                                               \
@@ -162,7 +162,7 @@ ZKERNEL(f64, double)
 ZKERNEL(f32, float)
 #define ROWDOT(SUF, T)                                                                           \
 MTCORE_CLONES void rowdot_##SUF(long P, long n, const T *a, const T *b, T *out) {                \
-  for (long p = 0; p < P; ++p) {                                                                 \
+  MTCORE_PARALLEL_FOR for (long p = 0; p < P; ++p) {                                                                 \
     const T *ap = a + p * n, *bp = b + p * n; T s = 0;                                           \
     for (long k = 0; k < n; ++k) s += ap[k] * bp[k];                                             \
     out[p] = s;                                                                                  \
@@ -216,8 +216,8 @@ def _run(name: str, dtype: torch.dtype, P: int, n: int, m: int, mode: int,
     def call(lo: int, hi: int) -> None:
         fn(hi - lo, n, m, mode, *[None if base is None else base + lo * width * item for base, width in bases])
 
-    threads = min(torch.get_num_threads(), P // MIN_ROWS_PER_THREAD)
-    if threads <= 1:
+    threads = 1 if KERNELS.parallel else min(torch.get_num_threads(), P // MIN_ROWS_PER_THREAD)
+    if threads <= 1:  # one call (with OpenMP, the kernel splits its rows over torch's threads)
         call(0, P)
         return
     step = -(-P // threads)
