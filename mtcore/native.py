@@ -4,8 +4,10 @@ Why: two jobs need a few lines of native code that plain PyTorch does not offer 
 answer, :mod:`mtcore.mkl_dispatch`; the embedding net's fused element-wise passes,
 :mod:`mtcore.model.tangent_embedding`). They are plain C (no torch headers, no build system): one
 compiler call of well under a second, so a fresh install needs nothing beyond a C compiler, and
-without one mtcore runs the same arithmetic in plain PyTorch. This module must not import torch
-(mkl_dispatch runs before torch is loaded).
+without one mtcore runs the same arithmetic in plain PyTorch. Where torch's GNU OpenMP runtime is
+in the process, the kernel libraries are built with -fopenmp and split their rows over torch's
+own threads (``PARALLEL``). This module must not import torch (mkl_dispatch runs before torch is
+loaded).
 """
 
 from __future__ import annotations

@@ -83,17 +83,37 @@ def test_force_loss_gradient_matches_the_padded_product():
         assert float((a - b).abs().max()) <= 1e-12 * float(a.abs().max())
 
 
-def test_centres_split_over_threads_give_the_same_numbers(monkeypatch):
+@pytest.mark.parametrize("openmp", [True, False])
+def test_centres_split_over_threads_give_the_same_numbers(monkeypatch, openmp):
+    """Split over torch's OpenMP threads inside the kernel (where built so) or over Python threads:
+    each centre's sum runs in the same order either way, so the same bits as one thread."""
+    if openmp and not pair_contraction.KERNELS.parallel:
+        pytest.skip("kernels built without OpenMP here (no GNU OpenMP runtime in the process)")
     rows, emb, center, order = random_pairs(300, 3, max_pairs=40)
-    one = pair_contraction.contract(rows, emb, center, order, 300)
+    monkeypatch.setattr(pair_contraction.KERNELS, "parallel", openmp)
     monkeypatch.setattr(pair_contraction, "MIN_PAIRS_PER_THREAD", 100)
     threads = torch.get_num_threads()
-    torch.set_num_threads(3)
     try:
+        torch.set_num_threads(1)
+        one = pair_contraction.contract(rows, emb, center, order, 300)
+        torch.set_num_threads(3)
         split = pair_contraction.contract(rows, emb, center, order, 300)
     finally:
         torch.set_num_threads(threads)
-    assert torch.allclose(one, split, rtol=1e-14, atol=1e-14)  # each centre's sum runs in the same order either way
+    assert torch.equal(one, split)
+
+
+def test_kernels_use_torchs_openmp_runtime_where_it_is_loaded():
+    """On Linux torch brings GNU OpenMP, and the kernel libraries are built to run on its threads."""
+    from mtcore import native
+    from mtcore.model import table_kernel, tangent_embedding
+
+    if not native.gomp_loaded():
+        pytest.skip("no GNU OpenMP runtime in this process")
+    for module in (pair_contraction, tangent_embedding, table_kernel):
+        assert module.status() == "on" and module.KERNELS.parallel, module.__name__
+    maps = open("/proc/self/maps").read()
+    assert len({line.split()[-1] for line in maps.splitlines() if "libgomp" in line}) == 1  # one runtime: torch's
 
 
 def test_not_taken_where_it_does_not_apply(monkeypatch):

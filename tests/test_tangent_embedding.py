@@ -55,14 +55,21 @@ def test_energy_only_loss_needs_no_tangent_gradient():
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_rows_split_over_threads_give_the_same_numbers(monkeypatch):
+@pytest.mark.parametrize("openmp", [True, False])
+def test_rows_split_over_threads_give_the_same_numbers(monkeypatch, openmp):
+    """Rows split over torch's OpenMP threads inside the kernels (where built so) or over Python
+    threads give one thread's numbers."""
+    if openmp and not tangent_embedding.KERNELS.parallel:
+        pytest.skip("kernels built without OpenMP here (no GNU OpenMP runtime in the process)")
     net = EmbeddingNet(1, [8, 16, 32], "tanh", False, torch.float64, new_generator(4))
     s0 = torch.linspace(-0.5, 3.0, 3001, dtype=torch.float64).unsqueeze(1)
-    one = force_loss_gradients(net, s0, fused=True)
+    monkeypatch.setattr(tangent_embedding.KERNELS, "parallel", openmp)
     monkeypatch.setattr(tangent_embedding, "MIN_ROWS_PER_THREAD", 100)
     threads = torch.get_num_threads()
-    torch.set_num_threads(3)
     try:
+        torch.set_num_threads(1)
+        one = force_loss_gradients(net, s0, fused=True)
+        torch.set_num_threads(3)
         split = force_loss_gradients(net, s0, fused=True)
     finally:
         torch.set_num_threads(threads)
