@@ -172,7 +172,8 @@ def gomp_loaded() -> bool:
     so its threads are torch's. Elsewhere (another OpenMP runtime, or none) no OpenMP is built."""
     try:
         with open("/proc/self/maps") as maps:
-            return any("libgomp" in line for line in maps)
+            # by the name it binds to: a wheel's own copy under a mangled name (libgomp-<hash>.so) is not it
+            return any("/libgomp.so" in line for line in maps)
     except OSError:
         return False
 
