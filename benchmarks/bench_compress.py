@@ -262,6 +262,8 @@ def swap_for_free(descriptor, info: dict) -> None:
     """Replace every tabulated net by x·w (see :func:`floor_model`)."""
     import torch
 
+    from mtcore.compress import put_submodule
+
     class Scale(torch.nn.Module):
         def __init__(self, width: int, dtype: torch.dtype):
             super().__init__()
@@ -272,13 +274,7 @@ def swap_for_free(descriptor, info: dict) -> None:
 
     for table in info["tables"]:
         net = descriptor.get_submodule(table["path"])
-        parent_name, _, attr = table["path"].rpartition(".")
-        parent = descriptor.get_submodule(parent_name) if parent_name else descriptor
-        swap = Scale(net.n_out, next(net.parameters()).dtype)
-        if isinstance(parent, torch.nn.ModuleList):
-            parent[int(attr)] = swap
-        else:
-            setattr(parent, attr, swap)
+        put_submodule(descriptor, table["path"], Scale(net.n_out, next(net.parameters()).dtype))
 
 
 def machine() -> str:

@@ -120,6 +120,16 @@ def min_neighbor_distance(document: dict, type_map: list, rcut: float, registry:
     return float(stat.min_distance()), [str(p) for p in paths]
 
 
+def put_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    """Put ``module`` at ``path`` (``nets.0``, ``layers.1.net``) under ``root``, in place."""
+    parent_name, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    if isinstance(parent, torch.nn.ModuleList):
+        parent[int(attr)] = module
+    else:
+        setattr(parent, attr, module)
+
+
 def compress_descriptor(descriptor: torch.nn.Module, min_distance: float, step: float, extrapolate: float,
                         check_frequency: int, name: str) -> list[dict]:
     """Swap the descriptor's compressible embedding nets for tables, in place; returns what was done."""
@@ -133,12 +143,7 @@ def compress_descriptor(descriptor: torch.nn.Module, min_distance: float, step: 
         if not isinstance(net, EmbeddingNet):
             raise MtcoreError(f"model/descriptor: '{item.path}' is a {type(net).__name__}, not an embedding net; cannot tabulate it")
         table = TabulatedEmbedding.from_net(net, item.lower, item.upper, step, extrapolate, check_frequency)
-        parent_name, _, attr = item.path.rpartition(".")
-        parent = descriptor.get_submodule(parent_name) if parent_name else descriptor
-        if isinstance(parent, torch.nn.ModuleList):
-            parent[int(attr)] = table
-        else:
-            setattr(parent, attr, table)
+        put_submodule(descriptor, item.path, table)
         start, lower, upper, end = table.table_range()
         done.append({"path": item.path, "meaning": item.meaning, "lower": lower, "upper": upper,
                      "table_start": start, "table_end": end, "intervals": int(table.coef.shape[0])})

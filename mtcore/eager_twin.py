@@ -41,18 +41,14 @@ def _scripted_part(module: torch.nn.Module, path: str) -> torch.nn.Module:
 def _tables(module: torch.jit.ScriptModule, meta: dict, descriptor: torch.nn.Module) -> None:
     """Put the compressed file's tables where its descriptor had nets, with the table settings
     the file holds (the coefficients come with the state dict)."""
+    from mtcore.compress import put_submodule
     from mtcore.model.tabulate import TabulatedEmbedding
 
     for entry in meta["compressed"]["tables"]:
         scripted = _scripted_part(module, "descriptor." + entry["path"])
         table = TabulatedEmbedding(scripted.coef.detach().clone(), float(scripted.lower), float(scripted.upper),
                                    float(scripted.step), int(scripted.n_coarse), int(scripted.check_frequency))
-        parent_name, _, attr = entry["path"].rpartition(".")
-        parent = descriptor.get_submodule(parent_name) if parent_name else descriptor
-        if isinstance(parent, torch.nn.ModuleList):
-            parent[int(attr)] = table
-        else:
-            setattr(parent, attr, table)
+        put_submodule(descriptor, entry["path"], table)
 
 
 def eager_twin(module: torch.jit.ScriptModule, meta: dict, path: Path, device: str) -> Optional[torch.nn.Module]:

@@ -173,6 +173,35 @@ def multi_task_input(
     return doc
 
 
+def two_head_input(numb_steps: int, descriptor: dict) -> dict:
+    """An energy head 'water' on water data_0 and a dipole head 'dipole' on the water_tensor
+    example, one descriptor."""
+    tensor = ROOT / "examples" / "water_tensor"
+    dipole = [str(tensor / "dipole" / "training_data" / n) for n in ("atomic_system", "global_system")]
+    return {
+        "model": {
+            "type_map": ["O", "H"],
+            "descriptor": copy.deepcopy(descriptor),
+            "fitting_net_dict": {
+                "water": {"type": "ener", "neuron": [16, 16], "seed": 1, "precision": "float64"},
+                "dipole": {"type": "dipole", "sel_type": [0], "neuron": [16, 16], "seed": 3, "precision": "float64"},
+            },
+        },
+        "learning_rate": {"type": "exp", "start_lr": 5e-3, "stop_lr": 1e-3, "decay_steps": 10},
+        "loss_dict": {
+            "water": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1},
+            "dipole": {"type": "tensor", "pref": 1.0, "pref_atomic": 1.0},
+        },
+        "training": {
+            "data_dict": {
+                "water": {"training_data": {"systems": [str(WATER / "data_0")], "batch_size": 1}},
+                "dipole": {"training_data": {"systems": dipole, "batch_size": 1}},
+            },
+            "numb_steps": numb_steps, "seed": 1, "disp_freq": numb_steps, "save_freq": numb_steps,
+        },
+    }
+
+
 def assert_nested_close(a, b, rel: float = 1e-10, abs_: float = 1e-12, where: str = "") -> None:
     """Equal structure, floats equal within a stated tolerance.
 

@@ -19,7 +19,8 @@ from ase.md.velocitydistribution import Stationary, ZeroRotation  # noqa: E402
 from ase.md.verlet import VelocityVerlet  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from helpers import ROOT, SE_E2_A, WATER, model_with_stats, water_frame, write_input  # noqa: E402
+from helpers import ROOT, SE_E2_A, model_with_stats, water_frame, write_input  # noqa: E402
+import helpers  # noqa: E402
 from mtcore import infer  # noqa: E402
 from mtcore.calculator import MtcoreCalculator, PropertyNotAvailable  # noqa: E402
 from mtcore.config import load_config  # noqa: E402
@@ -38,29 +39,7 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")  # small MD systems,
 
 def two_head_input(numb_steps: int) -> dict:
     """An energy head on water and a dipole head on the water_tensor example, one descriptor."""
-    dipole = [str(TENSOR / "dipole" / "training_data" / n) for n in ("atomic_system", "global_system")]
-    return {
-        "model": {
-            "type_map": ["O", "H"],
-            "descriptor": SMALL_SE,
-            "fitting_net_dict": {
-                "water": {"type": "ener", "neuron": [16, 16], "seed": 1, "precision": "float64"},
-                "dipole": {"type": "dipole", "sel_type": [0], "neuron": [16, 16], "seed": 3, "precision": "float64"},
-            },
-        },
-        "learning_rate": {"type": "exp", "start_lr": 5e-3, "stop_lr": 1e-3, "decay_steps": 10},
-        "loss_dict": {
-            "water": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1},
-            "dipole": {"type": "tensor", "pref": 1.0, "pref_atomic": 1.0},
-        },
-        "training": {
-            "data_dict": {
-                "water": {"training_data": {"systems": [str(WATER / "data_0")], "batch_size": 1}},
-                "dipole": {"training_data": {"systems": dipole, "batch_size": 1}},
-            },
-            "numb_steps": numb_steps, "seed": 1, "disp_freq": numb_steps, "save_freq": numb_steps,
-        },
-    }
+    return helpers.two_head_input(numb_steps, SMALL_SE)
 
 
 @pytest.fixture(scope="module")

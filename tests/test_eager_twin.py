@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, SE_E2_A, WATER, model_with_stats, water_frame
+from helpers import SE_E2_A, model_with_stats, two_head_input, water_frame
 from mtcore import infer
 from mtcore.compress import compress
 from mtcore.freeze import _save_script, head_metadata
@@ -21,36 +21,8 @@ from mtcore.model.frozen import FrozenModel, UnitedModel
 from mtcore.model.mlp import EmbeddingNet, new_generator
 from mtcore.model.tabulate import TabulatedEmbedding
 
-TENSOR = ROOT / "examples" / "water_tensor"
 KERNELS_ON = tangent_embedding.status() == "on" and pair_contraction.status() == "on" and table_kernel.status() == "on"
 needs_kernels = pytest.mark.skipif(not KERNELS_ON, reason="mtcore's C kernels are not built here (no C compiler?)")
-
-
-def two_heads() -> dict:
-    """An energy head on water and a dipole head on the water_tensor example, one descriptor."""
-    dipole = [str(TENSOR / "dipole" / "training_data" / n) for n in ("atomic_system", "global_system")]
-    return {
-        "model": {
-            "type_map": ["O", "H"],
-            "descriptor": dict(SE_E2_A, neuron=[8, 16]),
-            "fitting_net_dict": {
-                "water": {"type": "ener", "neuron": [16, 16], "seed": 1, "precision": "float64"},
-                "dipole": {"type": "dipole", "sel_type": [0], "neuron": [16, 16], "seed": 3, "precision": "float64"},
-            },
-        },
-        "learning_rate": {"type": "exp", "start_lr": 5e-3, "stop_lr": 1e-3, "decay_steps": 10},
-        "loss_dict": {
-            "water": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1},
-            "dipole": {"type": "tensor", "pref": 1.0, "pref_atomic": 1.0},
-        },
-        "training": {
-            "data_dict": {
-                "water": {"training_data": {"systems": [str(WATER / "data_0")], "batch_size": 1}},
-                "dipole": {"training_data": {"systems": dipole, "batch_size": 1}},
-            },
-            "numb_steps": 10, "seed": 1,
-        },
-    }
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +30,7 @@ def files(tmp_path_factory) -> dict:
     """One file per head, a united file and the compressed water head (random weights with the
     data's statistics: no training needed for equal-numbers checks)."""
     workdir = tmp_path_factory.mktemp("twin")
-    model, config = model_with_stats(two_heads())
+    model, config = model_with_stats(two_head_input(10, dict(SE_E2_A, neuron=[8, 16])))
     model.eval()
     out = {}
     for head in model.heads:

@@ -50,7 +50,7 @@ SOURCE = native.CLONES + native.PARALLEL + r"""
 #define KERNELS(SUF, T)                                                                          \
 MTCORE_CLONES void fwd_##SUF(long P, long n, long m, int mode, T *sg, const T *x, const T *tz, const T *tx,   \
                T *out, T *tout) {                                                                \
-  MTCORE_PARALLEL_FOR for (long p = 0; p < P; ++p) {                                                                 \
+  MTCORE_PARALLEL_FOR for (long p = 0; p < P; ++p) {                                             \
     T *yp = sg + p * n, *op = out + p * n, *top = tout + p * n;                                  \
     const T *tzp = tz + p * n, *xp = x + p * m, *txp = tx + p * m;                               \
     if (mode == 0) {                                                                             \
@@ -68,7 +68,7 @@ MTCORE_CLONES void fwd_##SUF(long P, long n, long m, int mode, T *sg, const T *x
 }                                                                                                \
 MTCORE_CLONES void bwd_##SUF(long P, long n, long m, int mode, const T *g_out, const T *g_tout, const T *y,   \
                const T *tz, T *gz, T *gtz, T *gxs, T *gtxs) {                                    \
-  MTCORE_PARALLEL_FOR for (long p = 0; p < P; ++p) {                                                                 \
+  MTCORE_PARALLEL_FOR for (long p = 0; p < P; ++p) {                                             \
     const T *gop = g_out + p * n, *yp = y + p * n, *tzp = tz + p * n;                            \
     T *gzp = gz + p * n, *gtzp = gtz + p * n;                                                    \
     if (g_tout) {                                                                                \
@@ -138,7 +138,7 @@ static inline float mt_exp_f32(float x) {
 #define ZKERNEL(SUF, T)                                                                          \
 MTCORE_CLONES void fwdz_##SUF(long P, long n, long m, int mode, T *zy, const T *b2, const T *x, const T *tz,  \
                const T *tx, T *out, T *tout) {                                                   \
-  MTCORE_PARALLEL_FOR for (long p = 0; p < P; ++p) {                                                                 \
+  MTCORE_PARALLEL_FOR for (long p = 0; p < P; ++p) {                                             \
     T *yp = zy + p * n, *op = out + p * n, *top = tout + p * n;                                  \
     const T *tzp = tz + p * n, *xp = x + p * m, *txp = tx + p * m;                               \
     for (long k = 0; k < n; ++k) {                                                               \
@@ -162,7 +162,7 @@ ZKERNEL(f64, double)
 ZKERNEL(f32, float)
 #define ROWDOT(SUF, T)                                                                           \
 MTCORE_CLONES void rowdot_##SUF(long P, long n, const T *a, const T *b, T *out) {                \
-  MTCORE_PARALLEL_FOR for (long p = 0; p < P; ++p) {                                                                 \
+  MTCORE_PARALLEL_FOR for (long p = 0; p < P; ++p) {                                             \
     const T *ap = a + p * n, *bp = b + p * n; T s = 0;                                           \
     for (long k = 0; k < n; ++k) s += ap[k] * bp[k];                                             \
     out[p] = s;                                                                                  \
