@@ -101,3 +101,42 @@ def test_frozen_models_list_is_the_same_eager_and_scripted():
         assert calls == [1]
         for a, b in zip(eager, plain):
             assert torch.equal(a, b)
+
+
+def _images_by_pair(pairs):
+    """The image rows sorted within each (centre, neighbour) run."""
+    center, neighbor, image = (t.numpy() for t in pairs[:3])
+    order = np.lexsort((image[:, 2], image[:, 1], image[:, 0], neighbor, center))
+    return __import__("torch").from_numpy(image[order])
+
+
+@pytest.mark.parametrize("chunk", [None, "half", "scattered"])
+def test_eager_frame_list_selects_the_cell_lists_pairs(chunk):
+    """A frozen file's eager twin takes each frame's list from vesin (neighbor_list.frame_pairs_in_c,
+    the training data's list) and a chunk's centres from it (pairs_of_centres): the same pairs,
+    images and order as the torch cell lists give those centres, for unwrapped coordinates (atoms
+    moved by whole cell vectors), an open cluster and a box narrower than twice the cut-off."""
+    import torch
+
+    from mtcore.model.neighbor_list import bin_atoms, frame_pairs_in_c, pairs_of, pairs_of_centres
+
+    water = torch.from_numpy(np.load(WATER / "data_0" / "set.000" / "coord.npy")[0].reshape(-1, 3).astype(np.float64))
+    box = torch.from_numpy(np.load(WATER / "data_0" / "set.000" / "box.npy")[0].reshape(3, 3).astype(np.float64))
+    types = torch.from_numpy(np.loadtxt(WATER / "data_0" / "type.raw", dtype=np.int64))
+    moved = water + torch.randint(-2, 3, (water.shape[0], 3), generator=torch.Generator().manual_seed(3)).double() @ box
+    small = 0.45 * box  # 5.6 Å cell, cut-off 6 Å: neighbours among several images
+    for coord, cell, rcut in [(moved, box, 6.0), (water[:80], None, 6.0), (water[:40] * 0.45, small, 6.0)]:
+        n = coord.shape[0]
+        atype = types[:n]
+        centres = {None: torch.arange(n), "half": torch.arange(n // 2, n),
+                   "scattered": torch.arange(0, n, 3)}[chunk]
+        listed = frame_pairs_in_c(coord, atype, cell, rcut)
+        assert listed is not None
+        mine = pairs_of_centres(listed, centres, n)
+        theirs = pairs_of(bin_atoms(coord, cell, rcut), centres, atype, rcut, 2)
+        assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+        assert torch.allclose(mine[3], theirs[3], rtol=0, atol=1e-12)
+        # images of one atom at one distance (a small cell) are an exact tie, in either order
+        assert torch.equal(_images_by_pair(mine), _images_by_pair(theirs))
+        if cell is None or cell is box:  # no ties: the same order
+            assert torch.equal(mine[2], theirs[2])

@@ -32,7 +32,9 @@ from torch import nn
 from mtcore.model.descriptor import Descriptor
 from mtcore.model.fitting import Fitting, reduction_of, sel_type_list
 from mtcore.model.geometry import reduce_atomic
-from mtcore.model.neighbor_list import CellBins, _sort_pairs, bin_atoms, build_neighbor_list, pairs_of, spatial_order
+from mtcore.model.neighbor_list import (
+    CellBins, _sort_pairs, bin_atoms, build_neighbor_list, frame_pairs_in_c, pairs_of, pairs_of_centres, spatial_order,
+)
 
 MIN_DISTANCE = 1e-6  # Å: closer atoms are an input error (the environment is singular); see _check_distances
 
@@ -285,6 +287,21 @@ class _Evaluator(nn.Module):
         torch.set_grad_enabled(grad_mode)
         return atomic.detach(), force.detach(), virial.detach()
 
+    def _lists_in_c(
+        self, coord: torch.Tensor, atype: torch.Tensor, box: Optional[torch.Tensor]
+    ) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Every frame's pairs from vesin when called eagerly on the CPU (the file's eager twin,
+        mtcore.eager_twin: half the time of the cell lists), else none: the scripted module,
+        which plain torch loads, keeps its torch cell lists."""
+        listed: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if not torch.jit.is_scripting():
+            for b in range(atype.shape[0]):
+                found = frame_pairs_in_c(coord[b], atype[b], None if box is None else box[b], self.rcut)
+                if found is None:
+                    return []
+                listed.append(found)
+        return listed
+
     def _evaluate(
         self,
         coord: torch.Tensor,
@@ -319,28 +336,29 @@ class _Evaluator(nn.Module):
         pending: List[Tuple[int, torch.Tensor]] = []
         pending_atoms = 0
         bins_of: List[CellBins] = []
+        listed = self._lists_in_c(coord, atype, box)  # eager calls: each frame's list from vesin, or none
         for b in range(nframes):
             frame_box: Optional[torch.Tensor] = None
             if box is not None:
                 frame_box = box[b]
-            bins = bin_atoms(coord[b], frame_box, self.rcut)
-            bins_of.append(bins)
+            if len(listed) == 0 or natoms > self.chunk_atoms:  # bins: the pairs, or the chunks' spatial order
+                bins_of.append(bin_atoms(coord[b], frame_box, self.rcut))
             pieces: List[torch.Tensor] = []
             if natoms <= self.chunk_atoms:
                 pieces.append(torch.arange(natoms, device=device))
             else:
-                order = spatial_order(bins)
+                order = spatial_order(bins_of[b])
                 for start in range(0, natoms, self.chunk_atoms):
                     pieces.append(torch.sort(order[start : start + self.chunk_atoms]).values)
             for piece in pieces:
                 if len(pending) > 0 and pending_atoms + piece.shape[0] > self.chunk_atoms:
-                    self._chunk(pending, bins_of, flat, flat_type, frame_of, natoms, box, nframes, head, conservative,
-                                want_virial, fparam, flat_aparam, atomic_parts, loc_parts, force, virial)
+                    self._chunk(pending, bins_of, listed, flat, flat_type, frame_of, natoms, box, nframes, head,
+                                conservative, want_virial, fparam, flat_aparam, atomic_parts, loc_parts, force, virial)
                     pending = []
                     pending_atoms = 0
                 pending.append((b, piece))
                 pending_atoms += piece.shape[0]
-        self._chunk(pending, bins_of, flat, flat_type, frame_of, natoms, box, nframes, head, conservative,
+        self._chunk(pending, bins_of, listed, flat, flat_type, frame_of, natoms, box, nframes, head, conservative,
                     want_virial, fparam, flat_aparam, atomic_parts, loc_parts, force, virial)
         atomic_all = torch.cat(atomic_parts)
         atomic_all = torch.zeros(total, atomic_all.shape[1], dtype=atomic_all.dtype, device=device).index_copy(
@@ -362,6 +380,7 @@ class _Evaluator(nn.Module):
         self,
         pending: List[Tuple[int, torch.Tensor]],
         bins_of: List[CellBins],
+        listed: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]],
         flat: torch.Tensor,
         flat_type: torch.Tensor,
         frame_of: torch.Tensor,
@@ -378,7 +397,8 @@ class _Evaluator(nn.Module):
         force: torch.Tensor,
         virial: torch.Tensor,
     ) -> None:
-        """Pairs of the chunk's centres, the chunk as a system with ghosts, one pass; the results
+        """Pairs of the chunk's centres (from the frames' ``listed`` pairs where there are, else
+        from the cell lists ``bins_of``), the chunk as a system with ghosts, one pass; the results
         are added to the accumulators (lists appended, force and virial in place)."""
         locs: List[torch.Tensor] = []
         centers: List[torch.Tensor] = []
@@ -387,7 +407,10 @@ class _Evaluator(nn.Module):
         for item in pending:
             b, piece = item
             frame_types = flat_type[b * natoms : (b + 1) * natoms]
-            c, nb, img, dist = pairs_of(bins_of[b], piece, frame_types, self.rcut, self.ntypes)
+            if len(listed) > 0:
+                c, nb, img, dist = pairs_of_centres(listed[b], piece, natoms)
+            else:
+                c, nb, img, dist = pairs_of(bins_of[b], piece, frame_types, self.rcut, self.ntypes)
             _check_distances(dist, c, nb, " of frame " + str(b))
             locs.append(piece + b * natoms)
             centers.append(c + b * natoms)

@@ -84,6 +84,46 @@ def _pair_order_in_c(center: torch.Tensor, neighbor: torch.Tensor, dist: torch.T
     return torch.from_numpy(order)
 
 
+@torch.jit.unused
+def frame_pairs_in_c(
+    coord: torch.Tensor, atype: torch.Tensor, box: Optional[torch.Tensor], rcut: float
+) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Eager calls (a frozen file's twin, mtcore.eager_twin): one frame's whole list from vesin,
+    ordered in C (:func:`mtcore.data.neighbors.frame_neighbor_list`, the list training uses),
+    in the layout of :func:`pairs_of` (image rows in the coordinates' dtype). Half the time of
+    the torch cell lists (192 water atoms: 2.0 against 4.2 ms; 12,288: 119 against 247). None on
+    other devices or where vesin cannot place the images (an index beyond int16)."""
+    from mtcore.data.neighbors import frame_neighbor_list
+
+    if coord.device.type != "cpu":
+        return None
+    cell = None if box is None else box.detach().to(torch.float64).numpy()
+    try:
+        i, j, image, dist = frame_neighbor_list(coord.detach().to(torch.float64).numpy(), cell, atype.numpy(), rcut)
+    except ValueError:
+        return None
+    return (torch.from_numpy(i).to(torch.long), torch.from_numpy(j).to(torch.long),
+            torch.from_numpy(image).to(coord.dtype), torch.from_numpy(dist).to(coord.dtype))
+
+
+def pairs_of_centres(
+    pairs: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], centres: torch.Tensor, natoms: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows of a frame's sorted list whose centre is in ``centres`` (ascending): each centre's
+    pairs are one run of the list, so this is a gather of runs, in the list's order."""
+    center, neighbor, image, dist = pairs
+    if centres.shape[0] == natoms:
+        return pairs
+    counts = torch.bincount(center, minlength=natoms)
+    starts = torch.cumsum(counts, 0) - counts
+    mine = counts.index_select(0, centres)
+    total = int(mine.sum())
+    run_start = torch.cumsum(mine, 0) - mine
+    rows = torch.arange(total, device=center.device) + torch.repeat_interleave(
+        starts.index_select(0, centres) - run_start, mine, output_size=total)
+    return center.index_select(0, rows), neighbor.index_select(0, rows), image.index_select(0, rows), dist.index_select(0, rows)
+
+
 def sort_neighbor_list(
     center: torch.Tensor, neighbor: torch.Tensor, image: torch.Tensor, dist: torch.Tensor, atype: torch.Tensor, ntypes: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
