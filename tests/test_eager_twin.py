@@ -16,12 +16,12 @@ from helpers import SE_E2_A, model_with_stats, two_head_input, water_frame
 from mtcore import infer
 from mtcore.compress import compress
 from mtcore.freeze import _save_script, head_metadata
-from mtcore.model import pair_contraction, table_kernel, tangent_embedding
+from mtcore.model import frozen, pair_contraction, table_contraction, table_kernel, tangent_embedding
 from mtcore.model.frozen import FrozenModel, UnitedModel
 from mtcore.model.mlp import EmbeddingNet, new_generator
 from mtcore.model.tabulate import TabulatedEmbedding
 
-KERNELS_ON = tangent_embedding.status() == "on" and pair_contraction.status() == "on" and table_kernel.status() == "on"
+KERNELS_ON = all(m.status() == "on" for m in (tangent_embedding, pair_contraction, table_kernel, table_contraction))
 needs_kernels = pytest.mark.skipif(not KERNELS_ON, reason="mtcore's C kernels are not built here (no C compiler?)")
 
 
@@ -78,28 +78,54 @@ def test_twin_gives_the_scripted_numbers(files, name, head, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("name,runs", [("water", "contract_with_tangent"), ("compressed", "table")])
-def test_twin_takes_the_c_paths(files, name, runs, monkeypatch):
-    """Fails if the twin quietly ran the plain path: the fused contraction (and, compressed, the
-    tables' C loop) must be called; the scripted module calls neither."""
-    calls = {"contract_with_tangent": 0, "table": 0}
-    contract, table_run = pair_contraction.contract_with_tangent, table_kernel._run
+@pytest.mark.parametrize("name,expected", [
+    ("water", {"contract_with_tangent": 1, "fused tables": 0, "vesin": 1}),
+    ("compressed", {"contract_with_tangent": 0, "fused tables": 2, "vesin": 1}),  # forward and backward
+])
+def test_twin_takes_the_c_paths(files, name, expected, monkeypatch):
+    """Fails if the twin quietly ran the plain path: the fused contraction (compressed: the
+    tables and the contraction in one C loop, mtcore.model.table_contraction) and the frame's
+    vesin list must be called; the scripted module calls none of them."""
+    calls = dict.fromkeys(expected, 0)
 
-    def counted_contract(*args, **kwargs):
-        calls["contract_with_tangent"] += 1
-        return contract(*args, **kwargs)
+    def counting(module, attribute, label):
+        original = getattr(module, attribute)
 
-    def counted_table(*args, **kwargs):
-        calls["table"] += 1
-        return table_run(*args, **kwargs)
+        def counted(*args, **kwargs):
+            calls[label] += 1
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(pair_contraction, "contract_with_tangent", counted_contract)
-    monkeypatch.setattr(table_kernel, "_run", counted_table)
+        monkeypatch.setattr(module, attribute, counted)
+
+    counting(pair_contraction, "contract_with_tangent", "contract_with_tangent")
+    counting(table_contraction, "_run", "fused tables")
+    counting(frozen, "frame_pairs_in_c", "vesin")
     coord, atype, box = water_frame(0, "data_3")
     _scripted(files[name], None, monkeypatch).evaluate(coord.numpy(), box.numpy(), atype.numpy())
-    assert calls == {"contract_with_tangent": 0, "table": 0}
-    infer.load(files[name]).evaluate(coord.numpy(), box.numpy(), atype.numpy())
-    assert calls["contract_with_tangent"] >= 1 and (runs != "table" or calls["table"] >= 1)
+    assert calls == dict.fromkeys(expected, 0)
+    twin = infer.load(files[name])
+    calls.update(dict.fromkeys(expected, 0))  # not the load's probe
+    twin.evaluate(coord.numpy(), box.numpy(), atype.numpy())
+    assert calls == expected
+
+
+@pytest.mark.parametrize("name", ["water", "compressed"])
+def test_twin_in_chunks_gives_the_scripted_numbers(files, name, monkeypatch):
+    """A frame larger than a chunk: the twin takes each chunk's pairs from the frame's vesin
+    list (neighbor_list.pairs_of_centres), the scripted module from its cell lists; the same
+    energy, forces and virial, with atoms given outside the cell (moved by whole cell vectors)."""
+    twin, scripted = infer.load(files[name]), _scripted(files[name], None, monkeypatch)
+    twin.runner.set_chunk_atoms(50)
+    scripted.module.set_chunk_atoms(50)
+    coord, atype, box = water_frame(0, "data_3")
+    moved = coord + torch.randint(-1, 2, coord.shape, generator=torch.Generator().manual_seed(5)).double() @ box
+    args = (moved.numpy(), box.numpy(), atype.numpy())
+    a, b = twin.evaluate(*args), scripted.evaluate(*args)
+    whole = infer.load(files[name]).evaluate(coord.numpy(), box.numpy(), atype.numpy())
+    for key in a:
+        scale = max(1.0, float(np.abs(b[key]).max()))
+        assert np.abs(a[key] - b[key]).max() <= 1e-11 * scale, key
+        assert np.abs(a[key] - whole[key]).max() <= 1e-10 * scale, key
 
 
 def test_small_calls_run_the_scripted_module(files, monkeypatch):

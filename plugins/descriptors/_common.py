@@ -11,7 +11,7 @@ import torch
 
 from mtcore.errors import MtcoreError
 from mtcore.hookspecs import NeighborStat
-from mtcore.model import pair_contraction, table_kernel, tangent_embedding
+from mtcore.model import pair_contraction, table_contraction, table_kernel, tangent_embedding
 from mtcore.model.descriptor import EmbeddingInput
 from mtcore.model.env import group_slices
 from mtcore.model.sel import resolve_sel
@@ -88,7 +88,11 @@ def contract_taking_tangent(descriptor, rows: Optional[torch.Tensor], s: torch.T
     order, offsets = group_slices(key, descriptor.ngroups)
     s_sorted = s.index_select(0, order)
     used, bounds = _used_blocks(descriptor.nets, descriptor.net_groups, offsets)
-    # a compressed model's tables give G and dG/ds from one C loop; nets from their fused Function
+    # a compressed model: tables and contraction in one C loop, no [pairs × M] tensor at all
+    fused = table_contraction.contract(used, s_sorted, bounds, rows, center, order, natoms)
+    if fused is not None:
+        return fused
+    # else the tables' G and dG/ds from their C loop, or the nets' from their fused Function
     parts = table_kernel.value_and_slope(used, s_sorted, bounds) or \
         tangent_embedding.embed_group_parts(used, s_sorted, bounds)
     if parts is None:
