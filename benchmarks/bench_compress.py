@@ -206,13 +206,17 @@ def profile(path: Path, atoms: int, label: str, top: int) -> str:
 
 
 def stage_times(plain: Path, info: dict, repeats: int = 7) -> dict:
-    """CPU ms per stage of one 192-atom call in eager mode (best of ``repeats``), for the frozen
-    model, the compressed one and the free-embedding one: neighbour list, descriptor forward (and
-    within it the embedding nets or tables), fitting forward, backward (forces)."""
+    """CPU ms per stage of one 192-atom call as the eager twin runs it (best of ``repeats``; the
+    first-derivative switch on, the frame's list from vesin), for the frozen model, the
+    compressed one and the free-embedding one: neighbour list, descriptor forward (and within it
+    the embedding nets, or tables called as modules: the compressed se_e2_a evaluates its tables
+    inside the contraction, mtcore.model.table_contraction, and shows none), fitting forward,
+    backward (forces)."""
     import torch
 
     from mtcore.compress import compress_descriptor, read_frozen, rebuild
-    from mtcore.model.frozen import build_neighbor_list
+    from mtcore.eager_twin import first_derivatives
+    from mtcore.model.neighbor_list import frame_pairs_in_c
     from mtcore.plugins import get_registry
 
     coord, atype, box = replicated_water(1)
@@ -241,16 +245,17 @@ def stage_times(plain: Path, info: dict, repeats: int = 7) -> dict:
         for _ in range(repeats):
             clock["spent"] = 0.0
             c0 = time.process_time()
-            center, neighbor, image = build_neighbor_list(coord, atype, box, model.rcut, len(model.type_map))
+            center, neighbor, image, _ = frame_pairs_in_c(coord, atype, box, model.rcut)
             shift = image.to(torch.float64) @ box
             c1 = time.process_time()
-            x = coord.clone().requires_grad_(True)
-            desc = model.descriptor(x, atype, center, neighbor, shift)
-            c2 = time.process_time()
-            energy = model.heads["default"](desc, atype).sum()
-            c3 = time.process_time()
-            torch.autograd.grad([energy], [x])
-            c4 = time.process_time()
+            with first_derivatives():
+                x = coord.clone().requires_grad_(True)
+                desc = model.descriptor(x, atype, center, neighbor, shift)
+                c2 = time.process_time()
+                energy = model.heads["default"](desc, atype).sum()
+                c3 = time.process_time()
+                torch.autograd.grad([energy], [x])
+                c4 = time.process_time()
             row = {"neighbour list": c1 - c0, "descriptor forward": c2 - c1, "of which embedding": clock["spent"],
                    "fitting forward": c3 - c2, "backward": c4 - c3, "total": c4 - c0}
             best = row if not best else {k: min(best[k], v) for k, v in row.items()}

@@ -90,6 +90,24 @@ def test_compressed_equals_frozen(models, name):
     assert b.metadata["compressed"]["step"] == 0.01 and b.metadata["compressed"]["min_distance"] > 0.5
 
 
+@pytest.mark.parametrize("name", list(DESCRIPTORS))
+def test_compressed_twin_gives_the_scripted_numbers(models, name, monkeypatch):
+    """The compressed file run eagerly (tables inside the contraction for se_e2_a, se_e2_r and
+    se_e3: mtcore.model.table_contraction) and as its TorchScript module (embedding_bag): the
+    same numbers to rounding."""
+    _, packed, _ = models[name]
+    twin = infer.load(packed)
+    with monkeypatch.context() as m:
+        m.setenv("MTCORE_INFER_SCRIPTED", "1")
+        scripted = infer.load(packed)
+    assert twin.eager and not scripted.eager
+    coord, atype, box = water_frame(0, "data_3")
+    a = twin.evaluate(coord.numpy(), box.numpy(), atype.numpy())
+    b = scripted.evaluate(coord.numpy(), box.numpy(), atype.numpy())
+    for key in a:
+        assert np.abs(a[key] - b[key]).max() <= 1e-11 * max(1.0, float(np.abs(b[key]).max())), key
+
+
 def test_a_coarse_table_is_detected(tmp_path, models):
     """The comparison above can fail: a 10x coarser step than sensible shows errors it would catch
     at a tolerance 10⁴ tighter (quintic error ~ step⁶)."""

@@ -351,8 +351,9 @@ class _RowDot(torch.autograd.Function):
 
 
 def _fused_layers(net: torch.nn.Module, x: torch.Tensor) -> Optional[Tuple[Tuple[int, ...], List[torch.Tensor]]]:
-    """(skip modes, [W, b, ...]) when every layer is a plain tanh layer in x's dtype, else None."""
-    if net.mixed:
+    """(skip modes, [W, b, ...]) when every layer is a plain tanh layer in x's dtype, else None
+    (also for a module that is no embedding net: a table, or a stand-in a benchmark puts there)."""
+    if not isinstance(getattr(net, "blocks", None), torch.nn.ModuleList) or getattr(net, "mixed", True):
         return None
     modes: List[int] = []
     params: List[torch.Tensor] = []

@@ -30,6 +30,7 @@ from torch import nn
 
 from mtcore.hookspecs import DescriptorContext, DescriptorRegistration, SchemaContext, hookimpl
 from mtcore.model.descriptor import Descriptor, EmbeddingInput, StatSample
+from mtcore.model import table_contraction
 from mtcore.model.env import env_statistics, kept_rows
 from mtcore.model.mlp import EmbeddingNet, dtype_of, new_generator
 from mtcore.model.tabulate import angular_product_range
@@ -178,13 +179,27 @@ class DescrptSeT(Descriptor):
             if maxc[p] > 0 and maxc[q] > 0:
                 flat, owner, weight = self._block_pairs(counts, p, q, maxc[p], maxc[q])
                 theta = torch.bmm(blocks[p], blocks[q].transpose(1, 2)).reshape(-1).index_select(0, flat).unsqueeze(1)
-                emb = net(theta)  # [L, M]
                 if p == q:
                     factor = theta * (weight.to(self.dtype) * self.block_scale[b]).unsqueeze(1)
                 else:
                     factor = theta * self.block_scale[b]
+                if not torch.jit.is_scripting():
+                    summed = self._tabulated_sum(net, theta, factor, owner, natoms)
+                    if summed is not None:
+                        out = out + summed.squeeze(1)  # [natoms, 1, M]
+                        continue
+                emb = net(theta)  # [L, M]
                 out = out.index_add(0, owner, factor * emb)
         return {"descriptor": out}
+
+    @torch.jit.unused
+    def _tabulated_sum(self, net: nn.Module, theta: torch.Tensor, factor: torch.Tensor, owner: torch.Tensor,
+                       natoms: int) -> Optional[torch.Tensor]:
+        """A compressed net (a table) called eagerly: Σ per atom of factor·G(θ) in one C loop
+        with its forces' gradient, no [triplets × M] tensor (mtcore.model.table_contraction;
+        ``owner`` is ascending); None elsewhere."""
+        rows = torch.arange(theta.shape[0], device=theta.device)
+        return table_contraction.contract([net], theta, [(0, theta.shape[0])], factor, owner, rows, natoms)
 
 
 def arguments(ctx: SchemaContext) -> list[Argument]:
