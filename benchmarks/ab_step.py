@@ -24,9 +24,12 @@ care). Each variant adds one change to the one before it:
 - ``through``: se_e2_a's contraction takes the nets' derivative in s itself
   (pair_contraction.contract_with_tangent), so the forces and their parameter gradient need no
   [pairs × M] row-dot, product or sum;
-- ``tanh`` (= all of them): the nets' forward loop adds the bias and takes tanh itself
+- ``tanh``: the nets' forward loop adds the bias and takes tanh itself
   (tangent_embedding.TANH_IN_LOOP) instead of torch's addmm (a bias copy per row) and sigmoid
-  pass: what mtcore does now.
+  pass;
+- ``env`` (= all of them): the environment rows and their derivative from one C loop, the
+  backward a second one (mtcore/model/env_kernel.py) instead of a dozen torch operations and
+  their backward: what mtcore does now.
 
 Before timing, the parameter gradients of one batch are computed under each variant and compared
 (largest difference relative to the largest gradient entry, per parameter), so a speed-up that
@@ -49,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = ("before", "inputs", "nets", "loops", "join", "clones", "attach", "groups", "through", "tanh")
+VARIANTS = ("before", "inputs", "nets", "loops", "join", "clones", "attach", "groups", "through", "tanh", "env")
 
 
 def main() -> None:
@@ -63,7 +66,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
 
     from mtcore import native
-    from mtcore.model import pair_contraction, row_blocks, tangent_embedding
+    from mtcore.model import env, pair_contraction, row_blocks, tangent_embedding
     from mtcore.runtime import tune_allocator
     from mtcore.train.trainer import labels_on
     from alternating import alternate, example_trainer, print_table
@@ -75,6 +78,7 @@ def main() -> None:
     embed_groups = tangent_embedding.embed_groups
     takes_tangent = pair_contraction.takes_tangent
     join = row_blocks.join_rows
+    env_in_c = env._kept_rows_in_c
 
     def without_clones(module, stem: str):
         path, why = native.cached_library(stem, module.SOURCE, [*module.FLAGS, *native.NO_CLONES])
@@ -105,6 +109,7 @@ def main() -> None:
         row_blocks.join_rows = join if "join" in on else (lambda parts: torch.cat(parts, dim=0))
         tangent_embedding.KERNELS.library, pair_contraction.KERNELS.library = libraries["clones" if "clones" in on else "sse2"]
         tangent_embedding._WithTangent = attach if "attach" in on else Addcmul
+        env._kept_rows_in_c = env_in_c if "env" in on else (lambda *args: None)
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = example_trainer(args.case, args.precision, Path(tmp))
