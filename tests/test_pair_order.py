@@ -58,6 +58,28 @@ def test_shuffled_lists_of_every_size_match_lexsort(seed):
     assert np.array_equal(module.pair_order(i, j, t, d), lexsorted(i, j, t, d))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ordered_pairs_keep_filter_and_order_in_one_pass(seed):
+    """mtcore.data.pair_order.ordered_pairs: the pairs closer than the cut-off (not those at it,
+    beyond it or NaN), in lexsort's order with ties, their shifts along: as mask + lexsort + gathers."""
+    rng = np.random.default_rng(seed)
+    P, natoms = 6000, 41
+    i = rng.integers(0, natoms, P).astype(np.uint64)
+    j = rng.integers(0, natoms, P).astype(np.uint64)
+    shifts = rng.integers(-3, 4, (P, 3)).astype(np.int32)
+    d = rng.choice(np.linspace(0.5, 6.5, 45), P)
+    d[::97] = np.nan
+    d[::89] = 6.0  # exactly at the cut-off: out
+    types = rng.integers(0, 3, natoms)
+    got = module.ordered_pairs(i, j, shifts, d, types, 6.0)
+    keep = d < 6.0
+    order = lexsorted(i[keep], j[keep], types[j[keep]], d[keep])
+    want = (i[keep][order], j[keep][order], shifts[keep][order], d[keep][order])
+    assert got is not None and len(got[0]) == keep.sum() < P
+    for a, b in zip(got, want):
+        assert np.array_equal(a, b.astype(a.dtype))
+
+
 def test_frame_lists_are_the_same_with_the_plain_sort(monkeypatch):
     coord = np.load(WATER / "data_1" / "set.000" / "coord.npy")[3].reshape(-1, 3)
     box = np.load(WATER / "data_1" / "set.000" / "box.npy")[3].reshape(3, 3)

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 import vesin
 
-from mtcore.data.pair_order import pair_order
+from mtcore.data.pair_order import ordered_pairs, pair_order
 from mtcore.errors import MtcoreError
 
 OVERLAP = 1e-3  # Å: closer atoms are a data error (a duplicated atom), not physics
@@ -36,17 +36,17 @@ def frame_neighbor_list(
         shifts = np.zeros_like(shifts)
     else:
         i, j, shifts, d = calc.compute(coord, box, True, "ijSd")
-    keep = d < rcut
-    i, j, shifts, d = i[keep], j[keep], shifts[keep], d[keep]
-    order = pair_order(i, j, atype[j], d)  # np.lexsort((j, d, atype[j], i)), per centre in C
+    listed = ordered_pairs(i, j, shifts, d, atype, rcut)  # within rcut, in order: one pass in C
+    if listed is None:
+        keep = d < rcut
+        i, j, shifts, d = i[keep], j[keep], shifts[keep], d[keep]
+        order = pair_order(i, j, atype[j], d)  # np.lexsort((j, d, atype[j], i)), per centre in C
+        i, j, shifts, d = i[order], j[order], shifts[order], d[order]
+    else:
+        i, j, shifts, d = listed
     if shifts.size and np.abs(shifts).max() > np.iinfo(np.int16).max:
         raise ValueError("periodic image index does not fit in int16")
-    return (
-        i[order].astype(np.int32),
-        j[order].astype(np.int32),
-        shifts[order].astype(np.int16),
-        d[order],
-    )
+    return i.astype(np.int32), j.astype(np.int32), shifts.astype(np.int16), d
 
 
 def check_overlap(i: np.ndarray, j: np.ndarray, d: np.ndarray, name: Optional[tuple[str, int]]) -> None:
