@@ -16,7 +16,7 @@ from helpers import SE_E2_A, model_with_stats, two_head_input, water_frame
 from mtcore import infer
 from mtcore.compress import compress
 from mtcore.freeze import _save_script, head_metadata
-from mtcore.model import frozen, pair_contraction, table_contraction, table_kernel, tangent_embedding
+from mtcore.model import frozen, neighbor_list, pair_contraction, table_contraction, table_kernel, tangent_embedding
 from mtcore.model.frozen import FrozenModel, UnitedModel
 from mtcore.model.mlp import EmbeddingNet, new_generator
 from mtcore.model.tabulate import TabulatedEmbedding
@@ -122,10 +122,15 @@ def test_twin_in_chunks_gives_the_scripted_numbers(files, name, monkeypatch):
     args = (moved.numpy(), box.numpy(), atype.numpy())
     a, b = twin.evaluate(*args), scripted.evaluate(*args)
     whole = infer.load(files[name]).evaluate(coord.numpy(), box.numpy(), atype.numpy())
+    # above WHOLE_FRAME_ATOMS a frame keeps the chunked cell lists (memory bounded by the chunk)
+    monkeypatch.setattr(neighbor_list, "WHOLE_FRAME_ATOMS", 100)
+    assert neighbor_list.frame_pairs_in_c(moved, atype, box, 6.0) is None
+    cells = twin.evaluate(*args)
     for key in a:
         scale = max(1.0, float(np.abs(b[key]).max()))
         assert np.abs(a[key] - b[key]).max() <= 1e-11 * scale, key
         assert np.abs(a[key] - whole[key]).max() <= 1e-10 * scale, key
+        assert np.abs(cells[key] - b[key]).max() <= 1e-11 * scale, key
 
 
 def test_small_calls_run_the_scripted_module(files, monkeypatch):

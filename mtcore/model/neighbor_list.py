@@ -84,6 +84,12 @@ def _pair_order_in_c(center: torch.Tensor, neighbor: torch.Tensor, dist: torch.T
     return torch.from_numpy(order)
 
 
+#: frames above this many atoms keep the chunked cell lists in eager calls too: a whole frame's
+#: list from vesin (with its ordering buffers, ~150 bytes a pair) would outgrow the memory a
+#: chunked pass is bounded by (98,304 water atoms: ~1.3 GB)
+WHOLE_FRAME_ATOMS = 20000
+
+
 @torch.jit.unused
 def frame_pairs_in_c(
     coord: torch.Tensor, atype: torch.Tensor, box: Optional[torch.Tensor], rcut: float
@@ -91,11 +97,12 @@ def frame_pairs_in_c(
     """Eager calls (a frozen file's twin, mtcore.eager_twin): one frame's whole list from vesin,
     ordered in C (:func:`mtcore.data.neighbors.frame_neighbor_list`, the list training uses),
     in the layout of :func:`pairs_of` (image rows in the coordinates' dtype). Less than half the
-    time of the torch cell lists (192 water atoms: 1.6 against 4.1 ms). None on other devices or
-    where vesin cannot place the images (an index beyond int16)."""
+    time of the torch cell lists (192 water atoms: 1.6 against 4.1 ms). None on other devices,
+    for frames above WHOLE_FRAME_ATOMS, or where vesin cannot place the images (an index beyond
+    int16)."""
     from mtcore.data.neighbors import frame_neighbor_list
 
-    if coord.device.type != "cpu":
+    if coord.device.type != "cpu" or coord.shape[0] > WHOLE_FRAME_ATOMS:
         return None
     cell = None if box is None else box.detach().to(torch.float64).numpy()
     try:
