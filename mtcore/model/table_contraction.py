@@ -34,11 +34,10 @@ from mtcore import native
 from mtcore.model import pair_contraction, table_kernel
 
 # Centres [cuts[s], cuts[s+1]) form slice s. Per pair of the slice: its table (the block of G
-# rows it falls in), interval, offset t and the linear continuation d as the table module
-# computes them (mtcore.model.table_kernel); then the pairs in interval order. LANES partial
+# rows it falls in) and its place on that table's grid (table_kernel.GRID); then the pairs in
+# interval order. LANES partial
 # sums let the compiler vectorise the backward's dot products without reordering any one sum.
-SOURCE = native.CLONES + native.PARALLEL + r"""
-#include <math.h>
+SOURCE = native.CLONES + native.PARALLEL + table_kernel.GRID + r"""
 #include <stdlib.h>
 #define LANES 8
 #define FUSED(SUF, T)                                                                            \
@@ -62,21 +61,8 @@ MTCORE_CLONES static int slice_##SUF(long backward, long ca, long cb, long K, lo
     while (k < ntab && !(row >= block[2 * k] && row < block[2 * k + 1])) ++k;                    \
     if (k == ntab) { key[q] = -1; continue; }                                                    \
     const long *I = grid + 3 * k; const double *D = range + 6 * k;                               \
-    long nint = I[0], n_coarse = I[1], n_fine = I[2];                                            \
-    T start = (T)D[0], lower = (T)D[1], upper = (T)D[2], end = (T)D[3];                          \
-    T inv_step = (T)(1.0 / D[4]), inv_coarse = (T)(1.0 / D[5]);                                  \
-    T xv = x[row];                                                                               \
-    T xc = xv < start ? start : (xv > end ? end : xv);                                           \
-    T pos;                                                                                       \
-    if (xc < lower) pos = (xc - start) * inv_coarse;                                             \
-    else if (xc > upper) pos = (xc - upper) * inv_coarse + (T)(n_coarse + n_fine);               \
-    else pos = (xc - lower) * inv_step + (T)n_coarse;                                            \
-    T fl = floor(pos);                                                                           \
-    if (!(fl >= 0)) fl = 0;                                                                      \
-    if (fl > (T)(nint - 1)) fl = (T)(nint - 1);                                                  \
-    long i = (long)fl;                                                                           \
-    T inv_w = (i < n_coarse || i >= n_coarse + n_fine) ? inv_coarse : inv_step;                  \
-    key[q] = first[k] + i; tt[q] = pos - fl; dd[q] = (xv - xc) * inv_w; ww[q] = inv_w;           \
+    key[q] = first[k] + grid_##SUF(x[row], I[0], I[1], I[2], (T)D[0], (T)D[1], (T)D[2], (T)D[3],  \
+                                   (T)(1.0 / D[4]), (T)(1.0 / D[5]), tt + q, dd + q, ww + q);    \
     count[key[q] + 1]++;                                                                         \
   }                                                                                              \
   for (long k = 0; k < nkeys; ++k) count[k + 1] += count[k];                                     \
@@ -99,10 +85,7 @@ MTCORE_CLONES static int slice_##SUF(long backward, long ca, long cb, long K, lo
         g[m] = c[m] + t * (c[M + m] + t * (c[2 * M + m] + t * (c[3 * M + m] + t * (c[4 * M + m]  \
                + t * c[5 * M + m]))));                                                           \
     } else for (long m = 0; m < M; ++m) {                                                        \
-      T a0 = c[m], a1 = c[M + m], a2 = c[2 * M + m], a3 = c[3 * M + m], a4 = c[4 * M + m],        \
-        a5 = c[5 * M + m];                                                                       \
-      T value = a0 + t * (a1 + t * (a2 + t * (a3 + t * (a4 + t * a5))));                          \
-      T slope = a1 + t * (2 * a2 + t * (3 * a3 + t * (4 * a4 + t * 5 * a5)));                     \
+      MT_QUINTIC(T, c, M, m, t, value, slope)                                                    \
       g[m] = value + slope * d;                                                                  \
       s[m] = slope * inv_w;                                                                      \
     }                                                                                            \

@@ -20,14 +20,45 @@ import torch
 
 from mtcore import native
 
-# Rows [lo, hi) of x. Interval and offset t as TabulatedEmbedding.forward computes them; the
-# value and slope by Horner's rule, then G = value + slope·(x - x̂)/width (x̂ the input clamped
-# to the table) and T = slope/width. A NaN input reads interval 0 and gives NaN. The rows are
+#: C shared by the tables' loops (here and mtcore.model.table_contraction): an input's interval
+#: on a table's grid with its offset t, linear continuation d and 1/width, as
+#: TabulatedEmbedding.forward computes them (``grid_f64``/``grid_f32``), and the quintic's value
+#: and slope in column m of an interval's 6 × M coefficient rows (``MT_QUINTIC``). A NaN input
+#: reads interval 0 and gives NaN.
+GRID = r"""
+#include <math.h>
+#define GRID(SUF, T)                                                                             \
+static inline long grid_##SUF(T xv, long nint, long n_coarse, long n_fine, T start, T lower,     \
+                              T upper, T end, T inv_step, T inv_coarse, T *t, T *d, T *w) {      \
+  T xc = xv < start ? start : (xv > end ? end : xv);                                             \
+  T pos;                                                                                         \
+  if (xc < lower) pos = (xc - start) * inv_coarse;                                               \
+  else if (xc > upper) pos = (xc - upper) * inv_coarse + (T)(n_coarse + n_fine);                 \
+  else pos = (xc - lower) * inv_step + (T)n_coarse;                                              \
+  T fl = floor(pos);                                                                             \
+  if (!(fl >= 0)) fl = 0;                                                                        \
+  if (fl > (T)(nint - 1)) fl = (T)(nint - 1);                                                    \
+  long i = (long)fl;                                                                             \
+  T inv_w = (i < n_coarse || i >= n_coarse + n_fine) ? inv_coarse : inv_step;                    \
+  *t = pos - fl; *d = (xv - xc) * inv_w; *w = inv_w;                                             \
+  return i;                                                                                      \
+}
+GRID(f64, double)
+GRID(f32, float)
+#define MT_QUINTIC(T, c, M, m, t, value, slope)                                                  \
+  T a0 = c[m], a1 = c[M + m], a2 = c[2 * M + m], a3 = c[3 * M + m], a4 = c[4 * M + m],            \
+    a5 = c[5 * M + m];                                                                           \
+  T value = a0 + t * (a1 + t * (a2 + t * (a3 + t * (a4 + t * a5))));                              \
+  T slope = a1 + t * (2 * a2 + t * (3 * a3 + t * (4 * a4 + t * 5 * a5)));
+"""
+
+# Rows [lo, hi) of x. Interval and offset t on the grid (GRID); the value and slope by Horner's
+# rule, then G = value + slope·(x - x̂)/width (x̂ the input clamped to the table) and
+# T = slope/width. The rows are
 # visited in interval order (a counting sort of their intervals): a table of ~1,000 intervals
 # × 6 × M coefficients does not fit in the core's cache, and rows of one interval then read its
 # coefficients once from memory instead of once each (11 → 4 ms for se_e2_a water's 17,000 pairs).
-SOURCE = native.CLONES + native.PARALLEL + r"""
-#include <math.h>
+SOURCE = native.CLONES + native.PARALLEL + GRID + r"""
 #include <stdlib.h>
 #define TABLE(SUF, T)                                                                            \
 MTCORE_CLONES static void rows_##SUF(long n, const long *perm, const long *idx, const T *tt,     \
@@ -39,10 +70,7 @@ MTCORE_CLONES static void rows_##SUF(long n, const long *perm, const long *idx, 
     const T *restrict c = coef + idx[p] * 6 * M;                                                 \
     T *restrict g = G + p * M, *restrict s = D + p * M;                                          \
     for (long m = 0; m < M; ++m) {                                                               \
-      T a0 = c[m], a1 = c[M + m], a2 = c[2 * M + m], a3 = c[3 * M + m], a4 = c[4 * M + m],        \
-        a5 = c[5 * M + m];                                                                       \
-      T value = a0 + t * (a1 + t * (a2 + t * (a3 + t * (a4 + t * a5))));                          \
-      T slope = a1 + t * (2 * a2 + t * (3 * a3 + t * (4 * a4 + t * 5 * a5)));                     \
+      MT_QUINTIC(T, c, M, m, t, value, slope)                                                    \
       g[m] = value + slope * d;                                                                  \
       s[m] = slope * inv_w;                                                                      \
     }                                                                                            \
@@ -61,18 +89,9 @@ int table_##SUF(long lo, long hi, long M, long nint, long n_coarse, long n_fine,
   T *dd = tt + n, *ww = tt + 2 * n;                                                              \
   for (long k = 0; k <= nint; ++k) count[k] = 0;                                                 \
   for (long k = 0; k < n; ++k) {                                                                 \
-    T xv = x[lo + k];                                                                            \
-    T xc = xv < (T)start ? (T)start : (xv > (T)end ? (T)end : xv);                               \
-    T pos;                                                                                       \
-    if (xc < (T)lower) pos = (xc - (T)start) * inv_coarse;                                        \
-    else if (xc > (T)upper) pos = (xc - (T)upper) * inv_coarse + (T)(n_coarse + n_fine);          \
-    else pos = (xc - (T)lower) * inv_step + (T)n_coarse;                                          \
-    T fl = floor(pos);                                                                           \
-    if (!(fl >= 0)) fl = 0;                                                                      \
-    if (fl > (T)(nint - 1)) fl = (T)(nint - 1);                                                  \
-    long i = (long)fl;                                                                           \
-    T inv_w = (i < n_coarse || i >= n_coarse + n_fine) ? inv_coarse : inv_step;                  \
-    idx[k] = i; tt[k] = pos - fl; dd[k] = (xv - xc) * inv_w; ww[k] = inv_w;                      \
+    long i = grid_##SUF(x[lo + k], nint, n_coarse, n_fine, (T)start, (T)lower, (T)upper, (T)end,  \
+                        inv_step, inv_coarse, tt + k, dd + k, ww + k);                           \
+    idx[k] = i;                                                                                  \
     count[i + 1]++;                                                                              \
   }                                                                                              \
   for (long k = 0; k < nint; ++k) count[k + 1] += count[k];                                      \
