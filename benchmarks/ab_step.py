@@ -78,7 +78,7 @@ def main() -> None:
     embed_groups = tangent_embedding.embed_groups
     takes_tangent = pair_contraction.takes_tangent
     join = row_blocks.join_rows
-    env_in_c = env._kept_rows_in_c
+    env_in_c = env._rows_in_c
 
     def without_clones(module, stem: str):
         path, why = native.cached_library(stem, module.SOURCE, [*module.FLAGS, *native.NO_CLONES])
@@ -109,7 +109,7 @@ def main() -> None:
         row_blocks.join_rows = join if "join" in on else (lambda parts: torch.cat(parts, dim=0))
         tangent_embedding.KERNELS.library, pair_contraction.KERNELS.library = libraries["clones" if "clones" in on else "sse2"]
         tangent_embedding._WithTangent = attach if "attach" in on else Addcmul
-        env._kept_rows_in_c = env_in_c if "env" in on else (lambda *args: None)
+        env._rows_in_c = env_in_c if "env" in on else (lambda *args: None)
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = example_trainer(args.case, args.precision, Path(tmp))

@@ -82,48 +82,29 @@ def kept_rows(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The pairs a descriptor keeps (:func:`select_pairs`) and their un-normalised rows in
     ``dtype``: the first step of every se_* descriptor, in training and in statistics alike."""
-    if not torch.jit.is_scripting():
-        found = _kept_rows_in_c(coord, atype, center, neighbor, shift, rcut, rcut_smth, sel, excluded, ntypes, mixed,
-                                radial, dtype)
-        if found is not None:
-            return found
     rij = coord.index_select(0, neighbor) - coord.index_select(0, center) + shift
     r = torch.linalg.vector_norm(rij, dim=1)
     keep = select_pairs(center, neighbor, atype, r, rcut, sel, excluded, coord.shape[0], ntypes, mixed)
+    if not torch.jit.is_scripting():
+        rows = _rows_in_c(coord, shift, center, neighbor, keep, r, rcut_smth, rcut, radial, dtype)
+        if rows is not None:
+            return keep, rows
     rij = rij.index_select(0, keep).to(dtype)
     r = r.index_select(0, keep).to(dtype)
     return keep, env_rows(rij, r, rcut_smth, rcut, radial)
 
 
 @torch.jit.unused
-def _kept_rows_in_c(
-    coord: torch.Tensor,
-    atype: torch.Tensor,
-    center: torch.Tensor,
-    neighbor: torch.Tensor,
-    shift: torch.Tensor,
-    rcut: float,
-    rcut_smth: float,
-    sel: torch.Tensor,
-    excluded: torch.Tensor,
-    ntypes: int,
-    mixed: bool,
-    radial: bool,
-    dtype: torch.dtype,
-) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """Eager calls: the pairs are chosen from distances computed without a graph, and the kept
-    pairs' rows come from one C loop with their derivative (mtcore.model.env_kernel); None where
-    that loop does not apply."""
+def _rows_in_c(coord: torch.Tensor, shift: torch.Tensor, center: torch.Tensor, neighbor: torch.Tensor,
+               keep: torch.Tensor, r: torch.Tensor, rcut_smth: float, rcut: float, radial: bool,
+               dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Eager calls: the kept pairs' rows from one C loop with their derivative
+    (mtcore.model.env_kernel), at the distances measured above; None where that loop does not
+    apply."""
     from mtcore.model import env_kernel
 
-    if env_kernel.KERNELS.load() is None or coord.device.type != "cpu":
-        return None
-    with torch.no_grad():
-        r = torch.linalg.vector_norm(coord.index_select(0, neighbor) - coord.index_select(0, center) + shift, dim=1)
-    keep = select_pairs(center, neighbor, atype, r, rcut, sel, excluded, coord.shape[0], ntypes, mixed)
-    rows = env_kernel.rows(coord, shift.index_select(0, keep), center.index_select(0, keep),
+    return env_kernel.rows(coord, shift.index_select(0, keep), center.index_select(0, keep),
                            neighbor.index_select(0, keep), r.index_select(0, keep), rcut_smth, rcut, radial, dtype)
-    return None if rows is None else (keep, rows)
 
 
 def padding_rows(davg: torch.Tensor, dstd: torch.Tensor) -> torch.Tensor:
