@@ -27,9 +27,12 @@ care). Each variant adds one change to the one before it:
 - ``tanh``: the nets' forward loop adds the bias and takes tanh itself
   (tangent_embedding.TANH_IN_LOOP) instead of torch's addmm (a bias copy per row) and sigmoid
   pass;
-- ``env`` (= all of them): the environment rows and their derivative from one C loop, the
-  backward a second one (mtcore/model/env_kernel.py) instead of a dozen torch operations and
-  their backward: what mtcore does now.
+- ``env``: the environment rows and their derivative from one C loop, the backward a second
+  one (mtcore/model/env_kernel.py) instead of a dozen torch operations and their backward;
+- ``tiles`` (= all of them): the embedding nets' parameter backward runs each net's rows in
+  tiles of tangent_embedding.ROWS_PER_TILE per thread through all its layers, so the layers'
+  gradients stay in cache between the element-wise pass and the matrix products, instead of
+  every layer over all rows: what mtcore does now.
 
 Before timing, the parameter gradients of one batch are computed under each variant and compared
 (largest difference relative to the largest gradient entry, per parameter), so a speed-up that
@@ -52,7 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = ("before", "inputs", "nets", "loops", "join", "clones", "attach", "groups", "through", "tanh", "env")
+VARIANTS = ("before", "inputs", "nets", "loops", "join", "clones", "attach", "groups", "through", "tanh", "env", "tiles")
 
 
 def main() -> None:
@@ -79,6 +82,7 @@ def main() -> None:
     takes_tangent = pair_contraction.takes_tangent
     join = row_blocks.join_rows
     env_in_c = env._rows_in_c
+    rows_per_tile = tangent_embedding.ROWS_PER_TILE
 
     def without_clones(module, stem: str):
         path, why = native.cached_library(stem, module.SOURCE, [*module.FLAGS, *native.NO_CLONES])
@@ -110,6 +114,7 @@ def main() -> None:
         tangent_embedding.KERNELS.library, pair_contraction.KERNELS.library = libraries["clones" if "clones" in on else "sse2"]
         tangent_embedding._WithTangent = attach if "attach" in on else Addcmul
         env._rows_in_c = env_in_c if "env" in on else (lambda *args: None)
+        tangent_embedding.ROWS_PER_TILE = rows_per_tile if "tiles" in on else 1 << 40
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = example_trainer(args.case, args.precision, Path(tmp))

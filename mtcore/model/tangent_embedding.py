@@ -179,6 +179,9 @@ SIGNATURES = {**{f"fwd_{suffix}": _SIZES + [ctypes.c_void_p] * 6 for suffix in (
               **{f"rowdot_{suffix}": [ctypes.c_long] * 2 + [ctypes.c_void_p] * 3 for suffix in ("f64", "f32")}}
 #: rows per thread below which the kernels run on the calling thread only
 MIN_ROWS_PER_THREAD = 4096
+#: rows per thread of a tile that the backward runs through all of a net's layers at once
+#: (benchmarks/ab_step.py ``tiles``; 1,024 rows of width 100 in float64 are 800 kB per array)
+ROWS_PER_TILE = 1024
 
 KERNELS = native.KernelLibrary("embedding_tangent", SOURCE, FLAGS, SIGNATURES, "MTCORE_PLAIN_EMBEDDING")
 #: the forward loop takes the bias and tanh itself (fwdz) instead of torch's addmm and sigmoid
@@ -224,6 +227,19 @@ def _run(name: str, dtype: torch.dtype, P: int, n: int, m: int, mode: int,
     native.run_together([functools.partial(call, lo, min(P, lo + step)) for lo in range(0, P, step)])
 
 
+def _tiles(P: int) -> List[Tuple[int, int]]:
+    """Row ranges [lo, hi) that the backward runs through all a net's layers one after the
+    other. A net's [P, width] arrays (14 MB at 17,000 × 100 float64) outgrow the caches, so
+    layer by layer over all rows each element-wise pass reads back from memory what the matrix
+    product before it has just written; in a tile of ROWS_PER_TILE rows per thread the layers'
+    gradients are tile-sized buffers that stay in cache. (The forward gains nothing from tiles
+    here: its products lose more on short tiles than its passes win.)"""
+    tile = ROWS_PER_TILE * max(1, torch.get_num_threads())
+    if P <= 2 * tile:
+        return [(0, P)]
+    return [(lo, min(P, lo + tile)) for lo in range(0, P, tile)]
+
+
 def _net_forward(s: torch.Tensor, modes: Tuple[int, ...], params: Sequence[torch.Tensor],
                  value: torch.Tensor, tangent: torch.Tensor, saved: List[torch.Tensor]) -> None:
     """One net on s [P, 1]: its last layer writes G into ``value`` and T into ``tangent`` (rows of
@@ -251,30 +267,36 @@ def _net_forward(s: torch.Tensor, modes: Tuple[int, ...], params: Sequence[torch
 
 def _net_backward(saved: Sequence[torch.Tensor], modes: Tuple[int, ...], params: Sequence[torch.Tensor],
                   g_out: Optional[torch.Tensor], g_tout: Optional[torch.Tensor]) -> List[torch.Tensor]:
-    """One net's parameter gradients [gW, gb, ...] from the gradients of its G and T rows."""
+    """One net's parameter gradients [gW, gb, ...] from the gradients of its G and T rows, tile
+    by tile (:func:`_tiles`), each tile's gradients summed into the parameters' ones."""
     depth = len(modes)
-    grads: List[torch.Tensor] = [torch.empty(0)] * (2 * depth)
+    grads: List[torch.Tensor] = []
+    for i in range(depth):
+        grads += [torch.zeros_like(params[2 * i]), torch.zeros_like(params[2 * i + 1])]
     if g_out is None:
         g_out = torch.zeros_like(saved[4 * (depth - 1) + 2])
-    for i in reversed(range(depth)):
-        x, tx, y, tz = saved[4 * i: 4 * i + 4]
-        weight, mode = params[2 * i], modes[i]
-        P, n = y.shape
-        m = x.shape[1]
-        gz = torch.empty_like(y)
-        gtz = torch.empty_like(y) if g_tout is not None else None
-        gxs = y.new_empty(P, m) if mode else None
-        gtxs = y.new_empty(P, m) if mode and g_tout is not None else None
-        _run("bwd", y.dtype, P, n, m, mode,
-             [(g_out, n), (g_tout, n), (y, n), (tz, n), (gz, n), (gtz, n), (gxs, m), (gtxs, m)])
-        g_weight = torch.mm(x.t(), gz)
-        if gtz is not None:
-            g_weight.addmm_(tx.t(), gtz)
-        grads[2 * i], grads[2 * i + 1] = g_weight, gz.sum(0)
-        if i > 0:
-            g_out = gxs.addmm_(gz, weight.t()) if gxs is not None else torch.mm(gz, weight.t())
+    for lo, hi in _tiles(g_out.shape[0]):
+        g_x = g_out[lo:hi]
+        g_tx = g_tout[lo:hi] if g_tout is not None else None
+        for i in reversed(range(depth)):
+            x, tx, y, tz = (t[lo:hi] for t in saved[4 * i: 4 * i + 4])
+            weight, mode = params[2 * i], modes[i]
+            P, n = y.shape
+            m = x.shape[1]
+            gz = torch.empty_like(y)
+            gtz = torch.empty_like(y) if g_tx is not None else None
+            gxs = y.new_empty(P, m) if mode else None
+            gtxs = y.new_empty(P, m) if mode and g_tx is not None else None
+            _run("bwd", y.dtype, P, n, m, mode,
+                 [(g_x, n), (g_tx, n), (y, n), (tz, n), (gz, n), (gtz, n), (gxs, m), (gtxs, m)])
+            grads[2 * i].addmm_(x.t(), gz)
             if gtz is not None:
-                g_tout = gtxs.addmm_(gtz, weight.t()) if gtxs is not None else torch.mm(gtz, weight.t())
+                grads[2 * i].addmm_(tx.t(), gtz)
+            grads[2 * i + 1] += gz.sum(0)
+            if i > 0:
+                g_x = gxs.addmm_(gz, weight.t()) if gxs is not None else torch.mm(gz, weight.t())
+                if gtz is not None:
+                    g_tx = gtxs.addmm_(gtz, weight.t()) if gtxs is not None else torch.mm(gtz, weight.t())
     return grads
 
 
