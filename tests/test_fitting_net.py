@@ -127,6 +127,32 @@ def test_same_parameters_keys_and_outputs_as_the_previous_construction(case):
     assert new_layers.users == old_layers.users
 
 
+@pytest.mark.parametrize("counts", [(5, 9, 6), (7, 0, 13)], ids=["three-blocks", "a-type-absent"])
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "torchscript"])
+def test_atoms_sorted_by_type_take_blocks_with_the_same_numbers(counts, scripted):
+    """Atoms sorted by type run each net on its block of rows (views, no gathers): outputs and
+    the gradients of the input and of every parameter equal the gather-and-scatter path's."""
+    new, old, _, _ = pair()
+    net, reference = new["a"], old["a"]
+    atype = torch.cat([torch.full((n,), t) for t, n in enumerate(counts)])
+    x = torch.randn(len(atype), 7, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    run = torch.jit.script(net) if scripted else net
+
+    def outputs_and_gradients(module, params):
+        xg = x.clone().requires_grad_(True)
+        out = module(xg, atype)
+        loss = (out ** 2).sum()
+        return (out.detach(), *torch.autograd.grad(loss, [xg, *params], allow_unused=True))
+
+    mine = outputs_and_gradients(run, list(net.parameters()))
+    theirs = outputs_and_gradients(reference, list(reference.parameters()))
+    for a, b in zip(mine, theirs):
+        if b is None:
+            assert a is None or not bool(a.any())
+        else:
+            torch.testing.assert_close(a if a is not None else torch.zeros_like(b), b, rtol=1e-13, atol=1e-15)
+
+
 def test_shared_keys_follow_the_documented_suffix_rule():
     _, _, per_type, _ = pair(names=["h0", None, None, "o"], heads=("a", "b"))
     assert sorted(per_type.layers) == sorted(f"{n}/type_{t}" for n in ("h0", "o") for t in range(3))
