@@ -30,7 +30,7 @@ care). Each variant adds one change to the one before it:
 - ``env``: the environment rows and their derivative from one C loop, the backward a second
   one (mtcore/model/env_kernel.py) instead of a dozen torch operations and their backward;
 - ``tiles`` (= all of them): the embedding nets' parameter backward runs each net's rows in
-  tiles of tangent_embedding.ROWS_PER_TILE per thread through all its layers, so the layers'
+  tiles of tangent_embedding.TILE_BYTES of the widest layer per thread through all its layers, so the layers'
   gradients stay in cache between the element-wise pass and the matrix products, instead of
   every layer over all rows: what mtcore does now.
 
@@ -82,7 +82,7 @@ def main() -> None:
     takes_tangent = pair_contraction.takes_tangent
     join = row_blocks.join_rows
     env_in_c = env._rows_in_c
-    rows_per_tile = tangent_embedding.ROWS_PER_TILE
+    tile_bytes = tangent_embedding.TILE_BYTES
 
     def without_clones(module, stem: str):
         path, why = native.cached_library(stem, module.SOURCE, [*module.FLAGS, *native.NO_CLONES])
@@ -114,7 +114,7 @@ def main() -> None:
         tangent_embedding.KERNELS.library, pair_contraction.KERNELS.library = libraries["clones" if "clones" in on else "sse2"]
         tangent_embedding._WithTangent = attach if "attach" in on else Addcmul
         env._rows_in_c = env_in_c if "env" in on else (lambda *args: None)
-        tangent_embedding.ROWS_PER_TILE = rows_per_tile if "tiles" in on else 1 << 40
+        tangent_embedding.TILE_BYTES = tile_bytes if "tiles" in on else 1 << 50
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = example_trainer(args.case, args.precision, Path(tmp))

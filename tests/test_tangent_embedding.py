@@ -63,10 +63,10 @@ def test_tiles_give_the_numbers_of_one_pass(monkeypatch, neuron, energy_only):
     rounding."""
     net = EmbeddingNet(1, neuron, "tanh", False, torch.float64, new_generator(6))
     s0 = torch.rand(2000, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 4 - 0.5
-    monkeypatch.setattr(tangent_embedding, "ROWS_PER_TILE", 1 << 40)
+    monkeypatch.setattr(tangent_embedding, "TILE_BYTES", 1 << 50)
     whole = force_loss_gradients(net, s0, fused=True, energy_only=energy_only)
-    monkeypatch.setattr(tangent_embedding, "ROWS_PER_TILE", 96)
-    assert len(tangent_embedding._tiles(2000)) > 2
+    monkeypatch.setattr(tangent_embedding, "TILE_BYTES", 96 * max(neuron) * 8)  # 96 rows per thread
+    assert len(tangent_embedding._tiles(2000, max(neuron), 8)) > 2
     tiled = force_loss_gradients(net, s0, fused=True, energy_only=energy_only)
     assert torch.equal(whole[0], tiled[0]) and torch.equal(whole[1], tiled[1])
     for a, b in zip(whole[2], tiled[2]):
@@ -141,14 +141,14 @@ def count_grouped_nets(monkeypatch, taken=None) -> list:
 SE_E2_R = {"type": "se_e2_r", "sel": [46, 92], "rcut": 4.0, "rcut_smth": 0.5, "neuron": [5, 10, 20], "seed": 1}
 
 
-@pytest.mark.parametrize("rows_per_tile", [None, 16], ids=["one-pass", "tiles"])
+@pytest.mark.parametrize("tile_bytes", [None, 2048], ids=["one-pass", "tiles"])
 @pytest.mark.parametrize("descriptor", [None, SE_E2_R], ids=["se_e2_a", "se_e2_r"])
-def test_model_forces_virial_and_training_gradients_match(tmp_path, monkeypatch, descriptor, rows_per_tile):
+def test_model_forces_virial_and_training_gradients_match(tmp_path, monkeypatch, descriptor, tile_bytes):
     """The whole se_e2_a (or se_e2_r) + ener model on a water frame: forces, virial and the
     parameter gradient of an energy + force + virial loss, fused (all type-pair nets in one
     Function, each net's rows in one pass or in tiles) against plain."""
-    if rows_per_tile:
-        monkeypatch.setattr(tangent_embedding, "ROWS_PER_TILE", rows_per_tile)
+    if tile_bytes:  # a few dozen rows per tile
+        monkeypatch.setattr(tangent_embedding, "TILE_BYTES", tile_bytes)
     doc = small_input(tmp_path, descriptor=descriptor)
     model, _ = model_with_stats(doc)
     coord, atype, box = water_frame(1)

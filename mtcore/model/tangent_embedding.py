@@ -179,9 +179,9 @@ SIGNATURES = {**{f"fwd_{suffix}": _SIZES + [ctypes.c_void_p] * 6 for suffix in (
               **{f"rowdot_{suffix}": [ctypes.c_long] * 2 + [ctypes.c_void_p] * 3 for suffix in ("f64", "f32")}}
 #: rows per thread below which the kernels run on the calling thread only
 MIN_ROWS_PER_THREAD = 4096
-#: rows per thread of a tile that the backward runs through all of a net's layers at once
-#: (benchmarks/ab_step.py ``tiles``; 1,024 rows of width 100 in float64 are 800 kB per array)
-ROWS_PER_TILE = 1024
+#: bytes of the widest layer per thread in a tile that the backward runs through all of a net's
+#: layers at once (benchmarks/ab_step.py ``tiles``: 1,024 rows of width 100 in float64)
+TILE_BYTES = 1024 * 100 * 8
 
 KERNELS = native.KernelLibrary("embedding_tangent", SOURCE, FLAGS, SIGNATURES, "MTCORE_PLAIN_EMBEDDING")
 #: the forward loop takes the bias and tanh itself (fwdz) instead of torch's addmm and sigmoid
@@ -227,17 +227,19 @@ def _run(name: str, dtype: torch.dtype, P: int, n: int, m: int, mode: int,
     native.run_together([functools.partial(call, lo, min(P, lo + step)) for lo in range(0, P, step)])
 
 
-def _tiles(P: int) -> List[Tuple[int, int]]:
+def _tiles(P: int, width: int, itemsize: int) -> List[Tuple[int, int]]:
     """Row ranges [lo, hi) that the backward runs through all a net's layers one after the
     other. A net's [P, width] arrays (14 MB at 17,000 × 100 float64) outgrow the caches, so
     layer by layer over all rows each element-wise pass reads back from memory what the matrix
-    product before it has just written; in a tile of ROWS_PER_TILE rows per thread the layers'
-    gradients are tile-sized buffers that stay in cache. (The forward gains nothing from tiles
-    here: its products lose more on short tiles than its passes win.)"""
-    tile = ROWS_PER_TILE * max(1, torch.get_num_threads())
-    if P <= 2 * tile:
+    product before it has just written; in a tile of TILE_BYTES of the widest layer per thread
+    the layers' gradients are tile-sized buffers that stay in cache. Nets whose arrays are no
+    more than two tiles anyway run whole (narrow nets such as se_e2_r's would only pay the
+    tiles' extra calls). (The forward gains nothing from tiles here: its products lose more on
+    short tiles than its passes win.)"""
+    rows = max(1, TILE_BYTES // max(1, width * itemsize)) * max(1, torch.get_num_threads())
+    if P <= 2 * rows:
         return [(0, P)]
-    return [(lo, min(P, lo + tile)) for lo in range(0, P, tile)]
+    return [(lo, min(P, lo + rows)) for lo in range(0, P, rows)]
 
 
 def _net_forward(s: torch.Tensor, modes: Tuple[int, ...], params: Sequence[torch.Tensor],
@@ -275,7 +277,8 @@ def _net_backward(saved: Sequence[torch.Tensor], modes: Tuple[int, ...], params:
         grads += [torch.zeros_like(params[2 * i]), torch.zeros_like(params[2 * i + 1])]
     if g_out is None:
         g_out = torch.zeros_like(saved[4 * (depth - 1) + 2])
-    for lo, hi in _tiles(g_out.shape[0]):
+    width = max(int(params[2 * i].shape[1]) for i in range(depth))
+    for lo, hi in _tiles(g_out.shape[0], width, g_out.element_size()):
         g_x = g_out[lo:hi]
         g_tx = g_tout[lo:hi] if g_tout is not None else None
         for i in reversed(range(depth)):
