@@ -29,6 +29,9 @@ care). Each variant adds one change to the one before it:
   pass;
 - ``env``: the environment rows and their derivative from one C loop, the backward a second
   one (mtcore/model/env_kernel.py) instead of a dozen torch operations and their backward;
+- ``blocks``: the fitting nets take their type's atoms as blocks of rows where a frame's atoms
+  are sorted by type (fitting_net.TypeFittingNet._by_blocks) instead of gathering them and
+  putting their outputs back;
 - ``tiles`` (= all of them): the embedding nets' parameter backward runs each net's rows in
   tiles of tangent_embedding.TILE_BYTES of the widest layer per thread through all its layers, so the layers'
   gradients stay in cache between the element-wise pass and the matrix products, instead of
@@ -55,7 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-VARIANTS = ("before", "inputs", "nets", "loops", "join", "clones", "attach", "groups", "through", "tanh", "env", "tiles")
+VARIANTS = ("before", "inputs", "nets", "loops", "join", "clones", "attach", "groups", "through", "tanh", "env", "blocks", "tiles")
 
 
 def main() -> None:
@@ -70,6 +73,7 @@ def main() -> None:
 
     from mtcore import native
     from mtcore.model import env, pair_contraction, row_blocks, tangent_embedding
+    from mtcore.model.fitting_net import TypeFittingNet
     from mtcore.runtime import tune_allocator
     from mtcore.train.trainer import labels_on
     from alternating import alternate, example_trainer, print_table
@@ -83,6 +87,7 @@ def main() -> None:
     join = row_blocks.join_rows
     env_in_c = env._rows_in_c
     tile_bytes = tangent_embedding.TILE_BYTES
+    type_blocks = TypeFittingNet._type_blocks
 
     def without_clones(module, stem: str):
         path, why = native.cached_library(stem, module.SOURCE, [*module.FLAGS, *native.NO_CLONES])
@@ -115,6 +120,7 @@ def main() -> None:
         tangent_embedding._WithTangent = attach if "attach" in on else Addcmul
         env._rows_in_c = env_in_c if "env" in on else (lambda *args: None)
         tangent_embedding.TILE_BYTES = tile_bytes if "tiles" in on else 1 << 50
+        TypeFittingNet._type_blocks = type_blocks if "blocks" in on else (lambda self, atype: None)
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = example_trainer(args.case, args.precision, Path(tmp))

@@ -125,11 +125,38 @@ class TypeFittingNet(nn.ModuleList):
         x = x.to(self.dtype)
         if self.mixed_types and self.all_types:
             return self[0](x)
-        if not self.mixed_types and self.all_types and atype.numel() > 0 and bool(atype[0] >= 0) \
-                and bool((atype[1:] >= atype[:-1]).all()):
-            sizes = torch.bincount(atype, minlength=self.ntypes)
-            if sizes.numel() == self.ntypes:
-                return self._by_blocks(x, sizes)
+        sizes = self._type_blocks(atype)
+        if sizes is not None:
+            return self._by_blocks(x, sizes)
+        return self._by_gathers(x, atype)
+
+    def _type_blocks(self, atype: torch.Tensor) -> Optional[List[int]]:
+        """The number of atoms of each type where the atoms are sorted by type and every type
+        has a net (one frame of most data sets), else None."""
+        if self.mixed_types or not self.all_types or atype.numel() == 0 or bool(atype[0] < 0):
+            return None
+        if not bool((atype[1:] >= atype[:-1]).all()):
+            return None
+        sizes = torch.bincount(atype, minlength=self.ntypes)
+        if sizes.numel() != self.ntypes:
+            return None
+        rows: List[int] = sizes.tolist()
+        return rows
+
+    def _by_blocks(self, x: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+        """Each net takes its block of rows as a view and the outputs are joined, so neither the
+        forward nor any order of backward copies rows out or scatters them back into zeros
+        (:meth:`_by_gathers` does; one training step of water se_e2_a 0.975 in
+        benchmarks/ab_step.py ``blocks``)."""
+        blocks = x.split(sizes)
+        outs: List[torch.Tensor] = []
+        for k, net in enumerate(self):
+            outs.append(net(blocks[k]))
+        return torch.cat(outs)
+
+    def _by_gathers(self, x: torch.Tensor, atype: torch.Tensor) -> torch.Tensor:
+        """Atoms in any order: each net on its type's rows, gathered, its outputs put back
+        (rows of types without a net stay zero)."""
         out = torch.zeros(x.shape[0], self.n_out, dtype=self.dtype, device=x.device)
         for k, net in enumerate(self):
             t = self.net_types[k]
@@ -143,17 +170,6 @@ class TypeFittingNet(nn.ModuleList):
             if idx.numel() > 0:
                 out = out.index_put((idx,), net(x.index_select(0, idx)))
         return out
-
-    def _by_blocks(self, x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-        """Atoms sorted by type (one frame of most data sets): each net takes its block of rows
-        as a view and the outputs are joined, so neither the forward nor any order of backward
-        copies rows out or scatters them back into zeros (index_select and index_put would)."""
-        rows: List[int] = sizes.tolist()
-        blocks = x.split(rows)
-        outs: List[torch.Tensor] = []
-        for k, net in enumerate(self):
-            outs.append(net(blocks[k]))
-        return torch.cat(outs)
 
     @staticmethod
     def arguments(neuron_default: Optional[List[int]] = None) -> List[Argument]:
