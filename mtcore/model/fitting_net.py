@@ -132,7 +132,7 @@ class TypeFittingNet(nn.ModuleList):
 
     def _type_blocks(self, atype: torch.Tensor) -> Optional[List[int]]:
         """The number of atoms of each type where the atoms are sorted by type and every type
-        has a net (one frame of most data sets), else None."""
+        has a net (one frame of a set written that way, as the water data), else None."""
         if self.mixed_types or not self.all_types or atype.numel() == 0 or bool(atype[0] < 0):
             return None
         if not bool((atype[1:] >= atype[:-1]).all()):
