@@ -167,6 +167,7 @@ def train(
                                       init_head=head if use_init else None, device=train_device,
                                       init_optimizer=init_optimizer and use_init)
                     summary = trainer.run()
+            distributed.wait_for_peers()  # locks released, files written: now all ranks may leave
         finally:
             distributed.shutdown()
             if main and not distributed.peers_lost():  # else SIGTERM stays ignored until the error is printed

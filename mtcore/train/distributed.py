@@ -153,6 +153,18 @@ def setup(device: Optional[str] = None) -> tuple[Group, Optional[str]]:
     return _current, device
 
 
+def wait_for_peers() -> None:
+    """At a run's clean end: every rank gets here before any leaves the process group, so no
+    rank tears its connections down while a peer still talks to it (gloo then aborts the peer:
+    "terminate called without an active exception", exit -6). Not after an error: a failed
+    peer would never come."""
+    if _current.enabled and dist.is_available() and dist.is_initialized() and not _lost["peers"]:
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer left already (its own error is its to report): nothing to wait for
+            pass
+
+
 def shutdown() -> None:
     """Leave the process group (at the end of a run, also after an error)."""
     global _current
