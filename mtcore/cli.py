@@ -8,6 +8,7 @@ traceback of either kind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -176,7 +177,25 @@ def train(
             # 143 = 128 + SIGTERM (what a scheduler sent), 130 = 128 + SIGINT (Ctrl-C)
             raise typer.Exit(143 if summary.get("signal") == signal.SIGTERM else 130)
 
-    _run(body)
+    try:
+        _run(body)
+    except typer.Exit as exc:
+        _leave_now_if_peers_lost(exc.exit_code)
+        raise
+
+
+def _leave_now_if_peers_lost(code: int) -> None:
+    """A torchrun rank whose peers died has printed its one line and released its locks; its
+    process group is broken, and letting the interpreter tear it down can abort in gloo's C++
+    destructors ("terminate called without an active exception", exit -6 instead of 1; seen
+    under load). Leave at once with the exit code the user was promised."""
+    from mtcore.train import distributed
+
+    if distributed.peers_lost():
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
 
 
 #: ``--restart auto``: continue from the newest complete checkpoint, or start fresh when there is none
