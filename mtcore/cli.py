@@ -180,18 +180,21 @@ def train(
     try:
         _run(body)
     except typer.Exit as exc:
-        _leave_now_if_peers_lost(exc.exit_code)
+        _leave_now_if_distributed(exc.exit_code)
         raise
+    _leave_now_if_distributed(0)
 
 
-def _leave_now_if_peers_lost(code: int) -> None:
-    """A torchrun rank whose peers died has printed its one line and released its locks; its
-    process group is broken, and letting the interpreter tear it down can abort in gloo's C++
-    destructors ("terminate called without an active exception", exit -6 instead of 1; seen
-    under load). Leave at once with the exit code the user was promised."""
+def _leave_now_if_distributed(code: int) -> None:
+    """A torchrun rank ends its process here, with the exit code the user was promised, once
+    its locks are released and its files written: after the ordered departure of a clean end
+    (distributed.wait_for_peers), or after the one line of a rank whose peers died. Letting the
+    interpreter tear torch's process group down then can abort in gloo's C++ destructors
+    ("terminate called without an active exception", exit -6 instead of 0 or 1; seen under
+    load)."""
     from mtcore.train import distributed
 
-    if distributed.peers_lost():
+    if distributed.peers_lost() or distributed.departure_arranged():
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()

@@ -154,21 +154,41 @@ def setup(device: Optional[str] = None) -> tuple[Group, Optional[str]]:
 
 
 def wait_for_peers() -> None:
-    """At a run's clean end: every rank gets here before any leaves the process group, so no
-    rank tears its connections down while a peer still talks to it (gloo then aborts the peer:
-    "terminate called without an active exception", exit -6). Not after an error: a failed
-    peer would never come."""
-    if _current.enabled and dist.is_available() and dist.is_initialized() and not _lost["peers"]:
-        try:
-            dist.barrier()
-        except RuntimeError:  # a peer left already (its own error is its to report): nothing to wait for
-            pass
+    """At a run's clean end: every rank gets here before any leaves, and rank 0 (whose process
+    holds the rendezvous store when the ranks were started by hand, as the tests do) leaves
+    last. Each other rank says so in the store and is then to leave at once without tearing its
+    process group down (:func:`departure_arranged`, the CLI's ``os._exit``): a teardown that
+    races a peer's, or a peer that already left, can make gloo abort the process
+    ("terminate called without an active exception", exit -6) after a run that succeeded.
+    Not after an error: a failed peer would never come."""
+    if not (_current.enabled and dist.is_available() and dist.is_initialized()) or _lost["peers"]:
+        return
+    try:
+        dist.barrier()
+        store = dist.distributed_c10d._get_default_store()
+        if _current.rank:
+            store.set(f"mtcore/left/{_current.rank}", "1")
+        else:
+            store.wait([f"mtcore/left/{r}" for r in range(1, _current.world)], timedelta(seconds=120))
+    except (RuntimeError, AttributeError):  # a peer left already (its own error is its to report)
+        return
+    _departure["arranged"] = True
+
+
+_departure = {"arranged": False}
+
+
+def departure_arranged() -> bool:
+    """True once :func:`wait_for_peers` completed: this rank leaves the process now, as it is
+    (no process-group teardown, no interpreter teardown of torch's C++ state)."""
+    return _departure["arranged"]
 
 
 def shutdown() -> None:
-    """Leave the process group (at the end of a run, also after an error)."""
+    """Leave the process group (at the end of a run, also after an error). After an arranged
+    departure the group is left as it is: the process ends next, and a teardown could race."""
     global _current
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and not _departure["arranged"]:
         try:
             dist.destroy_process_group()
         except RuntimeError:
