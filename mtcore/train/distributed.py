@@ -67,6 +67,7 @@ class Group:
 
 _current = Group()
 _lost = {"peers": False}
+_departure = {"arranged": False}  # wait_for_peers completed: leave now, no teardown
 
 
 def current() -> Group:
@@ -174,8 +175,6 @@ def wait_for_peers() -> None:
         return
     _departure["arranged"] = True
 
-
-_departure = {"arranged": False}
 
 
 def departure_arranged() -> bool:
